@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Creates (or updates) the project's Python environment on this machine.
+#
+#   bash launch/setup_env.sh [cpu|cuda|tpu] [--test]
+#
+# cpu (default) installs requirements.txt as pinned; cuda and tpu install the same
+# pins with jax's accelerator build (jax[cuda12] / jax[tpu]) instead. --test adds
+# requirements-test.txt (PyTorch CPU reference, pytest, ruff). The environment lives
+# in $PRMIM_VENV (default: .venv in the repository root). Safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+platform="cpu"
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    cpu|cuda|tpu) platform="$arg" ;;
+    --test) with_tests=1 ;;
+    *) echo "usage: bash launch/setup_env.sh [cpu|cuda|tpu] [--test]" >&2; exit 2 ;;
+  esac
+done
+
+venv="${PRMIM_VENV:-.venv}"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  if ! "$python" -m venv "$venv" 2>/dev/null; then
+    # Debian's python3 ships venv separately.
+    echo "setup_env: installing python3-venv" >&2
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+  fi
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip >/dev/null
+
+jax_version=$(sed -n 's/^jax==//p' requirements.txt)
+case "$platform" in
+  cpu) extra=() ;;
+  cuda) extra=("jax[cuda12]==${jax_version}") ;;
+  tpu) extra=("jax[tpu]==${jax_version}") ;;
+esac
+requirements=(-r requirements.txt)
+[ "$with_tests" = 1 ] && requirements=(-r requirements-test.txt)
+"${pip[@]}" install "${requirements[@]}" "${extra[@]}"
+"${pip[@]}" install --no-deps -e . >/dev/null
+echo "setup_env: $platform environment ready in $venv" >&2

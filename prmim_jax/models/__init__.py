@@ -1,0 +1,1 @@
+"""Flax models: the ViT encoder and the MAE / partial / PR-MIM reconstruction models."""

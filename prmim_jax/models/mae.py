@@ -1,0 +1,215 @@
+"""The masked autoencoder (encoder, decoder, pixel head) and its pixel objective.
+
+The model takes the token ids of ``prmim_jax.masking`` (visible / decoded /
+thrown), so one model serves MAE (nothing thrown) and partial reconstruction
+(the decoder never sees the thrown tokens).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from prmim_jax.models import tokens, vit
+
+NORM_PIX_EPS = 1e-6
+
+
+class MAEOutput(NamedTuple):
+    latent: jax.Array  # [B, 1 + N_vis, D] encoder output, cls first
+    pred_decoded: jax.Array  # [B, N_dec, P] float32 pixels of the decoded tokens
+    pred_visible: jax.Array | None  # [B, N_vis, P] float32, only when asked for
+
+
+class Decoder(nn.Module):
+    """MAE's decoder: visible latents plus mask tokens at the decoded positions.
+
+    ``latent [B, 1 + N_vis, D_enc]``, ``ids_visible [B, N_vis]``,
+    ``ids_decoded [B, N_dec]`` -> ``[B, 1 + N_vis + N_dec, width]`` after the
+    final LayerNorm, in the order cls, visible, decoded. The sequence is not
+    unshuffled to grid order as in the official code: attention does not see
+    order and positions are added by id, so the outputs are the same.
+    """
+
+    grid: tuple[int, int]
+    width: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_dim: int = 2048
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, latent, ids_visible, ids_decoded):
+        batch, encoder_width = latent.shape[0], latent.shape[-1]
+        x = vit.dense(self.width, encoder_width, ("embed", "decoder_embed"), self.dtype, "embed")(latent)
+        mask_token = self.param(
+            "mask_token", vit.logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
+        )
+        masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(self.dtype)
+        x = jnp.concatenate([x, masked], axis=1)
+
+        pos = jnp.asarray(vit.sincos_2d(self.width, self.grid))
+        pos_tokens = jnp.broadcast_to(pos[1:], (batch, *pos[1:].shape))
+        ids = jnp.concatenate([ids_visible, ids_decoded], axis=1)
+        pos = jnp.concatenate([jnp.broadcast_to(pos[:1], (batch, 1, self.width)), tokens.take(pos_tokens, ids)], axis=1)
+        x = nn.with_logical_constraint(x + pos.astype(self.dtype), ("batch", "tokens", "embed"))
+        return vit.Transformer(
+            self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name="transformer"
+        )(x)
+
+
+class MaskedAutoencoder(nn.Module):
+    """Encoder, decoder and linear pixel head, as the official MAE.
+
+    ``images [B, H, W, C]`` and ``TokenIds``-shaped ids -> ``MAEOutput``.
+    Thrown ids are not used here: the decoder skips them.
+    """
+
+    patch_size: int
+    image_size: tuple[int, int]
+    channels: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    decoder_mlp_dim: int = 2048
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    def setup(self):
+        self.encoder = vit.Encoder(
+            self.patch_size,
+            self.image_size,
+            self.width,
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.attention_impl,
+        )
+        self.decoder = Decoder(
+            self.grid,
+            self.decoder_width,
+            self.decoder_depth,
+            self.decoder_num_heads,
+            self.decoder_mlp_dim,
+            self.dtype,
+            self.attention_impl,
+        )
+        self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), self.dtype, "pred")
+
+    def __call__(self, images, ids_visible, ids_decoded, *, predict_visible: bool = False) -> MAEOutput:
+        if images.shape[-1] != self.channels:
+            raise ValueError(f"images have {images.shape[-1]} channels; the model was built for {self.channels}.")
+        latent = self.encoder(images, ids_visible)
+        features = self.decoder(latent, ids_visible, ids_decoded)
+        num_visible = ids_visible.shape[1]
+        pred_decoded = self.pixel_head(features[:, 1 + num_visible :]).astype(jnp.float32)
+        pred_visible = None
+        if predict_visible:
+            pred_visible = self.pixel_head(features[:, 1 : 1 + num_visible]).astype(jnp.float32)
+        return MAEOutput(latent, pred_decoded, pred_visible)
+
+
+def pixel_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
+    """``[B, H, W, C] -> [B, N, p * p * C] float32`` reconstruction targets.
+
+    With ``norm_pix`` each patch is normalised by its own mean and unbiased
+    variance (``(x - mean) / sqrt(var + 1e-6)``), MAE's ``norm_pix_loss``.
+    """
+    patches = vit.patchify(images.astype(jnp.float32), patch_size)
+    if not norm_pix:
+        return patches
+    mean = patches.mean(axis=-1, keepdims=True)
+    var = patches.var(axis=-1, keepdims=True, ddof=1)
+    return (patches - mean) / jnp.sqrt(var + NORM_PIX_EPS)
+
+
+def token_mse(targets: jax.Array, pred: jax.Array, ids: jax.Array) -> jax.Array:
+    """Per-token squared error: ``targets [B, N, P]``, ``pred [B, M, P]``, ``ids [B, M]`` -> ``[B, M] float32``."""
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - tokens.take(targets, ids)), axis=-1)
+
+
+def mae_loss(
+    images: jax.Array, output: MAEOutput, ids_decoded: jax.Array, patch_size: int, norm_pix: bool = True
+) -> jax.Array:
+    """MAE's objective: mean squared error over the decoded (masked) tokens, a float32 scalar."""
+    return jnp.mean(token_mse(pixel_targets(images, patch_size, norm_pix), output.pred_decoded, ids_decoded))
+
+
+def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
+    """The model section of an experiment config, MAE's defaults.
+
+    ``variant`` ('Ti'|'S'|'B'|'L'|'H' '/' patch) sets the encoder; ``width``,
+    ``depth``, ``num_heads`` or ``patch_size`` in ``overrides`` replace the
+    variant's values (reduced-size test and ablation models).
+    """
+    config = ml_collections.ConfigDict(
+        dict(
+            variant=variant,
+            width=None,
+            depth=None,
+            num_heads=None,
+            patch_size=None,
+            mlp_ratio=4.0,
+            image_size=224,
+            channels=3,
+            decoder_width=512,
+            decoder_depth=8,
+            decoder_num_heads=16,
+            decoder_mlp_ratio=4.0,
+            dtype="float32",
+            attention_impl=None,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
+    """A ``MaskedAutoencoder`` from ``model_config``-shaped config; raises ``ValueError`` on impossible sizes."""
+    size = vit.parse_variant(config.variant)
+    width = config.get("width") or size.width
+    depth = config.get("depth") or size.depth
+    num_heads = config.get("num_heads") or size.num_heads
+    patch_size = config.get("patch_size") or size.patch_size
+    image_size = config.image_size
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if image_size[0] % patch_size or image_size[1] % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}; change one of them.")
+    for name, w, h in (("width", width, num_heads), ("decoder_width", config.decoder_width, config.decoder_num_heads)):
+        if w % h or w % 4:
+            raise ValueError(f"{name}={w} must be divisible by its number of heads ({h}) and by 4 (2-D sin-cos table).")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
+    return MaskedAutoencoder(
+        patch_size=patch_size,
+        image_size=image_size,
+        channels=config.channels,
+        width=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=int(width * config.mlp_ratio),
+        decoder_width=config.decoder_width,
+        decoder_depth=config.decoder_depth,
+        decoder_num_heads=config.decoder_num_heads,
+        decoder_mlp_dim=int(config.decoder_width * config.decoder_mlp_ratio),
+        dtype=jnp.dtype(config.dtype),
+        attention_impl=config.get("attention_impl"),
+    )

@@ -1,0 +1,1 @@
+"""Command-line and library tools: checkpoint import/export, cost and gradient analyses."""

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models and batches that keep the suite fast on two CPU cores."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prmim_jax import masking
+from prmim_jax.models import mae
+
+
+def tiny_model_config(**overrides):
+    """A 28x28 one-channel MAE with a 14x14 token grid (patch 2), small widths."""
+    base = dict(
+        width=32,
+        depth=2,
+        num_heads=4,
+        patch_size=2,
+        image_size=28,
+        channels=1,
+        decoder_width=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    return mae.model_config("Ti/2", **(base | overrides))
+
+
+@pytest.fixture
+def tiny_mae():
+    return mae.build_mae(tiny_model_config())
+
+
+@pytest.fixture
+def tiny_batch(tiny_mae):
+    """``(images [4, 28, 28, 1], TokenIds)`` with MAE's masking at 0.75."""
+    rng = np.random.default_rng(0)
+    layout = masking.TokenLayout(tiny_mae.grid, 0.75)
+    images = jnp.asarray(rng.normal(size=(4, 28, 28, 1)).astype(np.float32))
+    return images, masking.random_masking(rng.uniform(size=(4, layout.num_tokens)), layout)
+
+
+@pytest.fixture
+def tiny_variables(tiny_mae, tiny_batch):
+    """Boxed (logically partitioned) variables of ``tiny_mae``."""
+    images, ids = tiny_batch
+    return tiny_mae.init(jax.random.key(0), images, ids.visible, ids.decoded)
+
+
+@pytest.fixture
+def tiny_params(tiny_variables):
+    return nn.unbox(tiny_variables)["params"]
