@@ -174,6 +174,6 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_stays_close(tiny_
     assert out16.latent.dtype == jnp.bfloat16 and out16.pred_decoded.dtype == jnp.float32
     relative = np.linalg.norm(out16.pred_decoded - out32.pred_decoded) / np.linalg.norm(out32.pred_decoded)
     assert relative < 2e-2
-    loss32 = mae.mae_loss(images, out32, ids.decoded, 2)
-    loss16 = mae.mae_loss(images, out16, ids.decoded, 2)
+    loss32 = mae.reconstruction_loss(images, out32, ids.decoded, ids.thrown, 2)
+    loss16 = mae.reconstruction_loss(images, out16, ids.decoded, ids.thrown, 2)
     assert abs(float(loss16) - float(loss32)) < 1e-2 * float(loss32)

@@ -58,8 +58,8 @@ def test_mae_loss_is_the_mean_over_masked_tokens_only():
     ids = masking.random_masking(rng.uniform(size=(3, 4)), layout)
     targets = np.asarray(mae.pixel_targets(images, 2))
     pred = rng.normal(size=(3, 2, 4)).astype(np.float32)
-    output = mae.MAEOutput(latent=None, pred_decoded=jnp.asarray(pred), pred_visible=None)
-    loss = float(mae.mae_loss(images, output, ids.decoded, 2))
+    output = mae.MAEOutput(latent=None, pred_decoded=jnp.asarray(pred), pred_thrown=None)
+    loss = float(mae.reconstruction_loss(images, output, ids.decoded, ids.thrown, 2))
 
     mask = np.zeros((3, 4))
     np.put_along_axis(mask, ids.decoded, 1.0, axis=1)

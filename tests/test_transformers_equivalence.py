@@ -171,7 +171,7 @@ def test_mae_matches_transformers_vitmae(arch: Arch):
     output = jax.jit(model.apply, static_argnames="predict_visible")(
         {"params": params}, nhwc, ids.visible, ids.decoded, predict_visible=True
     )
-    loss = mae.mae_loss(nhwc, output, ids.decoded, model.patch_size)
+    loss = mae.reconstruction_loss(nhwc, output, ids.decoded, ids.thrown, model.patch_size)
 
     batch_index = np.arange(arch.batch)[:, None]
     latent_error = np.abs(np.asarray(output.latent) - expected_latent).max()

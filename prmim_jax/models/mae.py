@@ -1,8 +1,10 @@
-"""The masked autoencoder (encoder, decoder, pixel head) and its pixel objective.
+"""The masked autoencoder (encoder, decoder, pixel head), progressive reconstruction, and the pixel objective.
 
 The model takes the token ids of ``prmim_jax.masking`` (visible / decoded /
-thrown), so one model serves MAE (nothing thrown) and partial reconstruction
-(the decoder never sees the thrown tokens).
+thrown), so one model serves the three methods of ``prmim_jax.methods``:
+MAE (nothing thrown), partial reconstruction (the decoder never sees the
+thrown tokens and nothing predicts them) and PR-MIM (a depth-wise aggregation
+reconstructs the thrown tokens from the decoder's outputs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from prmim_jax.models import tokens, vit
+from prmim_jax.models import aggregate, tokens, vit
 
 NORM_PIX_EPS = 1e-6
 
@@ -22,15 +24,18 @@ NORM_PIX_EPS = 1e-6
 class MAEOutput(NamedTuple):
     latent: jax.Array  # [B, 1 + N_vis, D] encoder output, cls first
     pred_decoded: jax.Array  # [B, N_dec, P] float32 pixels of the decoded tokens
-    pred_visible: jax.Array | None  # [B, N_vis, P] float32, only when asked for
+    pred_thrown: jax.Array | None  # [B, N_thr, P] float32; None without progressive reconstruction
+    pred_visible: jax.Array | None = None  # [B, N_vis, P] float32, only when asked for
 
 
 class Decoder(nn.Module):
-    """MAE's decoder: visible latents plus mask tokens at the decoded positions.
+    """MAE's decoder blocks: visible latents plus mask tokens at the decoded positions.
 
     ``latent [B, 1 + N_vis, D_enc]``, ``ids_visible [B, N_vis]``,
-    ``ids_decoded [B, N_dec]`` -> ``[B, 1 + N_vis + N_dec, width]`` after the
-    final LayerNorm, in the order cls, visible, decoded. The sequence is not
+    ``ids_decoded [B, N_dec]`` -> ``[B, 1 + N_vis + N_dec, width]``, the last
+    block's output (MAE's ``decoder_norm`` belongs to the pixel head, which
+    progressive reconstruction applies after its aggregation), in the order
+    cls, visible, decoded. The sequence is not
     unshuffled to grid order as in the official code: attention does not see
     order and positions are added by id, so the outputs are the same.
     """
@@ -59,15 +64,24 @@ class Decoder(nn.Module):
         pos = jnp.concatenate([jnp.broadcast_to(pos[:1], (batch, 1, self.width)), tokens.take(pos_tokens, ids)], axis=1)
         x = nn.with_logical_constraint(x + pos.astype(self.dtype), ("batch", "tokens", "embed"))
         return vit.Transformer(
-            self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name="transformer"
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.attention_impl,
+            final_norm=False,
+            name="transformer",
         )(x)
 
 
 class MaskedAutoencoder(nn.Module):
-    """Encoder, decoder and linear pixel head, as the official MAE.
+    """Encoder, decoder, optional progressive aggregation, and MAE's pixel head (LayerNorm + linear).
 
-    ``images [B, H, W, C]`` and ``TokenIds``-shaped ids -> ``MAEOutput``.
-    Thrown ids are not used here: the decoder skips them.
+    ``images [B, H, W, C]`` and the ids of ``prmim_jax.masking`` -> ``MAEOutput``.
+    With ``aggregation_kernel = 0`` the thrown ids are ignored (MAE, partial
+    reconstruction); with ``k > 0`` a ``k x k`` depth-wise aggregation of the
+    decoder outputs gives the thrown tokens' features and the same head
+    predicts their pixels (PR-MIM).
     """
 
     patch_size: int
@@ -81,6 +95,7 @@ class MaskedAutoencoder(nn.Module):
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     decoder_mlp_dim: int = 2048
+    aggregation_kernel: int = 0
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
 
@@ -112,19 +127,32 @@ class MaskedAutoencoder(nn.Module):
             self.dtype,
             self.attention_impl,
         )
+        self.decoder_norm = vit.layer_norm(self.dtype)
         self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), self.dtype, "pred")
+        if self.aggregation_kernel:
+            self.aggregation = aggregate.ProgressiveAggregation(self.grid, self.aggregation_kernel, self.dtype)
 
-    def __call__(self, images, ids_visible, ids_decoded, *, predict_visible: bool = False) -> MAEOutput:
+    def predict_pixels(self, features):
+        """MAE's head: ``[B, T, decoder_width] -> [B, T, P] float32``."""
+        return self.pixel_head(self.decoder_norm(features)).astype(jnp.float32)
+
+    def __call__(
+        self, images, ids_visible, ids_decoded, ids_thrown=None, *, predict_visible: bool = False
+    ) -> MAEOutput:
         if images.shape[-1] != self.channels:
             raise ValueError(f"images have {images.shape[-1]} channels; the model was built for {self.channels}.")
         latent = self.encoder(images, ids_visible)
-        features = self.decoder(latent, ids_visible, ids_decoded)
+        features = self.decoder(latent, ids_visible, ids_decoded)[:, 1:]  # the cls token predicts nothing
         num_visible = ids_visible.shape[1]
-        pred_decoded = self.pixel_head(features[:, 1 + num_visible :]).astype(jnp.float32)
-        pred_visible = None
-        if predict_visible:
-            pred_visible = self.pixel_head(features[:, 1 : 1 + num_visible]).astype(jnp.float32)
-        return MAEOutput(latent, pred_decoded, pred_visible)
+        pred_decoded = self.predict_pixels(features[:, num_visible:])
+        pred_thrown = None
+        if self.aggregation_kernel:
+            if ids_thrown is None:
+                ids_thrown = jnp.zeros((ids_visible.shape[0], 0), jnp.int32)
+            ids_present = jnp.concatenate([ids_visible, ids_decoded], axis=1)
+            pred_thrown = self.predict_pixels(self.aggregation(features, ids_present, ids_thrown))
+        pred_visible = self.predict_pixels(features[:, :num_visible]) if predict_visible else None
+        return MAEOutput(latent, pred_decoded, pred_thrown, pred_visible)
 
 
 def pixel_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
@@ -146,11 +174,29 @@ def token_mse(targets: jax.Array, pred: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - tokens.take(targets, ids)), axis=-1)
 
 
-def mae_loss(
-    images: jax.Array, output: MAEOutput, ids_decoded: jax.Array, patch_size: int, norm_pix: bool = True
+def reconstruction_loss(
+    images: jax.Array,
+    output: MAEOutput,
+    ids_decoded: jax.Array,
+    ids_thrown: jax.Array | None,
+    patch_size: int,
+    norm_pix: bool = True,
+    thrown_weight: float = 1.0,
 ) -> jax.Array:
-    """MAE's objective: mean squared error over the decoded (masked) tokens, a float32 scalar."""
-    return jnp.mean(token_mse(pixel_targets(images, patch_size, norm_pix), output.pred_decoded, ids_decoded))
+    """Mean squared pixel error over the predicted masked tokens, a float32 scalar.
+
+    Decoded tokens always count; thrown tokens count when ``output`` predicts
+    them (PR-MIM), each with weight ``thrown_weight`` (1: a plain mean over
+    every masked token). Without thrown predictions this is MAE's objective,
+    bit for bit.
+    """
+    targets = pixel_targets(images, patch_size, norm_pix)
+    total = jnp.sum(token_mse(targets, output.pred_decoded, ids_decoded))
+    count = float(ids_decoded.size)
+    if output.pred_thrown is not None and ids_thrown is not None and ids_thrown.shape[1]:
+        total = total + thrown_weight * jnp.sum(token_mse(targets, output.pred_thrown, ids_thrown))
+        count += thrown_weight * ids_thrown.size
+    return total / count
 
 
 def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
@@ -174,6 +220,7 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
             decoder_depth=8,
             decoder_num_heads=16,
             decoder_mlp_ratio=4.0,
+            aggregation_kernel=0,
             dtype="float32",
             attention_impl=None,
         )
@@ -196,6 +243,13 @@ def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
     for name, w, h in (("width", width, num_heads), ("decoder_width", config.decoder_width, config.decoder_num_heads)):
         if w % h or w % 4:
             raise ValueError(f"{name}={w} must be divisible by its number of heads ({h}) and by 4 (2-D sin-cos table).")
+    kernel = config.get("aggregation_kernel", 0)
+    grid = (image_size[0] // patch_size, image_size[1] // patch_size)
+    if kernel and (kernel % 2 == 0 or kernel > min(grid)):
+        raise ValueError(
+            f"aggregation_kernel={kernel} must be odd and fit the {grid[0]}x{grid[1]} token grid; "
+            "use a smaller odd kernel or a larger image / smaller patch."
+        )
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
     return MaskedAutoencoder(
@@ -210,6 +264,7 @@ def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
         decoder_depth=config.decoder_depth,
         decoder_num_heads=config.decoder_num_heads,
         decoder_mlp_dim=int(config.decoder_width * config.decoder_mlp_ratio),
+        aggregation_kernel=config.get("aggregation_kernel", 0),
         dtype=jnp.dtype(config.dtype),
         attention_impl=config.get("attention_impl"),
     )

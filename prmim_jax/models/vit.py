@@ -210,19 +210,20 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``depth`` blocks then a final LayerNorm: ``[B, T, D] -> [B, T, D]``."""
+    """``depth`` blocks, then a final LayerNorm when ``final_norm``: ``[B, T, D] -> [B, T, D]``."""
 
     depth: int
     num_heads: int
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"block_{i}")(x)
-        return layer_norm(self.dtype, "norm")(x)
+        return layer_norm(self.dtype, "norm")(x) if self.final_norm else x
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:

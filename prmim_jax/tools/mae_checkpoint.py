@@ -139,8 +139,11 @@ def to_state_dict(
         out["decoder_embed.weight"], out["decoder_embed.bias"] = _linear_to_torch(dec["embed"]).values()
         for i in range(model.decoder_depth):
             _block_to_torch(dec["transformer"][f"block_{i}"], f"decoder_blocks.{i}", out)
-        out["decoder_norm.weight"], out["decoder_norm.bias"] = _norm_to_torch(dec["transformer"]["norm"]).values()
+        out["decoder_norm.weight"], out["decoder_norm.bias"] = _norm_to_torch(params["decoder_norm"]).values()
         out["decoder_pred.weight"], out["decoder_pred.bias"] = _linear_to_torch(params["pred"]).values()
+        if model.aggregation_kernel:
+            out["decoder_aggregation.weight"] = params["aggregation"]["kernel"].transpose(2, 0, 1)[:, None]
+            out["decoder_aggregation.bias"] = params["aggregation"]["bias"]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -194,10 +197,15 @@ def from_state_dict(state_dict: dict[str, np.ndarray], model: mae_lib.MaskedAuto
             "transformer": {
                 f"block_{i}": _block_from_torch(sd, f"decoder_blocks.{i}", model.decoder_num_heads)
                 for i in range(model.decoder_depth)
-            }
-            | {"norm": _norm_from_torch(sd, "decoder_norm")},
+            },
         }
+        params["decoder_norm"] = _norm_from_torch(sd, "decoder_norm")
         params["pred"] = _linear_from_torch(sd, "decoder_pred")
+        if model.aggregation_kernel:
+            params["aggregation"] = {
+                "kernel": sd["decoder_aggregation.weight"][:, 0].transpose(1, 2, 0),
+                "bias": sd["decoder_aggregation.bias"],
+            }
     return params
 
 
@@ -245,6 +253,9 @@ def expected_shapes(model: mae_lib.MaskedAutoencoder, include_decoder: bool = Tr
             "decoder_pred.weight": (model.patch_dim, dd),
             "decoder_pred.bias": (model.patch_dim,),
         }
+        if model.aggregation_kernel:
+            k = model.aggregation_kernel
+            shapes |= {"decoder_aggregation.weight": (dd, 1, k, k), "decoder_aggregation.bias": (dd,)}
     return shapes
 
 
@@ -259,7 +270,7 @@ def save(params: dict, model: mae_lib.MaskedAutoencoder, path: str | os.PathLike
 
 
 def merge_into(params: dict, imported: dict) -> dict:
-    """``params`` with the subtrees present in ``imported`` replaced (e.g. an encoder-only import)."""
+    """``params`` with the top-level subtrees present in ``imported`` replaced (e.g. an encoder-only import)."""
     return {k: imported.get(k, v) for k, v in params.items()}
 
 
