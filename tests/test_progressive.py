@@ -159,6 +159,7 @@ def test_the_compiled_prmim_step_costs_o_n_k2_c_more_than_partial():
     images, ids = batch_for(pr_method)
     pr_step = compiled_step(pr_model, pr_method, images, ids)
     partial_step = compiled_step(partial_model, partial_method, images, ids)
+    assert " convolution(" not in pr_step.as_text()  # no grouped convolution, so no dense C x C kernel gradient
     extra = pr_step.cost_analysis()["flops"] - partial_step.cost_analysis()["flops"]
     batch, layout = images.shape[0], pr_method.layout
     # The aggregation's forward and two backward products over the grid, the head on the thrown

@@ -64,10 +64,13 @@ def measure(model, method, batch: int) -> dict:
     }
 
 
-def report(variants, throw_ratios, batch: int, image_size: int = 224, dtype: str = "float32", log=print) -> list[dict]:
+def report(
+    variants, throw_ratios, batch: int, image_size: int = 224, dtype: str = "float32", log=print, **model_overrides
+) -> list[dict]:
+    """One row per (model, method, rho_d): ``mae`` first, then ``partial`` and ``prmim`` at each ratio."""
     rows = []
     for variant in variants:
-        model_config = mae_lib.model_config(variant, image_size=image_size, dtype=dtype)
+        model_config = mae_lib.model_config(variant, image_size=image_size, dtype=dtype, **model_overrides)
         plans = [("mae", "random", 0.0)] + [(m, "furthest", r) for r in throw_ratios for m in ("partial", "prmim")]
         baseline = None
         for name, sampler, throw_ratio in plans:

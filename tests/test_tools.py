@@ -1,0 +1,72 @@
+"""The cost report and the sampler benchmark produce what their committed results claim to be."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from prmim_jax.tools import cost
+
+_spec = importlib.util.spec_from_file_location(
+    "samplers", pathlib.Path(__file__).parent.parent / "benchmarks" / "samplers.py"
+)
+sampler_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sampler_benchmark)
+
+
+def test_cost_report_rows_are_per_image_counts_with_ratios_to_mae(tmp_path):
+    rows = cost.report(
+        ["Ti/8"],
+        [0.5],
+        batch=2,
+        image_size=64,
+        log=lambda _: None,
+        depth=1,
+        decoder_width=64,
+        decoder_depth=1,
+        decoder_num_heads=4,
+    )
+    assert [(r["method"], r["rho_d"]) for r in rows] == [("mae", 0.0), ("partial", 0.5), ("prmim", 0.5)]
+    mae, partial, prmim = rows
+    assert mae["forward_flops_ratio"] == mae["step_flops_ratio"] == 1.0
+    assert partial["forward_flops"] < prmim["forward_flops"] < mae["forward_flops"]
+    assert (
+        2 * mae["forward_flops"] < mae["step_flops"] < 4 * mae["forward_flops"]
+    )  # a backward pass costs about two forwards
+    assert all(r["temp_bytes"] > 0 for r in rows)
+
+
+def test_cost_command_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "cost"
+    argv = ["--models", "Ti/16", "--throw_ratios", "0.5", "--batch", "1", "--image_size", "32", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            cost,
+            "report",
+            lambda *a, **k: [
+                dict(
+                    model="ViT-Ti/16",
+                    method="mae",
+                    sampler="random",
+                    rho_d=0.0,
+                    forward_flops=1.0,
+                    step_flops=3.0,
+                    temp_bytes=8,
+                    forward_flops_ratio=1.0,
+                    step_flops_ratio=1.0,
+                    temp_bytes_ratio=1.0,
+                )
+            ],
+        )
+        cost.main(argv)
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert set(rows[0]) >= {"model", "method", "sampler", "rho_d", "forward_flops", "step_flops", "temp_bytes"}
+    assert "| ViT-Ti/16 | mae |" in out.with_suffix(".md").read_text()
+
+
+def test_sampler_benchmark_reports_every_sampler_and_coverage(tmp_path):
+    sampler_benchmark.main(["--batch", "8", "--repeats", "1", "--out", str(tmp_path / "s")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert set(result["throughput"]) == {"random", "random_throw", "furthest", "furthest_seeded"}
+    assert len(result["coverage"]) == 9 and all(0 <= r["uncovered_3x3"] <= 1 for r in result["coverage"])
