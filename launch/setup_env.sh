@@ -6,7 +6,8 @@
 # cpu (default) installs requirements.txt as pinned; cuda and tpu install the same
 # pins with jax's accelerator build (jax[cuda12] / jax[tpu]) instead. --test adds
 # requirements-test.txt (PyTorch CPU reference, pytest, ruff). The environment lives
-# in $PRMIM_VENV (default: .venv in the repository root). Safe to rerun.
+# in $PRMIM_VENV (default: .venv in the repository root). As root on Debian it also installs
+# the default dataset (dataset-fashion-mnist) when missing. Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,17 @@ for arg in "$@"; do
     *) echo "usage: bash launch/setup_env.sh [cpu|cuda|tpu] [--test]" >&2; exit 2 ;;
   esac
 done
+
+# The default dataset, Fashion-MNIST, comes from Debian's dataset-fashion-mnist package.
+fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup_env: installing dataset-fashion-mnist" >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup_env: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
 
 venv="${PRMIM_VENV:-.venv}"
 python="${PYTHON:-python3}"

@@ -1,5 +1,10 @@
 """Shared fixtures: tiny models and batches that keep the suite fast on two CPU cores."""
 
+import os
+
+# Eight simulated CPU devices for the sharding tests; set before JAX starts.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -70,3 +70,21 @@ def test_sampler_benchmark_reports_every_sampler_and_coverage(tmp_path):
     result = json.loads((tmp_path / "s.json").read_text())
     assert set(result["throughput"]) == {"random", "random_throw", "furthest", "furthest_seeded"}
     assert len(result["coverage"]) == 9 and all(0 <= r["uncovered_3x3"] <= 1 for r in result["coverage"])
+
+
+def test_gpu_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu_smoke"
+    command = ["bash", "benchmarks/gpu.sh", "--variant", "Ti/4", "--image_size", "32", "--decoder_width", "64"]
+    command += ["--decoder_depth", "1", "--batch", "2", "--steps", "1", "--rounds", "1"]
+    env = dict(os.environ, PRMIM_PLATFORM="cpu", PRMIM_BENCH_OUT=str(out))
+    root = pathlib.Path(__file__).parent.parent
+    subprocess.run(command, cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in result["results"]] == ["mae", "partial", "prmim"]
+    mae, partial, prmim = result["results"]
+    assert partial["flops_per_step"] < mae["flops_per_step"] and prmim["flops_per_step"] < mae["flops_per_step"]
+    assert all(r["images_per_second"] > 0 for r in result["results"])
+    assert "| prmim | 0.5 |" in out.with_suffix(".md").read_text()

@@ -108,16 +108,7 @@ class MaskedAutoencoder(nn.Module):
         return self.patch_size * self.patch_size * self.channels
 
     def setup(self):
-        self.encoder = vit.Encoder(
-            self.patch_size,
-            self.image_size,
-            self.width,
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.attention_impl,
-        )
+        self.encoder = encoder_of(self)
         self.decoder = Decoder(
             self.grid,
             self.decoder_width,
@@ -153,6 +144,20 @@ class MaskedAutoencoder(nn.Module):
             pred_thrown = self.predict_pixels(self.aggregation(features, ids_present, ids_thrown))
         pred_visible = self.predict_pixels(features[:, :num_visible]) if predict_visible else None
         return MAEOutput(latent, pred_decoded, pred_thrown, pred_visible)
+
+
+def encoder_of(model: MaskedAutoencoder) -> vit.Encoder:
+    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation."""
+    return vit.Encoder(
+        model.patch_size,
+        model.image_size,
+        model.width,
+        model.depth,
+        model.num_heads,
+        model.mlp_dim,
+        model.dtype,
+        model.attention_impl,
+    )
 
 
 def pixel_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:

@@ -130,6 +130,41 @@ def dense(features: int, fan_in: int, axes: tuple[str, str], dtype, name: str, f
     )
 
 
+class HeadProjection(nn.Module):
+    """``[B, T, D] -> [B, T, heads, kv]`` with kernel ``[D, heads, kv]`` and bias ``[heads, kv]``.
+
+    Written out rather than ``nn.DenseGeneral``, which initialises a flattened
+    kernel and so cannot carry the three logical axis names through init.
+    """
+
+    num_heads: int
+    head_dim: int
+    kernel_init: nn.initializers.Initializer
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-1], self.num_heads, self.head_dim)
+        kernel = self.param("kernel", logical(self.kernel_init, "embed", "heads", "kv"), shape)
+        bias = self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), shape[1:])
+        return jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class HeadMerge(nn.Module):
+    """``[B, T, heads, kv] -> [B, T, D]`` with kernel ``[heads, kv, D]`` and bias ``[D]``."""
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-2], x.shape[-1], self.features)
+        kernel = self.param("kernel", logical(self.kernel_init, "heads", "kv", "embed"), shape)
+        bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,))
+        return jnp.einsum("bthk,hkd->btd", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v projections (with bias).
 
@@ -150,30 +185,16 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         # The official MAE initialises q, k, v as one [3D, D] linear.
         qkv_init = xavier_uniform(width, 3 * width)
-
-        def projection(name):
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                kernel_init=logical(qkv_init, "embed", "heads", "kv"),
-                bias_init=logical(nn.initializers.zeros, "heads", "kv"),
-                name=name,
-            )
-
         qkv_axes = ("batch", "tokens", "heads", "kv")
-        query = nn.with_logical_constraint(projection("query")(x), qkv_axes)
-        key = nn.with_logical_constraint(projection("key")(x), qkv_axes)
-        value = nn.with_logical_constraint(projection("value")(x), qkv_axes)
+        query, key, value = (
+            nn.with_logical_constraint(
+                HeadProjection(self.num_heads, head_dim, qkv_init, self.dtype, name=name)(x), qkv_axes
+            )
+            for name in ("query", "key", "value")
+        )
         attended = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
         attended = nn.with_logical_constraint(attended, qkv_axes)
-        out = nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=logical(xavier_uniform(width, width), "heads", "kv", "embed"),
-            bias_init=logical(nn.initializers.zeros, "embed"),
-            name="out",
-        )(attended)
+        out = HeadMerge(width, xavier_uniform(width, width), self.dtype, name="out")(attended)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
 
 

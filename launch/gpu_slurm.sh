@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Submits the training command as a SLURM batch job on GPU nodes.
+#
+#   bash launch/gpu_slurm.sh --nodes N --gpus_per_node G [--per gpu|node]
+#       [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME]
+#       [--sbatch_arg ARG]... [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]
+#
+# Writes an sbatch script to WORKDIR/slurm/ (or workdirs/slurm/ in this repository
+# when WORKDIR is a URL such as gs://...; the job's output goes beside it) and
+# submits it with sbatch. The job
+# 1. creates the environment once per node (srun, one task per node:
+#    bash launch/setup_env.sh cuda); --skip_setup leaves it as it is;
+# 2. runs under srun, from this repository,
+#      $VENV/bin/python -m prmim_jax.main --config CONFIG --workdir WORKDIR [flags...]
+#    --per gpu (default): G tasks per node, task I of a node sees only the node's
+#    GPU I (CUDA_VISIBLE_DEVICES from SLURM_LOCALID); --per node: one task per
+#    node that sees all G GPUs.
+# jax.distributed.initialize() reads SLURM's variables, so no coordinator flags.
+# The repository and the environment ($PRMIM_VENV, default .venv here) must be on a
+# filesystem every node mounts at the same path; with a shared environment, run
+# `bash launch/setup_env.sh cuda` once before the first multi-node job, or pass
+# --skip_setup, so that nodes do not install into it concurrently.
+# --sbatch_arg passes one more option to sbatch (--sbatch_arg=--account=A).
+# --dry_run (or DRY_RUN=1) prints the commands and the sbatch script and runs nothing.
+set -euo pipefail
+
+prog="launch/gpu_slurm.sh"
+usage="usage: bash launch/gpu_slurm.sh --nodes N --gpus_per_node G [--per gpu|node] [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME] [--sbatch_arg ARG]... [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
+
+die() {
+  echo "$prog: error: $*" >&2
+  echo "$usage" >&2
+  exit 2
+}
+
+# Quotes one argument for a POSIX shell, as Python's shlex.quote does.
+quote() {
+  local arg="$1"
+  if [[ -n "$arg" && "$arg" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
+    printf '%s' "$arg"
+  else
+    printf "'%s'" "${arg//\'/\'\\\'\'}"
+  fi
+}
+
+# Prints its arguments as one shell command line.
+join() {
+  local out="" arg
+  for arg in "$@"; do
+    out+="${out:+ }$(quote "$arg")"
+  done
+  printf '%s\n' "$out"
+}
+
+# Makes a local path absolute (the job runs from the repository root); leaves URLs.
+absolute() {
+  case "$1" in
+    /* | *://*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$PWD/${1#./}" ;;
+  esac
+}
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+
+dry_run=0
+case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
+nodes=""
+gpus=""
+per="gpu"
+partition=""
+time_limit=""
+cpus_per_task=""
+job_name="prmim_jax"
+sbatch_args=()
+skip_setup=0
+positional=()
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --dry_run | --dry-run) dry_run=1 ;;
+    --skip_setup) skip_setup=1 ;;
+    --nodes | --gpus_per_node | --per | --partition | --time | --cpus_per_task | --job_name | --sbatch_arg)
+      [ $# -ge 2 ] || die "$1 needs a value"
+      set -- "$1=$2" "${@:3}"
+      continue ;;
+    --nodes=*) nodes="${1#*=}" ;;
+    --gpus_per_node=*) gpus="${1#*=}" ;;
+    --per=*) per="${1#*=}" ;;
+    --partition=*) partition="${1#*=}" ;;
+    --time=*) time_limit="${1#*=}" ;;
+    --cpus_per_task=*) cpus_per_task="${1#*=}" ;;
+    --job_name=*) job_name="${1#*=}" ;;
+    --sbatch_arg=*) sbatch_args+=("${1#*=}") ;;
+    --)
+      shift
+      for arg in "$@"; do
+        if [ ${#positional[@]} -lt 2 ]; then positional+=("$arg"); else extra+=("$arg"); fi
+      done
+      break ;;
+    *)
+      if [ ${#positional[@]} -lt 2 ]; then
+        case "$1" in -*) die "unknown option '$1' (main.py flags go after CONFIG WORKDIR)" ;; esac
+        positional+=("$1")
+      else
+        extra+=("$1")
+      fi ;;
+  esac
+  shift
+done
+
+positive() { case "$1" in "" | *[!0-9]* | 0*) return 1 ;; esac; }
+[ -n "$nodes" ] || die "missing --nodes N"
+positive "$nodes" || die "--nodes must be a positive integer, got '$nodes'"
+[ -n "$gpus" ] || die "missing --gpus_per_node G"
+positive "$gpus" || die "--gpus_per_node must be a positive integer, got '$gpus'"
+case "$per" in gpu | node) ;; *) die "--per must be gpu or node, got '$per'" ;; esac
+[ -z "$cpus_per_task" ] || positive "$cpus_per_task" \
+  || die "--cpus_per_task must be a positive integer, got '$cpus_per_task'"
+case "$job_name" in "" | *[!A-Za-z0-9_.-]*) die "--job_name must be letters, digits, '_', '.' or '-', got '$job_name'" ;; esac
+[ ${#positional[@]} -ge 1 ] || die "missing CONFIG and WORKDIR"
+[ ${#positional[@]} -ge 2 ] || die "missing WORKDIR"
+config="${positional[0]}"
+workdir="${positional[1]}"
+[ -n "$config" ] || die "CONFIG is empty"
+[ -n "$workdir" ] || die "WORKDIR is empty"
+# CONFIG may carry get_config's argument: configs/name.py:arg.
+config_file="$config"
+[[ "$config" == *.py:* ]] && config_file="${config%%.py:*}.py"
+[ -f "$config_file" ] || die "config file not found: $config_file"
+config="$(absolute "$config")"
+workdir="$(absolute "$workdir")"
+
+venv="${PRMIM_VENV:-.venv}"
+[[ "$venv" == /* ]] || venv="$repo/$venv"
+case "$workdir" in
+  *://*) job_dir="$repo/workdirs/slurm" ;;
+  *) job_dir="$workdir/slurm" ;;
+esac
+case "$job_dir" in *[[:space:]]*) die "#SBATCH --output cannot name a path with spaces: $job_dir" ;; esac
+script="$job_dir/$job_name-$(date +%Y%m%d-%H%M%S).sbatch"
+
+if [ "$per" = gpu ]; then
+  tasks_per_node="$gpus"
+  # Task I of a node takes the node's I-th allocated GPU (unless SLURM already bound
+  # one GPU to each task); JAX then numbers it 0. Expanded by the task's shell:
+  # shellcheck disable=SC2016
+  bind='IFS=, read -r -a gpus <<<"${CUDA_VISIBLE_DEVICES:-}"; case ${#gpus[@]} in 0) export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID ;; 1) ;; *) export CUDA_VISIBLE_DEVICES=${gpus[$SLURM_LOCALID]} ;; esac; export JAX_LOCAL_DEVICE_IDS=0; exec "$@"'
+else
+  tasks_per_node=1
+  # JAX would otherwise give the node's single task only GPU $SLURM_LOCALID.
+  device_ids="0"
+  for ((i = 1; i < gpus; i++)); do device_ids+=",$i"; done
+  bind="export JAX_LOCAL_DEVICE_IDS=$device_ids; exec \"\$@\""
+fi
+train=(srun --kill-on-bad-exit=1)
+# srun no longer inherits sbatch's --cpus-per-task (SLURM 22.05).
+[ -z "$cpus_per_task" ] || train+=(--cpus-per-task="$cpus_per_task")
+train+=(bash -c "$bind" bash
+  "$venv/bin/python" -m prmim_jax.main --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})
+
+sbatch_script() {
+  echo "#!/usr/bin/env bash"
+  echo "#SBATCH --job-name=$job_name"
+  echo "#SBATCH --nodes=$nodes"
+  echo "#SBATCH --ntasks-per-node=$tasks_per_node"
+  echo "#SBATCH --gpus-per-node=$gpus"
+  [ -z "$cpus_per_task" ] || echo "#SBATCH --cpus-per-task=$cpus_per_task"
+  [ -z "$partition" ] || echo "#SBATCH --partition=$partition"
+  [ -z "$time_limit" ] || echo "#SBATCH --time=$time_limit"
+  echo "#SBATCH --output=$job_dir/%x-%j.out"
+  for arg in ${sbatch_args[@]+"${sbatch_args[@]}"}; do echo "#SBATCH $arg"; done
+  echo "# Written by launch/gpu_slurm.sh: one process per $per."
+  echo "set -euo pipefail"
+  join cd "$repo"
+  join export PRMIM_VENV="$venv"
+  if [ "$skip_setup" = 0 ]; then
+    echo "# The environment, once per node."
+    join srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 bash launch/setup_env.sh cuda
+  fi
+  echo "# Training; jax.distributed.initialize() reads SLURM's variables."
+  join "${train[@]}"
+}
+
+if [ "$dry_run" = 1 ]; then
+  join mkdir -p "$job_dir"
+  echo "cat > $(quote "$script") <<'PRMIM_SBATCH_EOF'"
+  sbatch_script
+  echo "PRMIM_SBATCH_EOF"
+  join sbatch "$script"
+  exit 0
+fi
+
+if [ "$skip_setup" = 0 ] && [ "$nodes" -gt 1 ] && [ ! -x "$venv/bin/python" ]; then
+  echo "$prog: warning: $venv does not exist yet; if it is on a shared filesystem, create it first" \
+    "(bash launch/setup_env.sh cuda) so that $nodes nodes do not install into it at once" >&2
+fi
+mkdir -p "$job_dir"
+sbatch_script >"$script"
+echo "$prog: wrote $script" >&2
+echo "+ $(join sbatch "$script")" >&2
+sbatch "$script"

@@ -1,0 +1,133 @@
+"""Checkpoints: one orbax ``CheckpointManager`` saving the train state and the data iterator together.
+
+Layout under ``WORKDIR/checkpoints/<step>/``: ``state/`` (the sharded train
+state, written by every process for its shards) and ``data/`` (one JSON file
+per process holding its grain iterator state). Saves are asynchronous; only the
+last ``keep`` are kept; a step directory appears only once complete, so an
+interrupted save never hides or corrupts the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+    """Saves a data-iterator state captured when ``save`` was called, one file per process."""
+
+    def save(self, directory: epath.Path, args: IteratorStateSave):
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None):
+        path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was written by a different number of processes "
+                f"than the {jax.process_count()} restoring it."
+            )
+        return json.loads(path.read_text())
+
+    def structure(self, directory):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class Checkpointer:
+    """Train state + iterator checkpoints in ``directory``; resume is ``restore_latest``."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, asynchronous: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True)
+        self.manager = ocp.CheckpointManager(
+            epath.Path(directory).absolute(), options=options, item_names=("state", "data")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+        """Starts saving ``state`` and the already captured ``data_state``; returns whether it saved."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=IteratorStateSave(data_state))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state):
+        """``(step, state, data_state)`` of the latest checkpoint, or ``None`` without one.
+
+        ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings:
+        the state is restored directly onto the mesh, each process reading its shards.
+        """
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=IteratorStateRestore()),
+        )
+        return step, restored["state"], restored["data"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionWatch:
+    """Tells the train loop when to save and stop: on SIGTERM, at a step every process agrees on.
+
+    With several processes JAX's distributed runtime picks the step
+    (``reached_preemption_sync_point``), so all processes save the same one.
+    """
+
+    def __init__(self):
+        self.signalled = False
+        self._previous = None
+        self._multiprocess = jax.process_count() > 1
+
+    def __enter__(self):
+        if not self._multiprocess:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+
+    def should_stop(self, step: int) -> bool:
+        if self._multiprocess:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signalled

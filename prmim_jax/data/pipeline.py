@@ -1,0 +1,269 @@
+"""The grain pipelines: pretraining batches with token sets, and padded evaluation batches.
+
+Pretraining, per process (``pretrain_dataset``)::
+
+    source -> shuffle(seed) -> repeat -> decode -> random resized crop + flip -> normalize
+      -> token noise -> batch(b = global_batch / process_count) -> this process's batches -> sample tokens
+
+Every step is a grain ``MapDataset`` transform, so element ``i`` of the
+shuffled, repeated stream is computed from ``(seed, i)`` alone. The global batch
+of step ``s`` is stream elements ``[s G, (s + 1) G)``; process ``p`` reads its
+rows ``[p b, (p + 1) b)``, i.e. local batch ``s P + p`` of the stream cut into
+runs of ``b``. The processes thus read disjoint parts that together are exactly
+what one process would read for the same global batch, with the same crops,
+flips and token sets (tested).
+
+The iterator of the returned ``grain.IterDataset`` resumes exactly:
+``state = iterator.get_state()`` is a small JSON-serialisable dict (the next
+batch's index; with ``num_workers > 0`` one entry per worker), and
+``iterator.set_state(state)`` on a fresh iterator of the same pipeline yields the
+following batches. ``grain.checkpoint.CheckpointSave(iterator)`` /
+``CheckpointRestore(iterator)`` put it in an orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from prmim_jax import masking
+from prmim_jax.data import sources, transforms
+
+SOURCES = ("fashion_mnist", "tfds", "image_folder")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)  # over the 60000 training images
+FASHION_MNIST_STD = (0.3530,)
+
+_RGB_DEFAULTS = dict(image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_crop_pct=0.875)
+_SOURCE_DEFAULTS = {
+    "fashion_mnist": dict(
+        path=sources.FASHION_MNIST_DIR,
+        eval_split="test",
+        image_size=28,
+        channels=1,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+        eval_crop_pct=1.0,  # 28x28 images evaluated as they are
+    ),
+    "tfds": dict(name="imagenet2012", eval_split="validation", **_RGB_DEFAULTS),
+    "image_folder": dict(eval_split="val", **_RGB_DEFAULTS),  # MAE's <path>/{train,val}/<class>/ layout
+}
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """The data section of an experiment config; defaults depend on ``source``.
+
+    Keys:
+      source: ``'fashion_mnist'`` (default) | ``'tfds'`` | ``'image_folder'``.
+      name: the TFDS dataset (``'imagenet2012'``); tfds only.
+      path: fashion_mnist: the directory of the IDX files (Debian's
+        ``/usr/share/datasets/fashion-mnist``); image_folder: the directory
+        holding one folder per split, each ``<class_name>/*.{jpg,jpeg,png}``.
+      data_dir: TFDS's data directory (``None``: TFDS's default).
+      split, eval_split: ``'train'`` and ``'test'`` (fashion_mnist),
+        ``'validation'`` (tfds), ``'val'`` (image_folder).
+      image_size, channels: 28 and 1 for fashion_mnist, else 224 and 3.
+      mean, std: per-channel normalisation of ``[0, 1]`` pixels.
+      crop_scale, crop_ratio: RandomResizedCrop's area fraction ``(0.2, 1.0)``
+        and aspect-ratio range ``(3/4, 4/3)`` (MAE's).
+      flip: random horizontal flip.
+      eval_crop_pct: evaluation resizes the shorter side to
+        ``image_size / eval_crop_pct`` and crops the centre (MAE: 0.875; 1.0
+        for fashion_mnist, where evaluation is the identity).
+      num_workers: 0 computes batches in this process; > 0 in that many grain
+        worker processes (``mp_prefetch``).
+      num_threads: grain read threads per process (0: none; batches are
+        computed on demand, best when pinned to one core).
+      prefetch_buffer_size: batches buffered per process (and per worker).
+      seed: the pipeline seed: shuffling, augmentation and token sets.
+    """
+    source = overrides.get("source", "fashion_mnist")
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}.")
+    values = dict(
+        source=source,
+        name=None,
+        path=None,
+        data_dir=None,
+        split="train",
+        eval_split="test",
+        crop_scale=(0.2, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        flip=True,
+        num_workers=0,
+        num_threads=0,
+        prefetch_buffer_size=2,
+        seed=0,
+    )
+    values |= _SOURCE_DEFAULTS[source]
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(values)}.")
+    config = ml_collections.ConfigDict(values | overrides)
+    check_config(config)
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` for a data config that cannot work, saying what to change."""
+    if config.source not in SOURCES:
+        raise ValueError(f"unknown data source {config.source!r}; choose one of {SOURCES}.")
+    if config.source == "tfds" and not config.name:
+        raise ValueError("source='tfds' needs data.name, the TFDS dataset name (e.g. 'imagenet2012').")
+    if config.source == "image_folder" and not config.path:
+        raise ValueError("source='image_folder' needs data.path, the directory holding <split>/<class_name>/*.jpg.")
+    if config.channels not in (1, 3):
+        raise ValueError(f"channels={config.channels}; images are read as grayscale (1) or RGB (3).")
+    if not len(config.mean) == len(config.std) == config.channels:
+        raise ValueError(f"mean {config.mean} and std {config.std} need one entry per channel ({config.channels}).")
+    low, high = config.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"crop_scale={config.crop_scale} must satisfy 0 < low <= high <= 1.")
+    if not 0.0 < config.eval_crop_pct <= 1.0:
+        raise ValueError(f"eval_crop_pct={config.eval_crop_pct} must lie in (0, 1].")
+    if config.num_workers < 0 or config.num_threads < 0 or config.prefetch_buffer_size < 1:
+        raise ValueError("num_workers and num_threads must be >= 0 and prefetch_buffer_size >= 1.")
+
+
+def make_source(config: ml_collections.ConfigDict, split: str):
+    """The random-access source of ``split`` (see ``prmim_jax.data.sources``)."""
+    if config.source == "fashion_mnist":
+        return sources.FashionMnistSource(config.path, split)
+    if config.source == "image_folder":
+        return sources.ImageFolderSource(os.path.join(config.path, split))
+    return sources.TfdsSource(config.name, split, config.data_dir)
+
+
+def local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:
+    """``global_batch // process_count``; raises ``ValueError`` (with the fix) unless it divides evenly."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count}).")
+    if global_batch < 1 or global_batch % process_count:
+        nearest = max(process_count, round(global_batch / process_count) * process_count)
+        raise ValueError(
+            f"global batch {global_batch} does not split evenly over {process_count} processes; "
+            f"use a multiple of {process_count} (e.g. {nearest})."
+        )
+    return global_batch // process_count
+
+
+def _stream_seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for shuffling, augmentation and token noise, all from the one pipeline seed."""
+    return tuple(int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+
+
+def _to_iter_dataset(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)
+    )
+    if config.num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker start-up reads its absl flags; outside an absl app (tests,
+            # notebooks, scripts) they keep their defaults.
+            flags.FLAGS.mark_as_parsed()
+        # Each worker computes every num_workers-th batch; grain interleaves them back in order.
+        options = grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer_size
+        )
+        ds = ds.mp_prefetch(options)
+    return ds
+
+
+def pretrain_dataset(
+    config: ml_collections.ConfigDict,
+    layout: masking.TokenLayout,
+    sampler: str,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int | None = None,
+) -> grain.IterDataset:
+    """This process's endless pretraining batches (see the module docstring).
+
+    Each batch, with ``b = global_batch // process_count``:
+
+    - ``images``: ``[b, image_size, image_size, channels] float32``, normalised.
+    - ``labels``: ``[b] int32`` (unused by pretraining; kept for monitoring).
+    - ``ids_visible`` / ``ids_decoded`` / ``ids_thrown``: ``[b, N_vis]`` /
+      ``[b, N_dec]`` / ``[b, N_thr] int32``, ``sampler``'s token sets for
+      ``layout`` (``prmim_jax.masking``).
+
+    ``seed`` (default ``config.seed``) fixes everything: the order of every
+    epoch (each epoch reshuffled), crops, flips and token sets.
+
+    Raises:
+      ValueError: ``global_batch`` not divisible by ``process_count``, an
+        unknown sampler or one that cannot serve ``layout``, or an image size
+        that the token grid does not divide.
+    """
+    local_batch = local_batch_size(global_batch, process_index, process_count)
+    sample_tokens = transforms.SampleTokens(sampler, layout)
+    if config.image_size % layout.grid[0] or config.image_size % layout.grid[1]:
+        raise ValueError(f"image_size={config.image_size} is not divisible by the token grid {layout.grid}.")
+    shuffle_seed, augment_seed, token_seed = _stream_seeds(config.seed if seed is None else seed)
+    augment = transforms.RandomResizedCropFlip(
+        config.image_size, tuple(config.crop_scale), tuple(config.crop_ratio), config.flip
+    )
+    ds = grain.MapDataset.source(make_source(config, config.split))
+    ds = ds.shuffle(seed=shuffle_seed).repeat()
+    # Random maps act before the per-process split, so their element index (and
+    # hence their randomness) is the position in the global stream.
+    ds = ds.map(transforms.DecodeImage(config.channels))
+    ds = ds.random_map(augment, seed=augment_seed)
+    ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
+    ds = ds.random_map(transforms.DrawTokenNoise(layout), seed=token_seed)
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    ds = ds.map(sample_tokens)
+    return _to_iter_dataset(ds, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithMask(grain.transforms.Map):
+    real: bool
+
+    def map(self, element: dict) -> dict:
+        return element | {"mask": self.real}
+
+
+def eval_dataset(
+    config: ml_collections.ConfigDict,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """One deterministic pass over ``split`` (default ``config.eval_split``), unshuffled and unaugmented.
+
+    ``batch_size`` is the global batch, as ``pretrain_dataset``'s: process ``p``
+    gets rows ``[p b, (p + 1) b)`` of every global batch, ``b = batch_size //
+    process_count``. Each batch: ``images [b, image_size, image_size,
+    channels] float32`` (``ResizeCenterCrop`` then ``Normalize``), ``labels
+    [b] int32``, ``mask [b] bool``. The data is padded to a whole number of
+    global batches with copies of its first image, ``mask`` False, so every
+    batch has one shape and every process the same number of batches.
+    """
+    local_batch = local_batch_size(batch_size, process_index, process_count)
+    split = config.eval_split if split is None else split
+    ds = grain.MapDataset.source(make_source(config, split))
+    size = len(ds)
+    if size == 0:
+        raise ValueError(f"split {split!r} of {config.source} is empty.")
+    padding = math.ceil(size / batch_size) * batch_size - size
+    ds = ds.map(_WithMask(True))
+    if padding:
+        ds = grain.MapDataset.concatenate([ds, ds[:1].repeat(padding).map(_WithMask(False))])
+    ds = ds.map(transforms.DecodeImage(config.channels))
+    ds = ds.map(transforms.ResizeCenterCrop(config.image_size, config.eval_crop_pct))
+    ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    ds = ds.map(transforms.EvalBatch())
+    return _to_iter_dataset(ds, config)

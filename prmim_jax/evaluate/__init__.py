@@ -1,0 +1,1 @@
+"""Evaluation: kNN accuracy of encoder features, reconstruction pictures."""

@@ -1,0 +1,111 @@
+"""Reconstruction pictures: original / visible tokens / reconstruction, decoded and thrown tokens marked.
+
+Rows of the picture, one column per image:
+1. the original image;
+2. what the encoder sees: visible patches, masked patches grey;
+3. the reconstruction: visible patches as given, masked patches from the
+   model's predictions (norm-pix predictions are mapped back with each
+   original patch's mean and variance, as MAE's visualisation does). Decoded
+   patches get a green frame, thrown ones an orange frame (``tile`` with
+   ``token_marks``); a thrown patch nothing predicts (partial reconstruction)
+   stays black.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from prmim_jax import masking
+from prmim_jax.models import mae as mae_lib
+from prmim_jax.models import vit
+
+DECODED_FRAME = (0.1, 0.8, 0.2)
+THROWN_FRAME = (1.0, 0.55, 0.0)
+MASKED_GREY = 0.5
+
+
+def picture_rows(
+    images: np.ndarray,
+    ids: masking.TokenIds,
+    output: mae_lib.MAEOutput,
+    patch_size: int,
+    mean,
+    std,
+    norm_pix: bool = True,
+) -> np.ndarray:
+    """``images [B, H, W, C]`` (normalised) and the model's output -> ``[3, B, H, W, 3]`` float in [0, 1]."""
+    images = np.asarray(images, np.float32)
+    batch, height, width, channels = images.shape
+    grid = (height // patch_size, width // patch_size)
+    raw = np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+    patches = np.asarray(vit.patchify(raw, patch_size))  # [B, N, p*p*C] in [0, 1]
+
+    def denormalise(pred, token_ids):
+        pred = np.asarray(pred, np.float32)
+        if not norm_pix:
+            return np.clip(pred * np.asarray(std).mean() + np.asarray(mean).mean(), 0, 1)
+        target = np.take_along_axis(np.asarray(vit.patchify(images, patch_size)), token_ids[..., None], axis=1)
+        mu, var = target.mean(-1, keepdims=True), target.var(-1, ddof=1, keepdims=True)
+        pixels = pred * np.sqrt(var + mae_lib.NORM_PIX_EPS) + mu
+        pixels = pixels.reshape(*pixels.shape[:2], -1, channels) * np.asarray(std) + np.asarray(mean)
+        return np.clip(pixels.reshape(*pred.shape), 0, 1)
+
+    rows = np.arange(batch)[:, None]
+    visible_only = np.full_like(patches, MASKED_GREY)
+    visible_only[rows, ids.visible] = patches[rows, ids.visible]
+    reconstruction = np.zeros_like(patches)
+    reconstruction[rows, ids.visible] = patches[rows, ids.visible]
+    reconstruction[rows, ids.decoded] = denormalise(output.pred_decoded, ids.decoded)
+    if output.pred_thrown is not None and ids.thrown.shape[1]:
+        reconstruction[rows, ids.thrown] = denormalise(output.pred_thrown, ids.thrown)
+
+    def to_rgb(flat):
+        tiles = flat.reshape(batch, -1, patch_size, patch_size, channels)
+        return np.repeat(tiles, 3, axis=-1) if channels == 1 else tiles
+
+    def to_images(tiles):
+        return np.asarray(vit.unpatchify(tiles.reshape(batch, tiles.shape[1], -1), patch_size, grid))
+
+    return np.stack([to_images(to_rgb(patches)), to_images(to_rgb(visible_only)), to_images(to_rgb(reconstruction))])
+
+
+def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
+    """``[B, N] int8``: 0 visible, 1 decoded, 2 thrown."""
+    marks = np.zeros((ids.visible.shape[0], num_tokens), np.int8)
+    rows = np.arange(len(marks))[:, None]
+    marks[rows, ids.decoded] = 1
+    marks[rows, ids.thrown] = 2
+    return marks
+
+
+def tile(
+    rows: np.ndarray, scale: int = 1, gap: int = 2, marks: np.ndarray | None = None, patch_size: int = 1
+) -> np.ndarray:
+    """``[R, B, H, W, 3]`` in [0, 1] -> one ``uint8`` image, R rows by B columns, white gaps.
+
+    With ``marks [B, N]`` (``token_marks``), the last row's decoded patches get a
+    green frame and its thrown ones an orange frame, drawn after upscaling so a
+    frame never hides a small patch.
+    """
+    num_rows, batch, height, width, _ = rows.shape
+    grid_w = width // patch_size
+    height, width, cell = height * scale, width * scale, patch_size * scale
+    canvas = np.ones((num_rows * (height + gap) - gap, batch * (width + gap) - gap, 3), np.float32)
+    for r in range(num_rows):
+        for b in range(batch):
+            image = rows[r, b].repeat(scale, 0).repeat(scale, 1)
+            if marks is not None and r == num_rows - 1 and cell >= 4:
+                for token in np.flatnonzero(marks[b]):
+                    y, x = divmod(int(token), grid_w)
+                    colour = DECODED_FRAME if marks[b, token] == 1 else THROWN_FRAME
+                    patch = image[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell]
+                    patch[0, :], patch[-1, :], patch[:, 0], patch[:, -1] = colour, colour, colour, colour
+            canvas[r * (height + gap) : r * (height + gap) + height, b * (width + gap) : b * (width + gap) + width] = (
+                image
+            )
+    return (canvas * 255).round().astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path) -> None:
+    Image.fromarray(image).save(path)

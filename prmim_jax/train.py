@@ -1,0 +1,316 @@
+"""Pretraining: mesh, sharded state (created or restored), the loop, and its periodic work.
+
+``train_and_evaluate(config, workdir)`` is the whole job; ``main.py`` only parses
+flags and calls it. Everything a bad config can get wrong is checked by
+``validate`` before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from prmim_jax import checkpoint, masking, methods, optim, sharding, train_step
+from prmim_jax.data import pipeline
+from prmim_jax.evaluate import knn, reconstruction
+from prmim_jax.metrics import MetricWriter
+from prmim_jax.models import mae as mae_lib
+
+log = logging.getLogger("prmim_jax")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with MAE's defaults; experiment configs start here and override."""
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            batch_size=4096,
+            total_steps=1000,
+            model=mae_lib.model_config("B/16"),
+            method=methods.method_config("prmim"),
+            optimizer=optim.optimizer_config(),
+            data=pipeline.data_config(),
+            sharding=sharding.sharding_config(),
+            knn=ml_collections.ConfigDict(
+                dict(every=0, k=20, temperature=0.07, train_examples=10000, test_examples=10000, batch_size=256)
+            ),
+            log_every=50,
+            stop_after=0,  # > 0: save and stop after this many steps in this invocation (scheduler time limits)
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+            picture_every=1000,
+        )
+    )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    model: nn.Module
+    method: methods.Method
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    global_batch: int
+    local_batch: int
+
+
+def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
+    """Builds model, method and mesh from ``config``; raises ``ValueError`` with the fix on any impossibility."""
+    model, method = methods.build(config.model, config.method)
+    mesh = sharding.make_mesh(config.sharding, devices)
+    rules = sharding.rules(config.sharding)
+    batch = config.batch_size
+    ways = sharding.batch_divisor(mesh, rules)
+    if batch % jax.process_count():
+        raise ValueError(
+            f"batch_size={batch} must be divisible by the {jax.process_count()} processes; change batch_size."
+        )
+    if batch % ways:
+        raise ValueError(
+            f"batch_size={batch} must be divisible by the {ways} devices the batch is split over "
+            f"(mesh {dict(mesh.shape)}); change batch_size or sharding.mesh."
+        )
+    if config.data.image_size != config.model.image_size or config.data.channels != config.model.channels:
+        raise ValueError(
+            f"data gives {config.data.image_size}px x {config.data.channels} channels but the model expects "
+            f"{config.model.image_size}px x {config.model.channels}; make data.image_size/channels match model."
+        )
+    if config.knn.batch_size % ways or config.knn.batch_size % jax.process_count():
+        raise ValueError(
+            f"knn.batch_size={config.knn.batch_size} must be divisible by the {ways} devices the batch is split over "
+            f"and the {jax.process_count()} processes; change knn.batch_size."
+        )
+    if config.total_steps < 1:
+        raise ValueError(f"total_steps={config.total_steps} must be positive.")
+    optim.learning_rate_schedule(config.optimizer, batch, config.total_steps)  # checks warmup_steps
+    return Setup(model, method, mesh, rules, batch, batch // jax.process_count())
+
+
+def abstract_state(setup: Setup, config: ml_collections.ConfigDict, rng: jax.Array):
+    """``(init_fn, abstract boxed state, state shardings)``: the state's shapes without allocating it."""
+    tx = optim.build_optimizer(config.optimizer, setup.global_batch, config.total_steps)
+    image_shape = (setup.local_batch, config.model.image_size, config.model.image_size, config.model.channels)
+
+    def init_fn(rng):
+        params = train_step.init_params(setup.model, setup.method, rng, image_shape)
+        return train_step.TrainState.create(apply_fn=None, params=params, tx=tx)
+
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        boxed = jax.eval_shape(init_fn, rng)
+    shardings = sharding.tree_shardings(boxed, setup.mesh, setup.rules)
+    return init_fn, boxed, shardings
+
+
+def create_state(setup: Setup, init_fn, shardings, rng: jax.Array):
+    """The train state, created directly in its sharded layout (never whole on one device)."""
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+
+
+def compile_train_step(setup: Setup, state_shardings):
+    batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+    step = functools.partial(train_step.train_step, model=setup.model, method=setup.method)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+    def run(state, batch, rng):
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            return jitted(state, batch, rng)
+
+    return run, batch_sharding
+
+
+class KnnEvaluator:
+    """kNN top-1 accuracy of the encoder's features: memory bank from one split, queries from another."""
+
+    def __init__(self, setup: Setup, config: ml_collections.ConfigDict):
+        self.setup, self.config = setup, config
+        self.encoder = mae_lib.encoder_of(setup.model)
+        self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+        self._features = jax.jit(lambda params, images: knn.encoder_features(self.encoder, params, images))
+
+    def _batches(self, split: str, limit: int):
+        cfg = self.config
+        batch = cfg.knn.batch_size
+        dataset = pipeline.eval_dataset(
+            eval_data_config(cfg.data),
+            split,
+            batch_size=batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return itertools.islice(iter(dataset), math.ceil(limit / batch))
+
+    def run(self, params) -> float:
+        cfg, setup = self.config.knn, self.setup
+
+        def features(images):
+            with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+                return self._features(params["encoder"], images)
+
+        def put(batch):
+            return sharding.global_batch(batch, self.batch_sharding)
+
+        train = knn.collect_features(features, self._batches(self.config.data.split, cfg.train_examples), put)
+        test = knn.collect_features(features, self._batches(self.config.data.eval_split, cfg.test_examples), put)
+        return knn.knn_accuracy(*train, *test, k=cfg.k, temperature=cfg.temperature)
+
+
+def eval_data_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``data`` for short evaluation passes: in-process, so no worker processes outlive them."""
+    return ml_collections.ConfigDict(data.to_dict() | {"num_workers": 0})
+
+
+def reconstruction_picture(setup: Setup, config, params, images: np.ndarray) -> np.ndarray:
+    """A PNG-ready ``uint8`` grid (original / visible / reconstruction) for a few fixed images."""
+    rng = np.random.default_rng(0)
+    noise = np.stack([masking.draw_noise(rng, setup.method.layout) for _ in range(len(images))])
+    ids = setup.method.sample(noise)
+    params = jax.device_get(params)
+    output = setup.model.apply({"params": params}, jnp.asarray(images), ids.visible, ids.decoded, ids.thrown)
+    rows = reconstruction.picture_rows(
+        images, ids, output, setup.model.patch_size, config.data.mean, config.data.std, setup.method.norm_pix_loss
+    )
+    marks = reconstruction.token_marks(ids, setup.method.layout.num_tokens)
+    scale = max(1, 112 // config.model.image_size)
+    return reconstruction.tile(rows, scale=scale, marks=marks, patch_size=setup.model.patch_size)
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrains per ``config`` in ``workdir``, resuming from its latest checkpoint; returns final metrics."""
+    setup = validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    rng = jax.random.key(config.seed)
+    init_fn, _, state_shardings = abstract_state(setup, config, rng)
+    step_fn, batch_sharding = compile_train_step(setup, state_shardings)
+
+    dataset = pipeline.pretrain_dataset(
+        config.data,
+        setup.method.layout,
+        setup.method.sampler,
+        global_batch=setup.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=config.seed,
+    )
+    iterator = iter(dataset)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    abstract = jax.tree_util.tree_map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.unbox(jax.eval_shape(init_fn, rng)),
+        state_shardings,
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        state, start = create_state(setup, init_fn, state_shardings, rng), 0
+    else:
+        start, state, data_state = restored
+        iterator.set_state(data_state)
+        log.info("resumed from step %d in %s", start, workdir)
+
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    evaluator = KnnEvaluator(setup, config)
+    picture_images = next(iter(pipeline.eval_dataset(eval_data_config(config.data), batch_size=8)))["images"]
+    metrics_history = {}
+    window_start, window_steps = time.perf_counter(), 0
+    last_metrics = None
+    step = start
+    try:
+        with checkpoint.PreemptionWatch() as preemption:
+            while step < config.total_steps:
+                batch = sharding.global_batch(next(iterator), batch_sharding)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+                step += 1
+                window_steps += 1
+                last_metrics = metrics
+                if step % config.log_every == 0 or step == config.total_steps:
+                    values = _check_finite(jax.device_get(metrics), step)
+                    elapsed = time.perf_counter() - window_start
+                    images_per_second = window_steps * setup.global_batch / elapsed
+                    eta = (config.total_steps - step) * elapsed / window_steps
+                    lr = float(
+                        optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps)(step)
+                    )
+                    writer.scalars(step, {**values, "learning_rate": lr, "images_per_second": images_per_second})
+                    writer.log(
+                        f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
+                        f"| {images_per_second:,.0f} img/s | ETA {_format_duration(eta)}"
+                    )
+                    metrics_history = values
+                    window_start, window_steps = time.perf_counter(), 0
+                preempted = preemption.should_stop(step)
+                stop = step < config.total_steps and (
+                    preempted or (config.stop_after and step - start >= config.stop_after)
+                )
+                if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+                    _check_finite(jax.device_get(last_metrics), step)
+                    if not np.isfinite(float(params_norm(state.params))):
+                        raise NonFiniteLossError(
+                            f"parameters are not finite after step {step}; not saving them. " + _NON_FINITE_FIX
+                        )
+                    checkpointer.save(step, state, iterator.get_state(), force=stop)
+                if stop:
+                    checkpointer.wait()
+                    reason = "preempted" if preempted else f"stop_after={config.stop_after}"
+                    writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
+                    return {"step": step, "stopped": True, "preempted": preempted, **metrics_history}
+                if config.picture_every and (step % config.picture_every == 0 or step == config.total_steps):
+                    picture = reconstruction_picture(setup, config, state.params, picture_images)
+                    writer.image(step, "reconstruction", picture, os.path.join(workdir, "reconstruction.png"))
+                if config.knn.every and step % config.knn.every == 0 and step != config.total_steps:
+                    writer.scalars(step, {"knn_accuracy": evaluator.run(state.params)})
+        accuracy = evaluator.run(state.params)
+        writer.scalars(step, {"knn_accuracy": accuracy})
+        writer.log(f"final kNN top-1 accuracy ({config.data.eval_split}, k={config.knn.k}): {accuracy:.4f}")
+        return {"step": step, "knn_accuracy": accuracy, **metrics_history}
+    finally:
+        checkpointer.close()
+        writer.close()
+
+
+_NON_FINITE_FIX = (
+    "The last checkpoint stays the last good one. Lower optimizer.base_lr, raise optimizer.warmup_steps "
+    "or set optimizer.grad_clip_norm, then rerun to resume from it."
+)
+
+
+@jax.jit
+def params_norm(params) -> jax.Array:
+    return optax.tree.norm(params)
+
+
+def _check_finite(metrics: dict, step: int) -> dict:
+    values = {k: float(v) for k, v in metrics.items()}
+    if not all(np.isfinite(v) for v in values.values()):
+        raise NonFiniteLossError(
+            f"loss {values['loss']}, grad_norm {values['grad_norm']} at step {step}; stopping without saving. "
+            + _NON_FINITE_FIX
+        )
+    return values

@@ -1,0 +1,459 @@
+"""The launch scripts print (--dry_run) and run exactly the set-up and training commands.
+
+Each test copies launch/ into a bare repository tree with one config, so nothing here
+needs gcloud, sbatch, a GPU or an environment, and nothing touches the real checkout.
+Dry-run output is one shell command a line; ``shlex.split`` turns it back into argv.
+"""
+
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+LAUNCH = pathlib.Path(__file__).parent.parent / "launch"
+SCRIPTS = ("local.sh", "tpu_pod.sh", "gpu_slurm.sh")
+BASH = shutil.which("bash")
+CLEARED = ("DRY_RUN", "PRMIM_PLATFORM", "PRMIM_VENV", "CUDA_VISIBLE_DEVICES", "TMPDIR")
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A repository tree holding copies of the launch scripts and configs/tiny.py."""
+    root = tmp_path / "repo"
+    (root / "launch").mkdir(parents=True)
+    for name in SCRIPTS:
+        shutil.copy(LAUNCH / name, root / "launch" / name)
+    (root / "configs").mkdir()
+    (root / "configs" / "tiny.py").write_text("def get_config(arg=None):\n    return None\n")
+    return root.resolve()
+
+
+def launch(repo, script, *args, env=None):
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ.update(env or {})
+    return subprocess.run(
+        [BASH, f"launch/{script}", *args], cwd=repo, env=environ, capture_output=True, text=True, timeout=30
+    )
+
+
+def printed(result):
+    """The argv of every command a dry run printed."""
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def executable(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def main_command(python, config, workdir, *flags):
+    return [python, "-m", "prmim_jax.main", "--config", config, "--workdir", workdir, *flags]
+
+
+# launch/local.sh
+
+
+def test_local_sets_up_the_environment_then_runs_main_with_flags_passed_through(repo):
+    result = launch(
+        repo,
+        "local.sh",
+        "--dry_run",
+        "configs/tiny.py:runlocal",
+        "work dir",
+        "--config.total_steps=3",
+        "--config.name=it's mine",
+        env={"PRMIM_PLATFORM": "cpu"},
+    )
+    assert printed(result) == [
+        ["bash", f"{repo}/launch/setup_env.sh", "cpu"],
+        main_command(
+            f"{repo}/.venv/bin/python",
+            "configs/tiny.py:runlocal",
+            "work dir",
+            "--config.total_steps=3",
+            "--config.name=it's mine",
+        ),
+    ]
+
+
+def test_local_dry_run_from_the_environment_runs_nothing(repo):
+    result = launch(repo, "local.sh", "configs/tiny.py", "wd", "--processes", "2", env={"DRY_RUN": "1"})
+    assert len(printed(result)) == 5  # setup_env, mkdir, two processes, wait
+    assert not (repo / ".venv").exists()
+    assert not (repo / "wd").exists()
+
+
+@pytest.mark.parametrize(
+    ("platform", "nvidia_smi", "expected"),
+    [("tpu", False, "tpu"), (None, True, "cuda"), ("cpu", True, "cpu")],
+)
+def test_local_platform_is_prmim_platform_else_cuda_where_nvidia_smi_exists(
+    repo, tmp_path, platform, nvidia_smi, expected
+):
+    env = {}
+    if platform:
+        env["PRMIM_PLATFORM"] = platform
+    if nvidia_smi:
+        executable(tmp_path / "bin" / "nvidia-smi", "#!/bin/sh\nexit 0\n")
+        env["PATH"] = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    commands = printed(launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert commands[0] == ["bash", f"{repo}/launch/setup_env.sh", expected]
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
+def test_local_platform_defaults_to_cpu(repo):
+    commands = printed(launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd"))
+    assert commands[0][-1] == "cpu"
+
+
+def test_local_uses_prmim_venv_and_skip_setup_skips_setup_env(repo):
+    result = launch(
+        repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env={"PRMIM_VENV": "/opt/prmim env"}
+    )
+    assert printed(result) == [main_command("/opt/prmim env/bin/python", "configs/tiny.py", "wd")]
+
+
+def test_local_processes_run_one_command_each_with_coordinator_flags_and_own_log(repo):
+    result = launch(
+        repo,
+        "local.sh",
+        "--processes",
+        "2",
+        "--dry_run",
+        "configs/tiny.py",
+        "wd",
+        "--config.x=1",
+        env={"PRMIM_PLATFORM": "cpu"},
+    )
+    setup, mkdir, *processes, wait = printed(result)
+    assert setup == ["bash", f"{repo}/launch/setup_env.sh", "cpu"]
+    assert mkdir == ["mkdir", "-p", "wd/logs"]
+    assert wait == ["wait"]
+    assert len(processes) == 2
+    ports = set()
+    for i, argv in enumerate(processes):
+        assert argv[-4:] == [">", f"wd/logs/process_{i}.log", "2>&1", "&"]
+        command = argv[:-4]
+        assert command[:7] == main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")
+        assert command[-1] == "--config.x=1"
+        flags = command[7:-1]
+        assert flags[0] == "--coordinator_address"
+        assert re.fullmatch(r"localhost:\d+", flags[1])
+        ports.add(flags[1])
+        assert flags[2:] == ["--num_processes", "2", "--process_id", str(i)]
+    assert len(ports) == 1
+
+
+def test_local_processes_on_cuda_see_one_gpu_each(repo):
+    env = {"PRMIM_PLATFORM": "cuda", "CUDA_VISIBLE_DEVICES": "4,6"}
+    result = launch(repo, "local.sh", "--processes=2", "--port=4321", "--dry_run", "configs/tiny.py", "wd", env=env)
+    processes = printed(result)[2:4]
+    assert [argv[:2] for argv in processes] == [["env", "CUDA_VISIBLE_DEVICES=4"], ["env", "CUDA_VISIBLE_DEVICES=6"]]
+    assert all("localhost:4321" in argv for argv in processes)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$@"
+for arg in "$@"; do [ "${previous:-}" = --process_id ] && id="$arg"; previous="$arg"; done
+[ "$id" = "${FAIL_ID:-none}" ] && sleep 0.3 && exit 3  # after the others have started
+[ "${FAIL_ID:-none}" = none ] && exit 0
+exec sleep 20  # a healthy process stays until the script stops it
+"""
+
+
+@pytest.mark.parametrize(("fail_id", "returncode"), [(None, 0), ("1", 3)])
+def test_local_processes_all_run_and_one_failure_fails_the_launch(repo, fail_id, returncode):
+    executable(repo / ".venv" / "bin" / "python", FAKE_PYTHON)
+    env = {"FAIL_ID": fail_id} if fail_id else {}
+    result = launch(repo, "local.sh", "--skip_setup", "--processes", "3", "configs/tiny.py", "wd", env=env)
+    assert result.returncode == returncode, result.stderr
+    for i in range(3):
+        log = (repo / "wd" / "logs" / f"process_{i}.log").read_text()
+        assert f"--num_processes 3 --process_id {i}" in log
+    if fail_id:
+        assert "process 1 exited with status 3" in result.stderr
+
+
+# launch/tpu_pod.sh
+
+
+def test_tpu_copies_the_repository_sets_up_tpu_and_runs_main_on_every_worker(repo):
+    result = launch(
+        repo,
+        "tpu_pod.sh",
+        "--tpu",
+        "my-pod",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "my-project",
+        "--dry_run",
+        f"{repo}/configs/tiny.py:runlocal",
+        "gs://bucket/run",
+        "--config.name=a b",
+    )
+    pack, copy, setup, train, cleanup = printed(result)
+    where = ["--zone=us-central2-b", "--worker=all", "--project=my-project"]
+    tarball = pack[pack.index("-czf") + 1]
+    assert pack[:3] == ["tar", "-C", str(repo)]
+    assert {"--exclude=./.venv", "--exclude=./.git"} <= set(pack)
+    assert copy == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "my-pod:prmim_jax.tar.gz", *where]
+    assert setup[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod"]
+    assert setup[6:9] == where
+    assert setup[9].startswith("--command=")
+    assert setup[9].endswith("&& bash prmim_jax/launch/setup_env.sh tpu")
+    assert train[:9] == setup[:9]
+    assert shlex.split(train[9].removeprefix("--command=")) == [
+        "cd",
+        "prmim_jax",
+        "&&",
+        *main_command(".venv/bin/python", "configs/tiny.py:runlocal", "gs://bucket/run", "--config.name=a b"),
+    ]
+    assert cleanup == ["rm", "-f", tarball]
+
+
+def test_tpu_skip_setup_leaves_the_environment_alone(repo):
+    result = launch(
+        repo, "tpu_pod.sh", "--tpu=t", "--zone=z", "--skip_setup", "--dry_run", "configs/tiny.py", "gs://b/r"
+    )
+    setup = printed(result)[2]
+    assert "setup_env" not in setup[-1]
+    assert "tar -xzf prmim_jax.tar.gz" in setup[-1]
+
+
+def test_tpu_copy_leaves_out_venv_and_git_and_keeps_the_workers_venv(repo, tmp_path):
+    """Runs the printed pack and unpack commands locally, with tmp_path/home as a worker."""
+    executable(repo / ".venv" / "bin" / "python", "")
+    (repo / ".git").mkdir()
+    home = tmp_path / "home"
+    (home / "prmim_jax" / ".venv").mkdir(parents=True)
+    (home / "prmim_jax" / "stale.py").write_text("")
+    result = launch(
+        repo,
+        "tpu_pod.sh",
+        "--tpu",
+        "t",
+        "--zone",
+        "z",
+        "--dry_run",
+        "configs/tiny.py",
+        "gs://b/r",
+        env={"TMPDIR": str(home)},
+    )
+    pack, copy, setup, _, _ = printed(result)
+    subprocess.run(pack, check=True)
+    shutil.move(copy[5], home / "prmim_jax.tar.gz")
+    unpack = setup[-1].removeprefix("--command=").removesuffix(" && bash prmim_jax/launch/setup_env.sh tpu")
+    subprocess.run([BASH, "-c", unpack], cwd=home, check=True)
+    worker = home / "prmim_jax"
+    assert (worker / "configs" / "tiny.py").is_file()
+    assert (worker / "launch" / "tpu_pod.sh").is_file()
+    assert (worker / ".venv").is_dir()
+    assert not (worker / ".venv" / "bin").exists()
+    assert not (worker / ".git").exists()
+    assert not (worker / "stale.py").exists()
+    assert not (home / "prmim_jax.tar.gz").exists()
+
+
+# launch/gpu_slurm.sh
+
+
+def sbatch_dry_run(result):
+    """``(script path, script text, sbatch argv)`` from a dry run's output."""
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(
+        r"mkdir -p (?P<dir>\S+)\ncat > (?P<path>\S+) <<'PRMIM_SBATCH_EOF'\n(?P<script>.*\n)PRMIM_SBATCH_EOF\n(?P<submit>.*)\n",
+        result.stdout,
+        flags=re.S,
+    )
+    assert match, result.stdout
+    assert match["path"].startswith(match["dir"] + "/")
+    return match["path"], match["script"], shlex.split(match["submit"])
+
+
+def srun_lines(script):
+    return [shlex.split(line) for line in script.splitlines() if line.startswith("srun ")]
+
+
+def test_slurm_per_gpu_runs_one_task_per_gpu_after_setting_up_each_node(repo):
+    result = launch(
+        repo,
+        "gpu_slurm.sh",
+        "--nodes",
+        "2",
+        "--gpus_per_node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "2:00:00",
+        "--dry_run",
+        "configs/tiny.py:runlocal",
+        "wd",
+        "--config.name=a b",
+    )
+    path, script, submit = sbatch_dry_run(result)
+    assert submit == ["sbatch", path]
+    assert path.startswith(f"{repo}/wd/slurm/")
+    lines = script.splitlines()
+    for directive in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=2:00:00"):
+        assert f"#SBATCH {directive}" in lines
+    assert f"#SBATCH --output={repo}/wd/slurm/%x-%j.out" in lines
+    assert f"cd {repo}" in lines
+    setup, train = srun_lines(script)
+    assert "--ntasks-per-node=1" in setup
+    assert setup[-3:] == ["bash", "launch/setup_env.sh", "cuda"]
+    assert train[-8:] == main_command(
+        f"{repo}/.venv/bin/python", f"{repo}/configs/tiny.py:runlocal", f"{repo}/wd", "--config.name=a b"
+    )
+    bind = train[train.index("-c") + 1]
+    assert "SLURM_LOCALID" in bind
+    assert "CUDA_VISIBLE_DEVICES" in bind
+    assert not (repo / "wd").exists()
+
+
+def test_slurm_per_node_runs_one_task_per_node_that_sees_every_gpu(repo):
+    result = launch(
+        repo,
+        "gpu_slurm.sh",
+        "--nodes=3",
+        "--gpus_per_node=8",
+        "--per",
+        "node",
+        "--dry_run",
+        "configs/tiny.py",
+        "gs://b/r",
+    )
+    path, script, _ = sbatch_dry_run(result)
+    assert path.startswith(f"{repo}/workdirs/slurm/")  # a URL workdir keeps the job files in the repository
+    lines = script.splitlines()
+    assert {"#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8"} <= set(lines)
+    _, train = srun_lines(script)
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in train[train.index("-c") + 1]
+    assert train[-7:] == main_command(f"{repo}/.venv/bin/python", f"{repo}/configs/tiny.py", "gs://b/r")
+
+
+@pytest.mark.parametrize(
+    ("visible", "local_id", "expected"),
+    [("2,3,5,6", "2", "5"), (None, "3", "3"), ("7", "3", "7")],
+)
+def test_slurm_per_gpu_task_sees_only_its_gpu(repo, visible, local_id, expected):
+    """Runs the job's binding with SLURM's variables: the I-th allocated GPU, or the one SLURM bound."""
+    _, script, _ = sbatch_dry_run(
+        launch(repo, "gpu_slurm.sh", "--nodes", "1", "--gpus_per_node", "4", "--dry_run", "configs/tiny.py", "wd")
+    )
+    _, train = srun_lines(script)
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ["SLURM_LOCALID"] = local_id
+    if visible:
+        environ["CUDA_VISIBLE_DEVICES"] = visible
+    shown = subprocess.run(
+        [
+            BASH,
+            "-c",
+            train[train.index("-c") + 1],
+            "bash",
+            BASH,
+            "-c",
+            'echo "$CUDA_VISIBLE_DEVICES $JAX_LOCAL_DEVICE_IDS"',
+        ],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.split() == [expected, "0"]
+
+
+def test_slurm_writes_the_script_and_submits_it(repo, tmp_path):
+    executable(tmp_path / "bin" / "sbatch", '#!/bin/sh\necho "$@" > "$SBATCH_CALL"\necho "Submitted batch job 7"\n')
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SBATCH_CALL": str(tmp_path / "call")}
+    args = ["--nodes", "1", "--gpus_per_node", "2", "--skip_setup", "configs/tiny.py", "wd"]
+    result = launch(repo, "gpu_slurm.sh", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Submitted batch job 7" in result.stdout
+    submitted = pathlib.Path((tmp_path / "call").read_text().strip())
+    assert submitted.parent == repo / "wd" / "slurm"
+    script = submitted.read_text()
+    assert "setup_env" not in script
+    assert subprocess.run([BASH, "-n", str(submitted)]).returncode == 0
+    _, dry_script, _ = sbatch_dry_run(launch(repo, "gpu_slurm.sh", *args, "--dry_run"))
+    assert script == dry_script
+
+
+# All scripts
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_parses(script):
+    assert subprocess.run([BASH, "-n", str(LAUNCH / script)]).returncode == 0
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_the_usage_and_runs_nothing(repo, script):
+    result = launch(repo, script, "--help")
+    assert result.returncode == 0
+    assert f"bash launch/{script}" in result.stdout
+    assert result.stderr == ""
+
+
+TPU = ("--tpu", "t", "--zone", "z")
+SLURM = ("--nodes", "1", "--gpus_per_node", "1")
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("local.sh", (), "missing CONFIG and WORKDIR"),
+        ("local.sh", ("configs/tiny.py",), "missing WORKDIR"),
+        ("local.sh", ("configs/none.py:arg", "wd"), "config file not found: configs/none.py"),
+        ("local.sh", ("--processes", "0", "configs/tiny.py", "wd"), "--processes must be a positive integer"),
+        ("local.sh", ("--processes", "two", "configs/tiny.py", "wd"), "--processes must be a positive integer"),
+        ("local.sh", ("configs/tiny.py", "wd", "--processes"), "--processes needs a value"),
+        ("local.sh", ("--config.x=1", "configs/tiny.py", "wd"), "unknown option '--config.x=1'"),
+        ("local.sh", ("--processes", "2", "configs/tiny.py", "gs://b/r"), "must be a local path"),
+        ("tpu_pod.sh", ("--zone", "z", "configs/tiny.py", "gs://b/r"), "missing --tpu NAME"),
+        ("tpu_pod.sh", ("--tpu", "t", "configs/tiny.py", "gs://b/r"), "missing --zone ZONE"),
+        ("tpu_pod.sh", (*TPU, "configs/tiny.py"), "missing WORKDIR"),
+        ("tpu_pod.sh", (*TPU, "configs/none.py", "gs://b/r"), "config file not found"),
+        ("tpu_pod.sh", (*TPU, "OUTSIDE", "gs://b/r"), "CONFIG must be inside the repository"),
+        ("gpu_slurm.sh", ("--gpus_per_node", "1", "configs/tiny.py", "wd"), "missing --nodes N"),
+        (
+            "gpu_slurm.sh",
+            ("--nodes", "0", "--gpus_per_node", "1", "configs/tiny.py", "wd"),
+            "--nodes must be a positive integer",
+        ),
+        (
+            "gpu_slurm.sh",
+            ("--nodes", "two", "--gpus_per_node", "1", "configs/tiny.py", "wd"),
+            "--nodes must be a positive integer",
+        ),
+        ("gpu_slurm.sh", ("--nodes", "1", "configs/tiny.py", "wd"), "missing --gpus_per_node G"),
+        ("gpu_slurm.sh", (*SLURM, "--per", "core", "configs/tiny.py", "wd"), "--per must be gpu or node"),
+        ("gpu_slurm.sh", (*SLURM, "configs/tiny.py"), "missing WORKDIR"),
+        ("gpu_slurm.sh", (*SLURM, "configs/none.py", "wd"), "config file not found"),
+    ],
+)
+def test_usage_errors_exit_nonzero_with_a_message(repo, tmp_path, script, args, message):
+    outside = tmp_path / "outside.py"  # a config the TPU workers would not get
+    outside.write_text("")
+    args = [str(outside) if arg == "OUTSIDE" else arg for arg in args]
+    result = launch(repo, script, "--dry_run", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "usage: bash launch/" in result.stderr
+    assert result.stdout == ""
+
+
+def test_bad_platform_is_a_usage_error(repo):
+    result = launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env={"PRMIM_PLATFORM": "rocm"})
+    assert result.returncode == 2
+    assert "PRMIM_PLATFORM must be cpu, cuda or tpu" in result.stderr

@@ -1,0 +1,281 @@
+"""The training system: sharded steps agree with one device, resume is exact, preemption and
+non-finite losses leave good checkpoints, bad configs fail before compiling, and whole runs work."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from prmim_jax import masking, methods, sharding, train
+from prmim_jax.data import pipeline
+from prmim_jax.models import mae
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def tiny_config(**overrides):
+    """A 28x28 Fashion-MNIST run small enough for a few seconds a step on CPU: 7x7 grid (patch 4)."""
+    config = train.default_config()
+    config.seed = 0
+    config.batch_size = 16
+    config.total_steps = 6
+    config.model = mae.model_config(
+        "Ti/4",
+        width=32,
+        depth=1,
+        num_heads=4,
+        image_size=28,
+        channels=1,
+        decoder_width=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    config.method = methods.method_config("prmim", sampler="furthest", throw_ratio=0.5)
+    config.optimizer.update(base_lr=1e-3, warmup_steps=1)
+    config.data = pipeline.data_config(source="fashion_mnist")
+    config.knn.update(every=0, k=5, train_examples=200, test_examples=100, batch_size=40)
+    config.log_every = 1
+    config.checkpoint_every = 3
+    config.picture_every = 0
+    config.update(overrides)
+    return config
+
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(workdir) if "loss" in row}
+
+
+# --- sharding ------------------------------------------------------------------------------------
+
+
+def run_steps(config, devices, batch, steps=2):
+    setup = train.validate(config, devices)
+    rng = jax.random.key(0)
+    init_fn, _, shardings = train.abstract_state(setup, config, rng)
+    state = train.create_state(setup, init_fn, shardings, rng)
+    step_fn, batch_sharding = train.compile_train_step(setup, shardings)
+    losses = []
+    for i in range(steps):
+        state, metrics = step_fn(state, sharding.global_batch(batch, batch_sharding), jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), state
+
+
+def synthetic_batch(config, seed=0):
+    _, method = methods.build(config.model, config.method)
+    rng = np.random.default_rng(seed)
+    ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(config.batch_size)]))
+    images = rng.normal(size=(config.batch_size, 28, 28, 1)).astype(np.float32)
+    return {"images": images, "ids_visible": ids.visible, "ids_decoded": ids.decoded, "ids_thrown": ids.thrown}
+
+
+# Data parallel and FSDP reorder float32 sums (gradient all-reduce, sharded updates): agreement to 1e-5.
+SHARDING_ATOL = 1e-5
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [(("data", 8), ("fsdp", 1)), (("data", 1), ("fsdp", 8)), (("data", 2), ("fsdp", 4))],
+    ids=["data_parallel", "fsdp", "data2_fsdp4"],
+)
+def test_sharded_steps_match_one_device(mesh):
+    assert jax.device_count() == 8, "tests run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
+    config = tiny_config()
+    batch = synthetic_batch(config)
+    one_losses, one_params, _ = run_steps(
+        tiny_config(sharding=sharding.sharding_config(mesh=(("data", 1), ("fsdp", 1)))), jax.devices()[:1], batch
+    )
+    losses, params, state = run_steps(tiny_config(sharding=sharding.sharding_config(mesh=mesh)), jax.devices(), batch)
+    np.testing.assert_allclose(losses, one_losses, rtol=0, atol=SHARDING_ATOL)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(one_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=SHARDING_ATOL)
+    kernel = state.params["encoder"]["transformer"]["block_0"]["mlp"]["fc1"]["kernel"]
+    fsdp = dict(mesh)["fsdp"]
+    # FSDP shards parameters (and the optimizer state with them) along 'embed'.
+    assert kernel.addressable_shards[0].data.shape == (32 // fsdp, 128)
+    mu = state.opt_state[0].mu["encoder"]["transformer"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert mu.sharding == kernel.sharding
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.method.update(throw_ratio=0.8), "only masked tokens can be thrown"),
+        (lambda c: c.model.update(patch_size=7), "aggregation_kernel=7 must be odd and fit the 4x4 token grid"),
+        (lambda c: c.update(batch_size=12), "batch_size=12 must be divisible by the 8 devices"),
+        (lambda c: c.sharding.update(mesh=(("data", 3), ("fsdp", -1))), "cannot tile 8 devices"),
+        (lambda c: c.data.update(image_size=32), "make data.image_size/channels match model"),
+        (lambda c: c.optimizer.update(warmup_steps=100), "warmup_steps=100 must lie in"),
+        (lambda c: c.knn.update(batch_size=50), "knn.batch_size=50 must be divisible by the 8 devices"),
+    ],
+)
+def test_impossible_configs_fail_before_compiling_and_write_nothing(tmp_path, edit, message):
+    config = tiny_config()
+    edit(config)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+# --- whole runs ----------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_run_saves_checkpoints_pictures_metrics_and_reports_knn(tmp_path):
+    config = tiny_config(picture_every=3)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 6 and 0.0 <= result["knn_accuracy"] <= 1.0
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert (tmp_path / "reconstruction.png").stat().st_size > 0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    steps = [row["step"] for row in read_metrics(tmp_path) if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all(
+        np.isfinite(row["loss"]) and row["images_per_second"] > 0 for row in read_metrics(tmp_path) if "loss" in row
+    )
+
+
+def test_mock_tfds_run_through_main(tmp_path):
+    config = tiny_config(total_steps=2, checkpoint_every=2)
+    config.data = pipeline.data_config(
+        source="tfds", name="imagenet2012", image_size=28, channels=1, mean=(0.5,), std=(0.25,)
+    )
+    config.knn.update(train_examples=16, test_examples=16, batch_size=8)
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = tiny_config(checkpoint_every=2)
+    train.train_and_evaluate(straight, str(tmp_path / "straight"))
+    chunked = tiny_config(checkpoint_every=2, stop_after=3)
+    first = train.train_and_evaluate(chunked, str(tmp_path / "chunked"))
+    assert first["stopped"] and first["step"] == 3
+    second = train.train_and_evaluate(chunked, str(tmp_path / "chunked"))
+    assert second["step"] == 6
+    # Bit-exact: the resumed run sees the same batches (iterator state) from the same parameters.
+    assert losses_by_step(tmp_path / "chunked") == losses_by_step(tmp_path / "straight")
+    final = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()][-1]
+    resumed = [json.loads(line) for line in (tmp_path / "chunked" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["knn_accuracy"] == resumed["knn_accuracy"]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(total_steps=12, checkpoint_every=2)
+    train.train_and_evaluate(tiny_config(total_steps=12, checkpoint_every=2, stop_after=2), str(tmp_path))
+    config.optimizer.update(base_lr=1e12)  # diverges at once
+    with pytest.raises(train.NonFiniteLossError, match="last checkpoint stays the last good one"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    resumed = train.train_and_evaluate(tiny_config(total_steps=12, checkpoint_every=2, stop_after=1), str(tmp_path))
+    assert resumed["step"] == 3 and np.isfinite(resumed["loss"])
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "prmim_jax.main",
+        "--config",
+        str(ROOT / "configs/pretrain_fmnist.py:runlocal,steps=400"),
+    ]
+    command += [
+        "--workdir",
+        str(workdir),
+        "--config.knn.train_examples=100",
+        "--config.knn.test_examples=50",
+        "--config.checkpoint_every=1000",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:  # wait until training is under way
+        lines.append(line)
+        if line.startswith("step 20/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, "".join(lines) + output
+    assert "preempted: saved step" in output
+    saved = int(os.listdir(workdir / "checkpoints")[0])
+    assert 20 <= saved < 400
+    # The saved step resumes: a rerun continues from it.
+    resumed = subprocess.run(
+        [*command, "--config.stop_after=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"step {saved + 2}/400" in resumed.stdout or f"saved step {saved + 2}" in resumed.stdout
+
+
+# --- multi-process -------------------------------------------------------------------------------
+
+WORKER = """
+import json, sys
+from prmim_jax import main, train
+main.initialize_distributed({address!r}, {processes}, {process_id}) if {processes} > 1 else None
+sys.path.insert(0, {tests!r})
+from test_train import tiny_config
+config = tiny_config(total_steps=4, checkpoint_every=2, batch_size=8)
+config.knn.update(train_examples=40, test_examples=20, batch_size=20)
+result = train.train_and_evaluate(config, {workdir!r})
+print("RESULT", json.dumps(result))
+"""
+
+
+def run_processes(workdir, processes, devices_per_process):
+    port = 20000 + os.getpid() % 20000
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WORKER.format(
+                    address=f"localhost:{port}",
+                    processes=processes,
+                    process_id=i,
+                    tests=str(ROOT / "tests"),
+                    workdir=str(workdir),
+                ),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+    return [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:]) for out in outputs]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    start = time.time()
+    two = run_processes(tmp_path / "two", processes=2, devices_per_process=2)
+    one = run_processes(tmp_path / "one", processes=1, devices_per_process=4)
+    assert two[0]["step"] == two[1]["step"] == one[0]["step"] == 4
+    # Each process read its own half of every global batch; together they saw what one process saw.
+    two_losses, one_losses = losses_by_step(tmp_path / "two"), losses_by_step(tmp_path / "one")
+    assert two_losses.keys() == one_losses.keys()
+    np.testing.assert_allclose(list(two_losses.values()), list(one_losses.values()), rtol=0, atol=SHARDING_ATOL)
+    assert two[0]["knn_accuracy"] == pytest.approx(one[0]["knn_accuracy"], abs=0.051)  # one of 20 queries may flip
+    assert time.time() - start < 600
