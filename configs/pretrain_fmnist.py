@@ -11,21 +11,13 @@ The argument is a comma-separated list: ``runlocal`` (a one-minute run),
 ``method=mae|partial|prmim``, ``sampler=...``, ``throw=0.25``, ``steps=N``.
 """
 
-from prmim_jax import methods, optim, sharding, train
+from prmim_jax import config_args, optim, sharding, train
 from prmim_jax.data import pipeline
 from prmim_jax.models import mae
 
 
-def parse(arg: str | None) -> dict:
-    options = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        options[key] = value or True
-    return options
-
-
 def get_config(arg=None):
-    options = parse(arg)
+    options = config_args.parse(arg)
     config = train.default_config()
     config.seed = 0
     config.batch_size = 128
@@ -41,12 +33,7 @@ def get_config(arg=None):
         decoder_depth=2,
         decoder_num_heads=4,
     )
-    name = options.get("method", "prmim")
-    config.method = methods.method_config(
-        name, sampler=options.get("sampler", "random" if name == "mae" else "furthest")
-    )
-    if name != "mae":
-        config.method.throw_ratio = float(options.get("throw", 0.5))
+    config.method = config_args.method(options)
     config.optimizer = optim.optimizer_config(base_lr=1.5e-3, warmup_steps=50, weight_decay=0.05)
     config.data = pipeline.data_config(source="fashion_mnist")
     config.sharding = sharding.sharding_config()

@@ -11,23 +11,15 @@ separated list of ``epochs=100|300|800``, ``model=B/16|L/16``,
 parameters and optimizer state over all devices), ``runlocal``.
 """
 
-from prmim_jax import methods, optim, sharding, train
+from prmim_jax import config_args, optim, sharding, train
 from prmim_jax.data import pipeline
 from prmim_jax.models import mae
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def parse(arg: str | None) -> dict:
-    options = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        options[key] = value or True
-    return options
-
-
 def get_config(arg=None):
-    options = parse(arg)
+    options = config_args.parse(arg)
     config = train.default_config()
     config.seed = 0
     config.batch_size = 4096
@@ -35,12 +27,7 @@ def get_config(arg=None):
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
     config.total_steps = epochs * steps_per_epoch
     config.model = mae.model_config(options.get("model", "B/16"), image_size=224, channels=3, dtype="bfloat16")
-    name = options.get("method", "prmim")
-    config.method = methods.method_config(
-        name, sampler=options.get("sampler", "random" if name == "mae" else "furthest")
-    )
-    if name != "mae":
-        config.method.throw_ratio = float(options.get("throw", 0.5))
+    config.method = config_args.method(options)
     # Table 13: AdamW (0.9, 0.95), base lr 1.5e-4 (x 4096 / 256 = 2.4e-3), wd 0.05, 40 warmup epochs, cosine.
     config.optimizer = optim.optimizer_config(base_lr=1.5e-4, warmup_steps=40 * steps_per_epoch, weight_decay=0.05)
     config.data = pipeline.data_config(

@@ -27,30 +27,7 @@ set -euo pipefail
 prog="launch/gpu_slurm.sh"
 usage="usage: bash launch/gpu_slurm.sh --nodes N --gpus_per_node G [--per gpu|node] [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME] [--sbatch_arg ARG]... [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
 
-die() {
-  echo "$prog: error: $*" >&2
-  echo "$usage" >&2
-  exit 2
-}
-
-# Quotes one argument for a POSIX shell, as Python's shlex.quote does.
-quote() {
-  local arg="$1"
-  if [[ -n "$arg" && "$arg" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$arg"
-  else
-    printf "'%s'" "${arg//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints its arguments as one shell command line.
-join() {
-  local out="" arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s\n' "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Makes a local path absolute (the job runs from the repository root); leaves URLs.
 absolute() {

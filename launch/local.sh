@@ -19,30 +19,7 @@ set -euo pipefail
 prog="launch/local.sh"
 usage="usage: bash launch/local.sh [--processes N] [--port P] [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
 
-die() {
-  echo "$prog: error: $*" >&2
-  echo "$usage" >&2
-  exit 2
-}
-
-# Quotes one argument for a POSIX shell, as Python's shlex.quote does.
-quote() {
-  local arg="$1"
-  if [[ -n "$arg" && "$arg" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$arg"
-  else
-    printf "'%s'" "${arg//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints its arguments as one shell command line.
-join() {
-  local out="" arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s\n' "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from prmim_jax import checkpoint, masking, methods, optim, sharding, train_step
 from prmim_jax.data import pipeline
@@ -185,7 +186,7 @@ def reconstruction_picture(setup: Setup, config, params, images: np.ndarray) -> 
     rng = np.random.default_rng(0)
     noise = np.stack([masking.draw_noise(rng, setup.method.layout) for _ in range(len(images))])
     ids = setup.method.sample(noise)
-    params = jax.device_get(params)
+    params = multihost_utils.process_allgather(params, tiled=True)  # whole on every host, whatever the sharding
     output = setup.model.apply({"params": params}, jnp.asarray(images), ids.visible, ids.decoded, ids.thrown)
     rows = reconstruction.picture_rows(
         images, ids, output, setup.model.patch_size, config.data.mean, config.data.std, setup.method.norm_pix_loss

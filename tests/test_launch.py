@@ -26,7 +26,7 @@ def repo(tmp_path):
     """A repository tree holding copies of the launch scripts and configs/tiny.py."""
     root = tmp_path / "repo"
     (root / "launch").mkdir(parents=True)
-    for name in SCRIPTS:
+    for name in (*SCRIPTS, "lib.sh"):
         shutil.copy(LAUNCH / name, root / "launch" / name)
     (root / "configs").mkdir()
     (root / "configs" / "tiny.py").write_text("def get_config(arg=None):\n    return None\n")

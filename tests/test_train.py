@@ -137,11 +137,13 @@ def test_impossible_configs_fail_before_compiling_and_write_nothing(tmp_path, ed
 
 def test_fashion_mnist_run_saves_checkpoints_pictures_metrics_and_reports_knn(tmp_path):
     config = tiny_config(picture_every=3)
+    config.knn.every = 3
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6 and 0.0 <= result["knn_accuracy"] <= 1.0
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert (tmp_path / "reconstruction.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert [row["step"] for row in read_metrics(tmp_path) if "knn_accuracy" in row] == [3, 6]  # periodic, then final
     steps = [row["step"] for row in read_metrics(tmp_path) if "loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert all(
@@ -149,7 +151,7 @@ def test_fashion_mnist_run_saves_checkpoints_pictures_metrics_and_reports_knn(tm
     )
 
 
-def test_mock_tfds_run_through_main(tmp_path):
+def test_mock_tfds_pretraining_run(tmp_path):
     config = tiny_config(total_steps=2, checkpoint_every=2)
     config.data = pipeline.data_config(
         source="tfds", name="imagenet2012", image_size=28, channels=1, mean=(0.5,), std=(0.25,)
@@ -231,7 +233,8 @@ from prmim_jax import main, train
 main.initialize_distributed({address!r}, {processes}, {process_id}) if {processes} > 1 else None
 sys.path.insert(0, {tests!r})
 from test_train import tiny_config
-config = tiny_config(total_steps=4, checkpoint_every=2, batch_size=8)
+config = tiny_config(total_steps=4, checkpoint_every=2, batch_size=8, picture_every=2)
+config.sharding.mesh = (("data", 1), ("fsdp", -1))  # parameters sharded across the processes too
 config.knn.update(train_examples=40, test_examples=20, batch_size=20)
 result = train.train_and_evaluate(config, {workdir!r})
 print("RESULT", json.dumps(result))
@@ -278,4 +281,5 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert two_losses.keys() == one_losses.keys()
     np.testing.assert_allclose(list(two_losses.values()), list(one_losses.values()), rtol=0, atol=SHARDING_ATOL)
     assert two[0]["knn_accuracy"] == pytest.approx(one[0]["knn_accuracy"], abs=0.051)  # one of 20 queries may flip
+    assert (tmp_path / "two" / "reconstruction.png").exists()
     assert time.time() - start < 600
