@@ -10,26 +10,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import logging
 import math
 import os
 import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from prmim_jax import checkpoint, masking, methods, optim, sharding, train_step
+from prmim_jax import checkpoint, methods, optim, sharding, train_step
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import knn, reconstruction
 from prmim_jax.metrics import MetricWriter
 from prmim_jax.models import mae as mae_lib
-
-log = logging.getLogger("prmim_jax")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -183,17 +179,13 @@ def eval_data_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def reconstruction_picture(setup: Setup, config, params, images: np.ndarray) -> np.ndarray:
     """A PNG-ready ``uint8`` grid (original / visible / reconstruction) for a few fixed images."""
-    rng = np.random.default_rng(0)
-    noise = np.stack([masking.draw_noise(rng, setup.method.layout) for _ in range(len(images))])
-    ids = setup.method.sample(noise)
     params = multihost_utils.process_allgather(params, tiled=True)  # whole on every host, whatever the sharding
-    output = setup.model.apply({"params": params}, jnp.asarray(images), ids.visible, ids.decoded, ids.thrown)
-    rows = reconstruction.picture_rows(
-        images, ids, output, setup.model.patch_size, config.data.mean, config.data.std, setup.method.norm_pix_loss
+    rows, marks = reconstruction.reconstruct(
+        setup.model, setup.method, params, images, config.data.mean, config.data.std
     )
-    marks = reconstruction.token_marks(ids, setup.method.layout.num_tokens)
-    scale = max(1, 112 // config.model.image_size)
-    return reconstruction.tile(rows, scale=scale, marks=marks, patch_size=setup.model.patch_size)
+    return reconstruction.tile(
+        rows, scale=max(1, 112 // config.model.image_size), marks=[None, None, marks], patch_size=setup.model.patch_size
+    )
 
 
 def _format_duration(seconds: float) -> str:
@@ -209,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     rng = jax.random.key(config.seed)
-    init_fn, _, state_shardings = abstract_state(setup, config, rng)
+    init_fn, boxed_state, state_shardings = abstract_state(setup, config, rng)
     step_fn, batch_sharding = compile_train_step(setup, state_shardings)
 
     dataset = pipeline.pretrain_dataset(
@@ -225,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     abstract = jax.tree_util.tree_map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        nn.unbox(jax.eval_shape(init_fn, rng)),
+        nn.unbox(boxed_state),
         state_shardings,
     )
     restored = checkpointer.restore_latest(abstract)
@@ -234,9 +226,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         start, state, data_state = restored
         iterator.set_state(data_state)
-        log.info("resumed from step %d in %s", start, workdir)
 
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        # The run's own description, for tools that read its checkpoints (evaluate/pictures.py).
+        with open(os.path.join(workdir, "config.json"), "w") as file:
+            file.write(config.to_json_best_effort(indent=1))
+    if start:
+        writer.log(f"resumed from step {start} in {workdir}")
+    schedule = optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps)
     evaluator = KnnEvaluator(setup, config)
     picture_images = next(iter(pipeline.eval_dataset(eval_data_config(config.data), batch_size=8)))["images"]
     metrics_history = {}
@@ -256,10 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     elapsed = time.perf_counter() - window_start
                     images_per_second = window_steps * setup.global_batch / elapsed
                     eta = (config.total_steps - step) * elapsed / window_steps
-                    lr = float(
-                        optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps)(step)
+                    writer.scalars(
+                        step, {**values, "learning_rate": float(schedule(step)), "images_per_second": images_per_second}
                     )
-                    writer.scalars(step, {**values, "learning_rate": lr, "images_per_second": images_per_second})
                     writer.log(
                         f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
                         f"| {images_per_second:,.0f} img/s | ETA {_format_duration(eta)}"

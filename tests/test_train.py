@@ -283,3 +283,32 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert two[0]["knn_accuracy"] == pytest.approx(one[0]["knn_accuracy"], abs=0.051)  # one of 20 queries may flip
     assert (tmp_path / "two" / "reconstruction.png").exists()
     assert time.time() - start < 600
+
+
+# --- pictures across checkpoints -----------------------------------------------------------------
+
+
+def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(tmp_path):
+    from prmim_jax.evaluate import pictures
+
+    runs = []
+    for name in ("mae", "prmim"):
+        config = tiny_config(total_steps=2, checkpoint_every=2)
+        config.method = methods.method_config(name, throw_ratio=0.0 if name == "mae" else 0.5)
+        config.knn.update(train_examples=40, test_examples=40)
+        train.train_and_evaluate(config, str(tmp_path / name))
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "fig7.png"
+    pictures.main(["--workdirs", ",".join(runs), "--out", str(out), "--num_images", "4"])
+    from PIL import Image
+
+    image = np.asarray(Image.open(out))
+    cell = 28 * 4  # 112 // 28: small images are upscaled
+    assert image.shape == (4 * cell + 3 * 2, 4 * cell + 3 * 2, 3)  # original, visible, one row per run
+    # The PR-MIM row frames thrown tokens orange; MAE throws nothing.
+    rows = [image[r * (cell + 2) : r * (cell + 2) + cell] for r in range(4)]
+    orange = np.array([255, 140, 0])
+    assert not np.all(rows[2] == orange, axis=-1).any()
+    assert np.all(rows[3] == orange, axis=-1).any()
+    with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
+        pictures.load_run(tmp_path)

@@ -70,6 +70,20 @@ def picture_rows(
     return np.stack([to_images(to_rgb(patches)), to_images(to_rgb(visible_only)), to_images(to_rgb(reconstruction))])
 
 
+def reconstruct(model, method, params, images: np.ndarray, mean, std, seed: int = 0):
+    """The picture rows of ``model`` on ``images`` with ``method``'s token sets from noise of ``seed``.
+
+    Every method picks the same visible tokens from the same noise, so
+    reconstructions by different checkpoints line up. Returns ``(rows [3, B,
+    H, W, 3], marks [B, N])``.
+    """
+    rng = np.random.default_rng(seed)
+    ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(len(images))]))
+    output = model.apply({"params": params}, np.asarray(images), ids.visible, ids.decoded, ids.thrown)
+    rows = picture_rows(images, ids, output, model.patch_size, mean, std, method.norm_pix_loss)
+    return rows, token_marks(ids, method.layout.num_tokens)
+
+
 def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
     """``[B, N] int8``: 0 visible, 1 decoded, 2 thrown."""
     marks = np.zeros((ids.visible.shape[0], num_tokens), np.int8)
@@ -79,26 +93,25 @@ def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
     return marks
 
 
-def tile(
-    rows: np.ndarray, scale: int = 1, gap: int = 2, marks: np.ndarray | None = None, patch_size: int = 1
-) -> np.ndarray:
+def tile(rows: np.ndarray, scale: int = 1, gap: int = 2, marks=None, patch_size: int = 1) -> np.ndarray:
     """``[R, B, H, W, 3]`` in [0, 1] -> one ``uint8`` image, R rows by B columns, white gaps.
 
-    With ``marks [B, N]`` (``token_marks``), the last row's decoded patches get a
-    green frame and its thrown ones an orange frame, drawn after upscaling so a
-    frame never hides a small patch.
+    ``marks``: one entry per row, ``None`` or ``[B, N]`` (``token_marks``); a
+    marked row's decoded patches get a green frame and its thrown ones an
+    orange frame, drawn after upscaling so a frame never hides a small patch.
     """
     num_rows, batch, height, width, _ = rows.shape
+    marks = marks if marks is not None else [None] * num_rows
     grid_w = width // patch_size
     height, width, cell = height * scale, width * scale, patch_size * scale
     canvas = np.ones((num_rows * (height + gap) - gap, batch * (width + gap) - gap, 3), np.float32)
     for r in range(num_rows):
         for b in range(batch):
             image = rows[r, b].repeat(scale, 0).repeat(scale, 1)
-            if marks is not None and r == num_rows - 1 and cell >= 4:
-                for token in np.flatnonzero(marks[b]):
+            if marks[r] is not None and cell >= 4:
+                for token in np.flatnonzero(marks[r][b]):
                     y, x = divmod(int(token), grid_w)
-                    colour = DECODED_FRAME if marks[b, token] == 1 else THROWN_FRAME
+                    colour = DECODED_FRAME if marks[r][b, token] == 1 else THROWN_FRAME
                     patch = image[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell]
                     patch[0, :], patch[-1, :], patch[:, 0], patch[:, -1] = colour, colour, colour, colour
             canvas[r * (height + gap) : r * (height + gap) + height, b * (width + gap) : b * (width + gap) + width] = (

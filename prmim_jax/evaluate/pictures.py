@@ -1,0 +1,98 @@
+"""Reconstruction pictures across checkpoints (the paper's Fig. 7).
+
+    python -m prmim_jax.evaluate.pictures --workdirs workdirs/mae,workdirs/prmim --out fig7.png
+
+Rows: the original images, the visible tokens, then one reconstruction per
+workdir (its latest checkpoint, built from the ``config.json`` the run saved),
+decoded tokens framed green and thrown ones orange. Every run sees the same
+images and the same visible tokens; each method's own sampler chooses which
+masked tokens it decodes and throws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from prmim_jax import checkpoint, methods, optim, train_step
+from prmim_jax.data import pipeline
+from prmim_jax.evaluate import reconstruction
+
+
+def load_run(workdir: str | pathlib.Path):
+    """``(config, model, method, params, step)`` of a run's latest checkpoint, on this host's default device."""
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} is missing: is {workdir} a prmim_jax pretraining workdir?")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    model, method = methods.build(config.model, config.method)
+    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+    tx = optim.build_optimizer(config.optimizer, config.batch_size, config.total_steps)
+
+    def init_state():
+        params = train_step.init_params(model, method, jax.random.key(0), image_shape)
+        return train_step.TrainState.create(apply_fn=None, params=params, tx=tx)
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(jax.eval_shape(init_state))
+    )
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
+    try:
+        restored = checkpointer.restore_latest(abstract)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
+    step, state, _ = restored
+    return config, model, method, state.params, step
+
+
+def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
+    """The ``uint8`` grid for ``workdirs`` (see the module docstring)."""
+    runs = [load_run(w) for w in workdirs]
+    first = runs[0][0]
+    for workdir, (config, *_) in zip(workdirs, runs, strict=True):
+        if (config.data.source, config.model.image_size, config.model.channels) != (
+            first.data.source,
+            first.model.image_size,
+            first.model.channels,
+        ):
+            raise ValueError(f"{workdir} was trained on other images than {workdirs[0]}; compare runs on one dataset.")
+    eval_data = ml_collections.ConfigDict(first.data.to_dict() | {"num_workers": 0})
+    images = next(iter(pipeline.eval_dataset(eval_data, batch_size=num_images)))["images"]
+    rows, marks = [], []
+    for config, model, method, params, _ in runs:
+        run_rows, run_marks = reconstruction.reconstruct(
+            model, method, params, images, config.data.mean, config.data.std, seed
+        )
+        rows = rows or list(run_rows[:2])
+        rows.append(run_rows[2])
+        marks.append(run_marks)
+    scale = max(1, 112 // first.model.image_size)
+    return reconstruction.tile(
+        np.stack(rows), scale=scale, marks=[None, None, *marks], patch_size=runs[0][1].patch_size
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdirs", required=True, help="comma-separated pretraining workdirs, one row each")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--num_images", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the token noise (same visible tokens for all)")
+    args = parser.parse_args(argv)
+    image = picture(args.workdirs.split(","), args.num_images, args.seed)
+    reconstruction.save_png(image, args.out)
+    print(f"wrote {args.out}: {image.shape[1]}x{image.shape[0]}")
+
+
+if __name__ == "__main__":
+    main()
