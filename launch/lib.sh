@@ -24,3 +24,36 @@ join() {
   done
   printf '%s\n' "$out"
 }
+
+# Files one argument that is not a launch option into $positional (CONFIG, WORKDIR) or, after
+# those two, $extra (main.py flags). Before CONFIG WORKDIR an unknown option is an error, unless
+# it came after `--` (second argument "after_dashes").
+add_argument() {
+  if [ ${#positional[@]} -lt 2 ]; then
+    if [ "${2:-}" != after_dashes ]; then
+      case "$1" in -*) die "unknown option '$1' (main.py flags go after CONFIG WORKDIR)" ;; esac
+    fi
+    positional+=("$1")
+  else
+    extra+=("$1")
+  fi
+}
+
+# Sets $config, $workdir, $config_file (CONFIG without its ':arg') and $config_arg (':arg' or
+# empty) from $positional, or dies.
+take_config_and_workdir() {
+  [ ${#positional[@]} -ge 1 ] || die "missing CONFIG and WORKDIR"
+  [ ${#positional[@]} -ge 2 ] || die "missing WORKDIR"
+  config="${positional[0]}"
+  workdir="${positional[1]}"
+  [ -n "$config" ] || die "CONFIG is empty"
+  [ -n "$workdir" ] || die "WORKDIR is empty"
+  # CONFIG may carry get_config's argument: configs/name.py:arg.
+  config_file="$config"
+  config_arg=""
+  if [[ "$config" == *.py:* ]]; then
+    config_file="${config%%.py:*}.py"
+    config_arg=":${config#*.py:}"
+  fi
+  [ -f "$config_file" ] || die "config file not found: $config_file"
+}

@@ -41,31 +41,14 @@ while [ $# -gt 0 ]; do
     --port=*) port="${1#*=}" ;;
     --)
       shift
-      for arg in "$@"; do
-        if [ ${#positional[@]} -lt 2 ]; then positional+=("$arg"); else extra+=("$arg"); fi
-      done
+      for arg in "$@"; do add_argument "$arg" after_dashes; done
       break ;;
-    *)
-      if [ ${#positional[@]} -lt 2 ]; then
-        case "$1" in -*) die "unknown option '$1' (main.py flags go after CONFIG WORKDIR)" ;; esac
-        positional+=("$1")
-      else
-        extra+=("$1")
-      fi ;;
+    *) add_argument "$1" ;;
   esac
   shift
 done
 
-[ ${#positional[@]} -ge 1 ] || die "missing CONFIG and WORKDIR"
-[ ${#positional[@]} -ge 2 ] || die "missing WORKDIR"
-config="${positional[0]}"
-workdir="${positional[1]}"
-[ -n "$config" ] || die "CONFIG is empty"
-[ -n "$workdir" ] || die "WORKDIR is empty"
-# CONFIG may carry get_config's argument: configs/name.py:arg.
-config_file="$config"
-[[ "$config" == *.py:* ]] && config_file="${config%%.py:*}.py"
-[ -f "$config_file" ] || die "config file not found: $config_file"
+take_config_and_workdir
 case "$processes" in "" | *[!0-9]* | 0*) die "--processes must be a positive integer, got '$processes'" ;; esac
 case "$port" in *[!0-9]* | 0*) die "--port must be a port number, got '$port'" ;; esac
 [ "$processes" = 1 ] || [[ "$workdir" != *://* ]] \

@@ -49,37 +49,16 @@ while [ $# -gt 0 ]; do
     --project=*) project="${1#*=}" ;;
     --)
       shift
-      for arg in "$@"; do
-        if [ ${#positional[@]} -lt 2 ]; then positional+=("$arg"); else extra+=("$arg"); fi
-      done
+      for arg in "$@"; do add_argument "$arg" after_dashes; done
       break ;;
-    *)
-      if [ ${#positional[@]} -lt 2 ]; then
-        case "$1" in -*) die "unknown option '$1' (main.py flags go after CONFIG WORKDIR)" ;; esac
-        positional+=("$1")
-      else
-        extra+=("$1")
-      fi ;;
+    *) add_argument "$1" ;;
   esac
   shift
 done
 
 [ -n "$tpu" ] || die "missing --tpu NAME"
 [ -n "$zone" ] || die "missing --zone ZONE"
-[ ${#positional[@]} -ge 1 ] || die "missing CONFIG and WORKDIR"
-[ ${#positional[@]} -ge 2 ] || die "missing WORKDIR"
-config="${positional[0]}"
-workdir="${positional[1]}"
-[ -n "$config" ] || die "CONFIG is empty"
-[ -n "$workdir" ] || die "WORKDIR is empty"
-# CONFIG may carry get_config's argument: configs/name.py:arg.
-config_file="$config"
-config_arg=""
-if [[ "$config" == *.py:* ]]; then
-  config_file="${config%%.py:*}.py"
-  config_arg=":${config#*.py:}"
-fi
-[ -f "$config_file" ] || die "config file not found: $config_file"
+take_config_and_workdir
 config_abs="$(cd "$(dirname "$config_file")" && pwd -P)/$(basename "$config_file")"
 case "$config_abs" in
   "$repo"/*) config_rel="${config_abs#"$repo"/}" ;;
