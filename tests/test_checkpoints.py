@@ -130,3 +130,31 @@ def test_reader_never_runs_code_from_the_file(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}, "extra": Payload()}, path)
     np.testing.assert_array_equal(weight_files.read(path)["w"], np.zeros(2, np.float32))
     assert not marker.exists()
+
+
+def test_prmim_checkpoints_carry_the_aggregation_in_pytorch_conv_layout(tmp_path):
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from conftest import tiny_model_config
+
+    from prmim_jax import masking, methods
+    from prmim_jax.models import aggregate
+
+    model, method = methods.build(tiny_model_config(), methods.method_config("prmim"))
+    rng = np.random.default_rng(0)
+    ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(2)]))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), *ids))["params"]
+    path = tmp_path / "prmim.pth"
+    mae_checkpoint.save(params, model, path)
+    assert_trees_equal(mae_checkpoint.load(path, model), jax.tree_util.tree_map(np.asarray, params))
+
+    state_dict = torch.load(path, weights_only=True)["model"]
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)  # the paper's depth-wise aggregation
+    conv.load_state_dict(
+        {"weight": state_dict["decoder_aggregation.weight"], "bias": state_dict["decoder_aggregation.bias"]}
+    )
+    grid = rng.normal(size=(2, 14, 14, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = conv(torch.from_numpy(grid.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    ours = aggregate.depthwise_conv(jnp.asarray(grid), params["aggregation"]["kernel"]) + params["aggregation"]["bias"]
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
