@@ -101,8 +101,8 @@ def tree_shardings(abstract_boxed_tree, mesh: Mesh, logical_rules):
     return nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
 
 
-def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
-    """Each process's ``[b, ...]`` numpy arrays -> global ``jax.Array``s ``[b * processes, ...]`` on the mesh."""
+def global_batch(local_batch, sharding: NamedSharding):
+    """A tree of each process's ``[b, ...]`` numpy arrays -> global ``jax.Array``s ``[b * processes, ...]`` on the mesh."""
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )

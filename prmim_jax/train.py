@@ -103,9 +103,7 @@ def abstract_state(setup: Setup, config: ml_collections.ConfigDict, rng: jax.Arr
     tx = optim.build_optimizer(config.optimizer, setup.global_batch, config.total_steps)
     image_shape = (setup.local_batch, config.model.image_size, config.model.image_size, config.model.channels)
 
-    def init_fn(rng):
-        params = train_step.init_params(setup.model, setup.method, rng, image_shape)
-        return train_step.TrainState.create(apply_fn=None, params=params, tx=tx)
+    init_fn = functools.partial(train_step.init_state, setup.model, setup.method, tx, image_shape=image_shape)
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         boxed = jax.eval_shape(init_fn, rng)
@@ -160,15 +158,13 @@ class KnnEvaluator:
     def run(self, params) -> float:
         cfg, setup = self.config.knn, self.setup
 
-        def features(images):
+        def features(local_images):
+            images = sharding.global_batch(local_images, self.batch_sharding)
             with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
                 return self._features(params["encoder"], images)
 
-        def put(batch):
-            return sharding.global_batch(batch, self.batch_sharding)
-
-        train = knn.collect_features(features, self._batches(self.config.data.split, cfg.train_examples), put)
-        test = knn.collect_features(features, self._batches(self.config.data.eval_split, cfg.test_examples), put)
+        train = knn.collect_features(features, self._batches(self.config.data.split, cfg.train_examples))
+        test = knn.collect_features(features, self._batches(self.config.data.eval_split, cfg.test_examples))
         return knn.knn_accuracy(*train, *test, k=cfg.k, temperature=cfg.temperature)
 
 
@@ -236,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.log(f"resumed from step {start} in {workdir}")
     schedule = optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps)
     evaluator = KnnEvaluator(setup, config)
-    picture_images = next(iter(pipeline.eval_dataset(eval_data_config(config.data), batch_size=8)))["images"]
+    picture_images = None  # read on the first picture: runs without pictures never open the eval split for it
     metrics_history = {}
     window_start, window_steps = time.perf_counter(), 0
     last_metrics = None
@@ -280,6 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
                     return {"step": step, "stopped": True, "preempted": preempted, **metrics_history}
                 if config.picture_every and (step % config.picture_every == 0 or step == config.total_steps):
+                    if picture_images is None:
+                        picture_images = next(iter(pipeline.eval_dataset(eval_data_config(config.data), batch_size=8)))[
+                            "images"
+                        ]
                     picture = reconstruction_picture(setup, config, state.params, picture_images)
                     writer.image(step, "reconstruction", picture, os.path.join(workdir, "reconstruction.png"))
                 if config.knn.every and step % config.knn.every == 0 and step != config.total_steps:

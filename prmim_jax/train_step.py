@@ -59,5 +59,12 @@ def init_params(model: MaskedAutoencoder, method: Method, rng: jax.Array, image_
     return model.init(rng, jnp.zeros(image_shape, jnp.float32), *ids)["params"]
 
 
+def init_state(
+    model: MaskedAutoencoder, method: Method, tx, rng: jax.Array, image_shape: tuple[int, ...]
+) -> TrainState:
+    """A fresh train state (boxed parameters, ``tx``'s optimizer state) for ``image_shape = (B, H, W, C)``."""
+    return TrainState.create(apply_fn=None, params=init_params(model, method, rng, image_shape), tx=tx)
+
+
 def jit_train_step(model: MaskedAutoencoder, method: Method, **jit_kwargs):
     return jax.jit(functools.partial(train_step, model=model, method=method), **jit_kwargs)

@@ -145,9 +145,8 @@ def test_thrown_loss_weight_weighs_thrown_against_decoded_tokens():
 
 
 def compiled_step(model, method, images, ids):
-    params = train_step.init_params(model, method, jax.random.key(0), images.shape)
     tx = optim.build_optimizer(optim.optimizer_config(), global_batch=images.shape[0], total_steps=10)
-    state = train_step.TrainState.create(apply_fn=None, params=nn.unbox(params), tx=tx)
+    state = nn.unbox(train_step.init_state(model, method, tx, jax.random.key(0), images.shape))
     batch = train_step.make_batch(images, ids)
     return train_step.jit_train_step(model, method).lower(state, batch, jax.random.key(0)).compile()
 
@@ -175,9 +174,8 @@ def test_the_compiled_prmim_step_costs_o_n_k2_c_more_than_partial():
 def test_training_steps_lower_the_prmim_loss():
     model, method = build("prmim", 0.5, sampler="furthest")
     images, ids = batch_for(method, batch=8)
-    params = train_step.init_params(model, method, jax.random.key(0), images.shape)
     tx = optim.build_optimizer(optim.optimizer_config(base_lr=2e-2), global_batch=256, total_steps=100)
-    state = train_step.TrainState.create(apply_fn=None, params=nn.unbox(params), tx=tx)
+    state = nn.unbox(train_step.init_state(model, method, tx, jax.random.key(0), images.shape))
     step = train_step.jit_train_step(model, method)
     batch = train_step.make_batch(images, ids)
     losses = []

@@ -23,15 +23,17 @@ def encoder_features(encoder: vit.Encoder, encoder_params, images: jax.Array) ->
     return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 
 
-def collect_features(feature_fn, batches, put_batch) -> tuple[np.ndarray, np.ndarray]:
-    """Runs ``feature_fn`` over every batch; returns host ``(features [M, D], labels [M])`` of the real rows.
+def collect_features(feature_fn, batches) -> tuple[np.ndarray, np.ndarray]:
+    """Runs ``feature_fn`` (this process's images -> global features) over every batch.
+
+    Returns host ``(features [M, D], labels [M])`` of the real rows.
 
     Batches carry ``images``, ``labels`` and a ``mask`` of real (not padding)
     rows; with several processes every process gets every row.
     """
     features, labels = [], []
     for batch in batches:
-        out = feature_fn(put_batch({"images": batch["images"]})["images"])
+        out = feature_fn(batch["images"])
         out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
         gathered_labels = np.asarray(multihost_utils.process_allgather(batch["labels"], tiled=True))
         mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True)).astype(bool)

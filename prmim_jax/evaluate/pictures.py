@@ -36,13 +36,10 @@ def load_run(workdir: str | pathlib.Path):
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     tx = optim.build_optimizer(config.optimizer, config.batch_size, config.total_steps)
 
-    def init_state():
-        params = train_step.init_params(model, method, jax.random.key(0), image_shape)
-        return train_step.TrainState.create(apply_fn=None, params=params, tx=tx)
-
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    boxed = jax.eval_shape(lambda: train_step.init_state(model, method, tx, jax.random.key(0), image_shape))
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(jax.eval_shape(init_state))
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed)
     )
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
     try:

@@ -35,9 +35,8 @@ from prmim_jax.models import mae as mae_lib
 def abstract_inputs(model, method, batch: int):
     """Shape-only ``(state, batch)`` for compiling the train step without allocating anything."""
     image_shape = (batch, *model.image_size, model.channels)
-    params = jax.eval_shape(lambda: nn.unbox(train_step.init_params(model, method, jax.random.key(0), image_shape)))
     tx = optim.build_optimizer(optim.optimizer_config(), global_batch=batch, total_steps=1000)
-    state = jax.eval_shape(lambda p: train_step.TrainState.create(apply_fn=None, params=p, tx=tx), params)
+    state = jax.eval_shape(lambda: nn.unbox(train_step.init_state(model, method, tx, jax.random.key(0), image_shape)))
     layout = method.layout
     ids = masking.TokenIds(
         *(
