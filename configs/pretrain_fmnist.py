@@ -8,7 +8,9 @@ rho_d = 0.5, a small ViT (width 128, depth 4) sized to finish in about 10 minute
     python -m prmim_jax.main --config configs/pretrain_fmnist.py:runlocal --workdir /tmp/fmnist_smoke
 
 The argument is a comma-separated list: ``runlocal`` (a one-minute run),
-``method=mae|partial|prmim``, ``sampler=...``, ``throw=0.25``, ``steps=N``.
+``method=mae|partial|prmim``, ``sampler=...``, ``throw=0.25``, ``steps=N``,
+``seed=N`` (model initialisation and the data pipeline: order, crops, token sets) and
+``size=small`` (width 64, decoder 64 x 2: the ablation's model, ``benchmarks/ablation_fmnist.py``).
 """
 
 from prmim_jax import config_args, optim, sharding, train
@@ -19,7 +21,7 @@ from prmim_jax.models import mae
 def get_config(arg=None):
     options = config_args.parse(arg)
     config = train.default_config()
-    config.seed = 0
+    config.seed = int(options.get("seed", 0))
     config.batch_size = 128
     config.total_steps = int(options.get("steps", 500))
     config.model = mae.model_config(
@@ -33,8 +35,12 @@ def get_config(arg=None):
         decoder_depth=2,
         decoder_num_heads=4,
     )
+    if options.get("size") == "small":
+        config.model.update(width=64, num_heads=4, decoder_width=64, decoder_num_heads=4)
+    elif "size" in options:
+        raise ValueError(f"size={options['size']!r}; the only other size is 'small'.")
     config.method = config_args.method(options)
-    config.optimizer = optim.optimizer_config(base_lr=1.5e-3, warmup_steps=50, weight_decay=0.05)
+    config.optimizer = optim.optimizer_config(base_lr=1.5e-3, warmup_steps=config.total_steps // 10, weight_decay=0.05)
     config.data = pipeline.data_config(source="fashion_mnist")
     config.sharding = sharding.sharding_config()
     config.knn.update(every=0, k=20, train_examples=5000, test_examples=2000, batch_size=512)

@@ -79,13 +79,16 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=IteratorStateSave(data_state))
         return self.manager.save(step, args=args, force=force)
 
-    def restore_latest(self, abstract_state):
-        """``(step, state, data_state)`` of the latest checkpoint, or ``None`` without one.
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state, step: int | None = None):
+        """``(step, state, data_state)`` of the latest checkpoint (or of ``step``), or ``None`` without one.
 
         ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings:
         the state is restored directly onto the mesh, each process reading its shards.
         """
-        step = self.manager.latest_step()
+        step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
         restored = self.manager.restore(

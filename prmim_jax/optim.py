@@ -1,4 +1,5 @@
-"""Optimizers: MAE's AdamW recipe with the linear learning-rate scaling rule.
+"""Optimizers: MAE's AdamW recipe with the linear learning-rate scaling rule, for pretraining and
+fine-tuning, and LARS for linear probing.
 
 - ``lr = base_lr * global_batch / 256`` (Table 13: 1.5e-4 * 4096 / 256 = 2.4e-3),
 - linear warmup then cosine decay to ``min_lr``,
@@ -6,6 +7,12 @@
   biases, norm scales, cls and mask tokens are not decayed (MAE's
   ``param_groups_weight_decay``; position tables are constants here),
 - optional global-norm gradient clipping.
+
+Classifiers (``build_classifier_optimizer``) add MAE's fine-tuning pieces:
+layer-wise lr decay (block ``i`` of ``L`` scaled by ``decay^(L + 1 - (i + 1))``,
+the embeddings by ``decay^(L + 1)``, the head by 1), LARS (MoCo v3's, as MAE's
+linear probe uses: no weight decay or trust ratio for biases and norms), and
+frozen parameters (partial fine-tuning) that no update or weight decay touches.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ import jax
 import ml_collections
 import optax
 
-NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token")
+from prmim_jax.models import classifier, vit
+
+NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token", "pos_embedding")
+OPTIMIZERS = ("adamw", "lars")
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
@@ -56,8 +66,7 @@ def weight_decay_mask(params) -> object:
     """A pytree of bools matching ``params``: True where weight decay applies."""
 
     def decays(path, _):
-        name = getattr(path[-1], "key", str(path[-1]))
-        return name not in NO_DECAY_NAMES
+        return vit.path_names(path)[-1] not in NO_DECAY_NAMES
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -70,3 +79,70 @@ def build_optimizer(
     if config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
     return adamw
+
+
+def classifier_optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """The optimizer section of a fine-tuning config: the paper's Table 14 (ViT-B) by default.
+
+    ``name``: ``'adamw'`` (fine-tuning) or ``'lars'`` (linear probing,
+    ``momentum``); ``layer_decay`` 1.0 turns layer-wise lr decay off.
+    """
+    config = optimizer_config(base_lr=5e-4, min_lr=1e-6, b2=0.999, weight_decay=0.05)
+    config.update(dict(name="adamw", layer_decay=0.65, momentum=0.9))
+    config.update(overrides)
+    return config
+
+
+def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
+    """Multiplies each update by ``decay ** (depth + 1 - layer)`` with ``classifier.layer_ids``' layers.
+
+    Applied after AdamW it scales the learning rate of the whole update, weight
+    decay included: MAE's per-layer ``lr_scale``.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        layers = classifier.layer_ids(updates, depth)
+        return jax.tree.map(lambda u, layer: u * decay ** (depth + 1 - layer), updates, layers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build_classifier_optimizer(
+    config: ml_collections.ConfigDict,
+    global_batch: int,
+    total_steps: int,
+    *,
+    depth: int,
+    trainable_blocks: int | None = None,
+) -> optax.GradientTransformation:
+    """AdamW with layer-wise lr decay, or LARS; parameters outside ``trainable_mask`` stay as loaded."""
+    if config.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={config.name!r}; choose one of {OPTIMIZERS}.")
+    schedule = learning_rate_schedule(config, global_batch, total_steps)
+    if config.name == "lars":
+        # MoCo v3's LARS: 1-d parameters (biases, norms) get neither weight decay nor the trust ratio.
+        def matrices(params):
+            return jax.tree.map(lambda p: p.ndim > 1, params)
+
+        tx = optax.lars(
+            schedule,
+            weight_decay=config.weight_decay,
+            weight_decay_mask=matrices,
+            trust_ratio_mask=matrices,
+            momentum=config.momentum,
+        )
+    else:
+        tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask)
+        if config.layer_decay != 1.0:
+            tx = optax.chain(tx, scale_by_layer(config.layer_decay, depth))
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if trainable_blocks is None:
+        return tx
+
+    def labels(params):
+        mask = classifier.trainable_mask(params, depth, trainable_blocks)
+        return jax.tree.map(lambda trains: "train" if trains else "frozen", mask)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

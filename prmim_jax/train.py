@@ -10,18 +10,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import os
-import time
+import pathlib
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
-from prmim_jax import checkpoint, methods, optim, sharding, train_step
+from prmim_jax import checkpoint, loop, methods, optim, sharding, train_step
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import knn, reconstruction
 from prmim_jax.metrics import MetricWriter
@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with MAE's defaults; experiment configs start here and override."""
     return ml_collections.ConfigDict(
         dict(
+            task="pretrain",  # main.py runs this trainer; fine-tuning configs say "finetune"
             seed=0,
             batch_size=4096,
             total_steps=1000,
@@ -52,8 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+NonFiniteLossError = loop.NonFiniteLossError  # raised by the loop; importable from here too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,20 +118,8 @@ def create_state(setup: Setup, init_fn, shardings, rng: jax.Array):
 
 
 def compile_train_step(setup: Setup, state_shardings):
-    batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
     step = functools.partial(train_step.train_step, model=setup.model, method=setup.method)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding, None),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    )
-
-    def run(state, batch, rng):
-        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-            return jitted(state, batch, rng)
-
-    return run, batch_sharding
+    return loop.jit_step(step, setup.mesh, setup.rules, state_shardings)
 
 
 class KnnEvaluator:
@@ -184,13 +172,6 @@ def reconstruction_picture(setup: Setup, config, params, images: np.ndarray) -> 
     )
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains per ``config`` in ``workdir``, resuming from its latest checkpoint; returns final metrics."""
     setup = validate(config)
@@ -211,104 +192,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     iterator = iter(dataset)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    abstract = jax.tree_util.tree_map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        nn.unbox(boxed_state),
-        state_shardings,
+    state, start = loop.restore_or_create(
+        checkpointer, boxed_state, state_shardings, iterator, lambda: create_state(setup, init_fn, state_shardings, rng)
     )
-    restored = checkpointer.restore_latest(abstract)
-    if restored is None:
-        state, start = create_state(setup, init_fn, state_shardings, rng), 0
-    else:
-        start, state, data_state = restored
-        iterator.set_state(data_state)
 
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    if jax.process_index() == 0:
-        # The run's own description, for tools that read its checkpoints (evaluate/pictures.py).
-        with open(os.path.join(workdir, "config.json"), "w") as file:
-            file.write(config.to_json_best_effort(indent=1))
+    save_run_config(config, workdir)
     if start:
         writer.log(f"resumed from step {start} in {workdir}")
-    schedule = optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps)
     evaluator = KnnEvaluator(setup, config)
     picture_images = None  # read on the first picture: runs without pictures never open the eval split for it
-    metrics_history = {}
-    window_start, window_steps = time.perf_counter(), 0
-    last_metrics = None
-    step = start
+
+    def periodic(step, state):
+        nonlocal picture_images
+        if config.picture_every and (step % config.picture_every == 0 or step == config.total_steps):
+            if picture_images is None:
+                picture_images = next(iter(pipeline.eval_dataset(eval_data_config(config.data), batch_size=8)))[
+                    "images"
+                ]
+            picture = reconstruction_picture(setup, config, state.params, picture_images)
+            writer.image(step, "reconstruction", picture, os.path.join(workdir, "reconstruction.png"))
+        if config.knn.every and step % config.knn.every == 0 and step != config.total_steps:
+            writer.scalars(step, {"knn_accuracy": evaluator.run(state.params)})
+
     try:
-        with checkpoint.PreemptionWatch() as preemption:
-            while step < config.total_steps:
-                batch = sharding.global_batch(next(iterator), batch_sharding)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
-                step += 1
-                window_steps += 1
-                last_metrics = metrics
-                if step % config.log_every == 0 or step == config.total_steps:
-                    values = _check_finite(jax.device_get(metrics), step)
-                    elapsed = time.perf_counter() - window_start
-                    images_per_second = window_steps * setup.global_batch / elapsed
-                    eta = (config.total_steps - step) * elapsed / window_steps
-                    writer.scalars(
-                        step, {**values, "learning_rate": float(schedule(step)), "images_per_second": images_per_second}
-                    )
-                    writer.log(
-                        f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
-                        f"| {images_per_second:,.0f} img/s | ETA {_format_duration(eta)}"
-                    )
-                    metrics_history = values
-                    window_start, window_steps = time.perf_counter(), 0
-                preempted = preemption.should_stop(step)
-                stop = step < config.total_steps and (
-                    preempted or (config.stop_after and step - start >= config.stop_after)
-                )
-                if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-                    _check_finite(jax.device_get(last_metrics), step)
-                    if not np.isfinite(float(params_norm(state.params))):
-                        raise NonFiniteLossError(
-                            f"parameters are not finite after step {step}; not saving them. " + _NON_FINITE_FIX
-                        )
-                    checkpointer.save(step, state, iterator.get_state(), force=stop)
-                if stop:
-                    checkpointer.wait()
-                    reason = "preempted" if preempted else f"stop_after={config.stop_after}"
-                    writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
-                    return {"step": step, "stopped": True, "preempted": preempted, **metrics_history}
-                if config.picture_every and (step % config.picture_every == 0 or step == config.total_steps):
-                    if picture_images is None:
-                        picture_images = next(iter(pipeline.eval_dataset(eval_data_config(config.data), batch_size=8)))[
-                            "images"
-                        ]
-                    picture = reconstruction_picture(setup, config, state.params, picture_images)
-                    writer.image(step, "reconstruction", picture, os.path.join(workdir, "reconstruction.png"))
-                if config.knn.every and step % config.knn.every == 0 and step != config.total_steps:
-                    writer.scalars(step, {"knn_accuracy": evaluator.run(state.params)})
-        accuracy = evaluator.run(state.params)
-        writer.scalars(step, {"knn_accuracy": accuracy})
+        result = loop.run(
+            config,
+            workdir,
+            state=state,
+            start=start,
+            rng=rng,
+            step_fn=step_fn,
+            iterator=iterator,
+            batch_sharding=batch_sharding,
+            checkpointer=checkpointer,
+            writer=writer,
+            global_batch=setup.global_batch,
+            schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
+            periodic=periodic,
+        )
+        if result.stopped:
+            return {"step": result.step, "stopped": True, "preempted": result.preempted, **result.metrics}
+        accuracy = evaluator.run(result.state.params)
+        writer.scalars(result.step, {"knn_accuracy": accuracy})
         writer.log(f"final kNN top-1 accuracy ({config.data.eval_split}, k={config.knn.k}): {accuracy:.4f}")
-        return {"step": step, "knn_accuracy": accuracy, **metrics_history}
+        return {"step": result.step, "knn_accuracy": accuracy, **result.metrics}
     finally:
         checkpointer.close()
         writer.close()
 
 
-_NON_FINITE_FIX = (
-    "The last checkpoint stays the last good one. Lower optimizer.base_lr, raise optimizer.warmup_steps "
-    "or set optimizer.grad_clip_norm, then rerun to resume from it."
-)
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """``WORKDIR/config.json``: the run's own description, for tools that read its checkpoints."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as file:
+            file.write(config.to_json_best_effort(indent=1))
 
 
-@jax.jit
-def params_norm(params) -> jax.Array:
-    return optax.tree.norm(params)
+def load_run(workdir: str | pathlib.Path, step: int | None = None):
+    """``(config, model, method, params, step)`` of a run's latest checkpoint (or of ``step``), on this host's
+    default device."""
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} is missing: is {workdir} a prmim_jax pretraining workdir?")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    model, method = methods.build(config.model, config.method)
+    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+    tx = optim.build_optimizer(config.optimizer, config.batch_size, config.total_steps)
 
-
-def _check_finite(metrics: dict, step: int) -> dict:
-    values = {k: float(v) for k, v in metrics.items()}
-    if not all(np.isfinite(v) for v in values.values()):
-        raise NonFiniteLossError(
-            f"loss {values['loss']}, grad_norm {values['grad_norm']} at step {step}; stopping without saving. "
-            + _NON_FINITE_FIX
-        )
-    return values
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    boxed = jax.eval_shape(lambda: train_step.init_state(model, method, tx, jax.random.key(0), image_shape))
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed)
+    )
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
+    try:
+        restored = checkpointer.restore_latest(abstract, step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
+    step, state, _ = restored
+    return config, model, method, state.params, step

@@ -1,17 +1,29 @@
-"""The grain pipelines: pretraining batches with token sets, and padded evaluation batches.
+"""The grain pipelines: pretraining batches with token sets, fine-tuning batches, and padded evaluation batches.
 
 Pretraining, per process (``pretrain_dataset``)::
 
     source -> shuffle(seed) -> repeat -> decode -> random resized crop + flip -> normalize
       -> token noise -> batch(b = global_batch / process_count) -> this process's batches -> sample tokens
 
+Fine-tuning, per process (``finetune_dataset``; MAE's Table 14 recipe with
+``rand_augment='rand-m9-mstd0.5-inc1'``, ``random_erase_prob=0.25``,
+``crop_scale=(0.08, 1.0)``; mixup / cutmix and label smoothing happen on device,
+``augment.mix_batch``)::
+
+    source -> shuffle(seed) -> repeat -> decode -> random resized crop + flip -> [RandAugment] -> normalize
+      -> [random erasing] -> batch(b) -> this process's batches
+
+The bracketed steps run when configured (``data.rand_augment``,
+``data.random_erase_prob``), in both training pipelines; they are off by default.
+
 Every step is a grain ``MapDataset`` transform, so element ``i`` of the
-shuffled, repeated stream is computed from ``(seed, i)`` alone. The global batch
+shuffled, repeated stream is computed from ``(seed, i)`` alone (each random
+step with its own seed derived from the pipeline seed). The global batch
 of step ``s`` is stream elements ``[s G, (s + 1) G)``; process ``p`` reads its
 rows ``[p b, (p + 1) b)``, i.e. local batch ``s P + p`` of the stream cut into
 runs of ``b``. The processes thus read disjoint parts that together are exactly
 what one process would read for the same global batch, with the same crops,
-flips and token sets (tested).
+flips, RandAugment ops, erased boxes and token sets (tested).
 
 The iterator of the returned ``grain.IterDataset`` resumes exactly:
 ``state = iterator.get_state()`` is a small JSON-serialisable dict (the next
@@ -31,9 +43,10 @@ import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from ml_collections import config_dict
 
 from prmim_jax import masking
-from prmim_jax.data import sources, transforms
+from prmim_jax.data import augment, sources, transforms
 
 SOURCES = ("fashion_mnist", "tfds", "image_folder")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,6 +87,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       crop_scale, crop_ratio: RandomResizedCrop's area fraction ``(0.2, 1.0)``
         and aspect-ratio range ``(3/4, 4/3)`` (MAE's).
       flip: random horizontal flip.
+      rand_augment: ``None`` (off) or timm's RandAugment string, MAE's
+        fine-tuning ``'rand-m9-mstd0.5-inc1'`` (``augment.rand_augment_from_string``);
+        geometric ops fill with ``round(255 * mean)``, as timm's ``create_transform``.
+      random_erase_prob: probability of timm's random erasing (``mode='pixel'``)
+        of each normalised training image; 0 (off), MAE's fine-tuning 0.25.
       eval_crop_pct: evaluation resizes the shorter side to
         ``image_size / eval_crop_pct`` and crops the centre (MAE: 0.875; 1.0
         for fashion_mnist, where evaluation is the identity).
@@ -97,6 +115,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         crop_scale=(0.2, 1.0),
         crop_ratio=(3 / 4, 4 / 3),
         flip=True,
+        rand_augment=config_dict.placeholder(str),  # None; typed so that --config.data.rand_augment=... works
+        random_erase_prob=0.0,
         num_workers=0,
         num_threads=0,
         prefetch_buffer_size=2,
@@ -128,6 +148,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"crop_scale={config.crop_scale} must satisfy 0 < low <= high <= 1.")
     if not 0.0 < config.eval_crop_pct <= 1.0:
         raise ValueError(f"eval_crop_pct={config.eval_crop_pct} must lie in (0, 1].")
+    if config.get("rand_augment") is not None:
+        try:
+            augment.rand_augment_from_string(config.rand_augment)
+        except ValueError as error:
+            raise ValueError(f"data.rand_augment: {error} None turns RandAugment off.") from error
+    if not 0.0 <= config.get("random_erase_prob", 0.0) <= 1.0:
+        raise ValueError(f"random_erase_prob={config.random_erase_prob} must lie in [0, 1] (0 turns erasing off).")
     if config.num_workers < 0 or config.num_threads < 0 or config.prefetch_buffer_size < 1:
         raise ValueError("num_workers and num_threads must be >= 0 and prefetch_buffer_size >= 1.")
 
@@ -154,9 +181,15 @@ def local_batch_size(global_batch: int, process_index: int, process_count: int) 
     return global_batch // process_count
 
 
-def _stream_seeds(seed: int) -> tuple[int, int, int]:
-    """Independent seeds for shuffling, augmentation and token noise, all from the one pipeline seed."""
-    return tuple(int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+# The pipeline's random streams; each random map gets its own seed, derived from the pipeline seed. New
+# streams go at the end, so the seeds of the earlier ones (and the batches they give) never change.
+_STREAMS = ("shuffle", "crop", "tokens", "rand_augment", "erase")
+
+
+def _stream_seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for each of ``_STREAMS``, all from the one pipeline seed."""
+    words = np.random.SeedSequence(seed).generate_state(len(_STREAMS))
+    return {name: int(word) for name, word in zip(_STREAMS, words, strict=True)}
 
 
 def _to_iter_dataset(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
@@ -173,6 +206,33 @@ def _to_iter_dataset(ds: grain.MapDataset, config: ml_collections.ConfigDict) ->
             num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer_size
         )
         ds = ds.mp_prefetch(options)
+    return ds
+
+
+def _augmented_stream(config: ml_collections.ConfigDict, seeds: dict[str, int]) -> grain.MapDataset:
+    """The endless training stream of elements ``{'image': [S, S, C] float32, 'label': int}``, ``S = image_size``.
+
+    source -> shuffle -> repeat -> decode -> random resized crop + flip ->
+    [RandAugment] -> normalize -> [random erasing]. The random maps act before
+    any per-process split, so their element index (and hence their randomness)
+    is the position in the global stream. Configs saved before
+    ``rand_augment`` / ``random_erase_prob`` existed read as both off.
+    """
+    crop = transforms.RandomResizedCropFlip(
+        config.image_size, tuple(config.crop_scale), tuple(config.crop_ratio), config.flip
+    )
+    ds = grain.MapDataset.source(make_source(config, config.split))
+    ds = ds.shuffle(seed=seeds["shuffle"]).repeat()
+    ds = ds.map(transforms.DecodeImage(config.channels))
+    ds = ds.random_map(crop, seed=seeds["crop"])
+    if config.get("rand_augment") is not None:
+        # timm's create_transform fills with the dataset mean in 0..255 (MAE: (124, 116, 104)).
+        fill = tuple(min(255, round(255 * m)) for m in config.mean)
+        rand_augment = augment.rand_augment_from_string(config.rand_augment, fill=fill)
+        ds = ds.random_map(rand_augment, seed=seeds["rand_augment"])
+    ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
+    if config.get("random_erase_prob", 0.0) > 0:
+        ds = ds.random_map(augment.RandomErasing(config.random_erase_prob), seed=seeds["erase"])
     return ds
 
 
@@ -197,7 +257,8 @@ def pretrain_dataset(
       ``layout`` (``prmim_jax.masking``).
 
     ``seed`` (default ``config.seed``) fixes everything: the order of every
-    epoch (each epoch reshuffled), crops, flips and token sets.
+    epoch (each epoch reshuffled), crops, flips, token sets and the
+    augmentations of ``data.rand_augment`` / ``data.random_erase_prob`` when set.
 
     Raises:
       ValueError: ``global_batch`` not divisible by ``process_count``, an
@@ -208,20 +269,52 @@ def pretrain_dataset(
     sample_tokens = transforms.SampleTokens(sampler, layout)
     if config.image_size % layout.grid[0] or config.image_size % layout.grid[1]:
         raise ValueError(f"image_size={config.image_size} is not divisible by the token grid {layout.grid}.")
-    shuffle_seed, augment_seed, token_seed = _stream_seeds(config.seed if seed is None else seed)
-    augment = transforms.RandomResizedCropFlip(
-        config.image_size, tuple(config.crop_scale), tuple(config.crop_ratio), config.flip
-    )
-    ds = grain.MapDataset.source(make_source(config, config.split))
-    ds = ds.shuffle(seed=shuffle_seed).repeat()
-    # Random maps act before the per-process split, so their element index (and
-    # hence their randomness) is the position in the global stream.
-    ds = ds.map(transforms.DecodeImage(config.channels))
-    ds = ds.random_map(augment, seed=augment_seed)
-    ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
-    ds = ds.random_map(transforms.DrawTokenNoise(layout), seed=token_seed)
+    seeds = _stream_seeds(config.seed if seed is None else seed)
+    ds = _augmented_stream(config, seeds)
+    ds = ds.random_map(transforms.DrawTokenNoise(layout), seed=seeds["tokens"])
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
     ds = ds.map(sample_tokens)
+    return _to_iter_dataset(ds, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LabelledBatch(grain.transforms.Map):
+    """A batch of elements -> ``{'images': [B, H, W, C] float32, 'labels': [B] int32}``."""
+
+    def map(self, batch: dict) -> dict:
+        return {"images": batch["image"], "labels": np.asarray(batch["label"], np.int32)}
+
+
+def finetune_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int | None = None,
+) -> grain.IterDataset:
+    """This process's endless fine-tuning batches (see the module docstring).
+
+    Each batch, with ``b = global_batch // process_count``:
+
+    - ``images``: ``[b, image_size, image_size, channels] float32``, normalised,
+      with RandAugment and random erasing when configured.
+    - ``labels``: ``[b] int32``.
+
+    Mixup / cutmix and label smoothing are not applied here: the train step
+    does them on the global batch (``augment.mix_batch``). ``seed`` (default
+    ``config.seed``) fixes the order of every epoch and every augmentation. As
+    ``pretrain_dataset``'s: process ``p`` gets rows ``[p b, (p + 1) b)`` of
+    the batch one process would read, and ``get_state`` / ``set_state``
+    resume exactly.
+
+    Raises:
+      ValueError: ``global_batch`` not divisible by ``process_count``.
+    """
+    local_batch = local_batch_size(global_batch, process_index, process_count)
+    ds = _augmented_stream(config, _stream_seeds(config.seed if seed is None else seed))
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    ds = ds.map(_LabelledBatch())
     return _to_iter_dataset(ds, config)
 
 

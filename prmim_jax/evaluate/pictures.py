@@ -12,49 +12,18 @@ masked tokens it decodes and throws.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
-import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
 
-from prmim_jax import checkpoint, methods, optim, train_step
+from prmim_jax import train
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import reconstruction
 
 
-def load_run(workdir: str | pathlib.Path):
-    """``(config, model, method, params, step)`` of a run's latest checkpoint, on this host's default device."""
-    workdir = pathlib.Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} is missing: is {workdir} a prmim_jax pretraining workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    model, method = methods.build(config.model, config.method)
-    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    tx = optim.build_optimizer(config.optimizer, config.batch_size, config.total_steps)
-
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    boxed = jax.eval_shape(lambda: train_step.init_state(model, method, tx, jax.random.key(0), image_shape))
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed)
-    )
-    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
-    try:
-        restored = checkpointer.restore_latest(abstract)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
-    step, state, _ = restored
-    return config, model, method, state.params, step
-
-
 def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
     """The ``uint8`` grid for ``workdirs`` (see the module docstring)."""
-    runs = [load_run(w) for w in workdirs]
+    runs = [train.load_run(w) for w in workdirs]
     first = runs[0][0]
     for workdir, (config, *_) in zip(workdirs, runs, strict=True):
         if (config.data.source, config.model.image_size, config.model.channels) != (

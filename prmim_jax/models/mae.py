@@ -236,18 +236,15 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
 
 def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
     """A ``MaskedAutoencoder`` from ``model_config``-shaped config; raises ``ValueError`` on impossible sizes."""
-    size = vit.parse_variant(config.variant)
-    width = config.get("width") or size.width
-    depth = config.get("depth") or size.depth
-    num_heads = config.get("num_heads") or size.num_heads
-    patch_size = config.get("patch_size") or size.patch_size
+    size = vit.encoder_size(config)
+    width, depth, num_heads, patch_size = size.width, size.depth, size.num_heads, size.patch_size
     image_size = config.image_size
     image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if image_size[0] % patch_size or image_size[1] % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}; change one of them.")
-    for name, w, h in (("width", width, num_heads), ("decoder_width", config.decoder_width, config.decoder_num_heads)):
-        if w % h or w % 4:
-            raise ValueError(f"{name}={w} must be divisible by its number of heads ({h}) and by 4 (2-D sin-cos table).")
+    if config.decoder_width % config.decoder_num_heads or config.decoder_width % 4:
+        raise ValueError(
+            f"decoder_width={config.decoder_width} must be divisible by its number of heads "
+            f"({config.decoder_num_heads}) and by 4 (2-D sin-cos table)."
+        )
     kernel = config.get("aggregation_kernel", 0)
     grid = (image_size[0] // patch_size, image_size[1] // patch_size)
     if kernel and (kernel % 2 == 0 or kernel > min(grid)):

@@ -60,6 +60,29 @@ def parse_variant(variant: str) -> VitSize:
     return VitSize(width, depth, heads, int(match.group(2)))
 
 
+def encoder_size(config) -> VitSize:
+    """The encoder size of a model config: ``variant`` with any ``width`` / ``depth`` / ``num_heads`` /
+    ``patch_size`` override; raises ``ValueError`` (with the fix) when it cannot tile ``image_size``."""
+    size = parse_variant(config.variant)
+    size = VitSize(
+        config.get("width") or size.width,
+        config.get("depth") or size.depth,
+        config.get("num_heads") or size.num_heads,
+        config.get("patch_size") or size.patch_size,
+    )
+    image_size = config.image_size
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if image_size[0] % size.patch_size or image_size[1] % size.patch_size:
+        raise ValueError(
+            f"image_size {image_size} is not a multiple of patch_size {size.patch_size}; change one of them."
+        )
+    if size.width % size.num_heads or size.width % 4:
+        raise ValueError(
+            f"width={size.width} must be divisible by its number of heads ({size.num_heads}) and by 4 (2-D sin-cos table)."
+        )
+    return size
+
+
 def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
     """``[M, embed_dim] float64``: ``[sin(pos * w) | cos(pos * w)]``, ``w_i = 10000^(-2i / embed_dim)``."""
     if embed_dim % 2:
@@ -88,6 +111,12 @@ def sincos_2d(embed_dim: int, grid: tuple[int, int], with_cls: bool = True) -> n
     if with_cls:
         table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
     return table.astype(np.float32)
+
+
+def path_names(path) -> list[str]:
+    """A parameter's tree path as names, without the ``value`` of logically partitioned (boxed) leaves."""
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    return names[:-1] if names[-1] == "value" else names
 
 
 def uniform_init(bound: float) -> nn.initializers.Initializer:
@@ -214,24 +243,38 @@ class MlpBlock(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm's ``Block`` as used by MAE): ``[B, T, D] -> [B, T, D]``."""
+    """Pre-norm transformer block (timm's ``Block`` as used by MAE): ``[B, T, D] -> [B, T, D]``.
+
+    ``drop_path`` > 0 drops each residual branch for a whole example with that
+    probability while training (stochastic depth), scaling kept ones by
+    ``1 / (1 - drop_path)``; it needs the ``'dropout'`` rng unless ``deterministic``.
+    """
 
     num_heads: int
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x):
-        x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
-            layer_norm(self.dtype, "norm1")(x)
+    def __call__(self, x, deterministic: bool = True):
+        # One keep/drop decision per example: broadcast over tokens and width.
+        drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=deterministic or not self.drop_path)
+        x = x + drop(
+            Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(layer_norm(self.dtype, "norm1")(x))
         )
-        x = x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+        x = x + drop(MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
         return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
 
 
 class Transformer(nn.Module):
-    """``depth`` blocks, then a final LayerNorm when ``final_norm``: ``[B, T, D] -> [B, T, D]``."""
+    """``depth`` blocks, then a final LayerNorm when ``final_norm``: ``[B, T, D] -> [B, T, D]``.
+
+    Block ``i`` drops its branches with ``drop_path_rate * i / (depth - 1)``
+    (MAE's linear rule). ``frozen_blocks = k`` stops gradients below block
+    ``k``: the embeddings and the first ``k`` blocks get none (partial
+    fine-tuning and linear probing skip their backward pass).
+    """
 
     depth: int
     num_heads: int
@@ -239,11 +282,20 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
     final_norm: bool = True
+    drop_path_rate: float = 0.0
+    frozen_blocks: int = 0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"block_{i}")(x)
+            if i == self.frozen_blocks and i:
+                x = jax.lax.stop_gradient(x)
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, rate, name=f"block_{i}")(
+                x, deterministic
+            )
+        if self.frozen_blocks >= self.depth:
+            x = jax.lax.stop_gradient(x)
         return layer_norm(self.dtype, "norm")(x) if self.final_norm else x
 
 
@@ -272,8 +324,14 @@ class Encoder(nn.Module):
 
     ``images [B, H, W, C]``, ``ids_visible [B, N_vis] int32`` (or ``None`` for
     every token) -> ``[B, 1 + N_vis, width]``: the cls token then the visible
-    tokens in the order of ``ids_visible``, after the final LayerNorm. Patches
-    are gathered before the embedding, which equals MAE's embed-then-mask.
+    tokens in the order of ``ids_visible``, after the final LayerNorm (unless
+    ``final_norm`` is False). Patches are gathered before the embedding, which
+    equals MAE's embed-then-mask.
+
+    Pretraining keeps the 2-D sin-cos position table fixed. Fine-tuning
+    (``learned_pos_embedding``) makes it a parameter ``pos_embedding [1 + N,
+    width]``, initialised with the table, as MAE's fine-tuning ViT does;
+    ``drop_path_rate`` and ``frozen_blocks`` are ``Transformer``'s.
     """
 
     patch_size: int
@@ -284,17 +342,23 @@ class Encoder(nn.Module):
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    final_norm: bool = True
+    learned_pos_embedding: bool = False
+    drop_path_rate: float = 0.0
+    frozen_blocks: int = 0
 
     @property
     def grid(self) -> tuple[int, int]:
         return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
 
     @nn.compact
-    def __call__(self, images, ids_visible=None):
+    def __call__(self, images, ids_visible=None, deterministic: bool = True):
         if tuple(images.shape[1:3]) != tuple(self.image_size):
             raise ValueError(f"images are {images.shape[1:3]}; the model was built for {self.image_size}.")
         patches = patchify(images, self.patch_size)
         pos = jnp.asarray(sincos_2d(self.width, self.grid))
+        if self.learned_pos_embedding:
+            pos = self.param("pos_embedding", logical(lambda *_: pos, None, "embed"), pos.shape)
         pos_cls, pos_tokens = pos[:1], pos[1:]
         pos_tokens = jnp.broadcast_to(pos_tokens, (patches.shape[0], *pos_tokens.shape))
         if ids_visible is not None:
@@ -317,5 +381,30 @@ class Encoder(nn.Module):
         cls_token = jnp.broadcast_to(cls_token + pos_cls, (x.shape[0], 1, self.width)).astype(self.dtype)
         x = nn.with_logical_constraint(jnp.concatenate([cls_token, x], axis=1), ("batch", "tokens", "embed"))
         return Transformer(
-            self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name="transformer"
-        )(x)
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.attention_impl,
+            self.final_norm,
+            self.drop_path_rate,
+            self.frozen_blocks,
+            name="transformer",
+        )(x, deterministic)
+
+
+def interpolate_pos_embedding(table: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> jax.Array:
+    """A position table for another token grid (fine-tuning at another resolution than pretraining).
+
+    ``table [1 + rows * cols, D]`` (cls row first) -> ``[1 + new_rows * new_cols, D]``:
+    the cls row is kept, the grid rows are resized bicubically as images of
+    ``D`` channels (MAE's ``interpolate_pos_embed``; jax's cubic kernel is Keys'
+    a = -0.5 where PyTorch's is -0.75, so values differ slightly from MAE's).
+    """
+    if table.shape[0] != 1 + old_grid[0] * old_grid[1]:
+        raise ValueError(f"position table of {table.shape[0]} rows does not fit the grid {old_grid} plus cls.")
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    grid = table[1:].reshape(*old_grid, table.shape[-1])
+    resized = jax.image.resize(grid, (*new_grid, table.shape[-1]), method="cubic", antialias=False)
+    return jnp.concatenate([table[:1], resized.reshape(-1, table.shape[-1]).astype(table.dtype)], axis=0)

@@ -1,0 +1,165 @@
+"""The training loop that pretraining and fine-tuning share: steps, progress lines, checkpoints, stops.
+
+``run(...)`` owns what every trainer needs around its pure step: the progress
+line and scalars every ``log_every`` steps, a checkpoint of the state and the
+data iterator every ``checkpoint_every`` steps and at the end, the refusal to
+save non-finite parameters, and a clean stop (checkpoint saved) on SIGTERM
+or after ``stop_after`` steps. The trainer's own periodic work (pictures,
+evaluations) comes in as ``periodic(step, state)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from prmim_jax import checkpoint, sharding
+from prmim_jax.metrics import MetricWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+NON_FINITE_FIX = (
+    "The last checkpoint stays the last good one. Lower optimizer.base_lr, raise optimizer.warmup_steps "
+    "or set optimizer.grad_clip_norm, then rerun to resume from it."
+)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: object
+    step: int
+    metrics: dict  # the last logged scalars
+    stopped: bool  # saved and stopped early (preemption or stop_after); rerun to resume
+    preempted: bool
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+@jax.jit
+def params_norm(params) -> jax.Array:
+    return optax.tree.norm(params)
+
+
+def check_finite(metrics: dict, step: int) -> dict:
+    """``metrics`` as Python floats; raises ``NonFiniteLossError`` if any is NaN or infinite."""
+    values = {k: float(v) for k, v in metrics.items()}
+    if not all(np.isfinite(v) for v in values.values()):
+        raise NonFiniteLossError(
+            f"loss {values.get('loss')}, grad_norm {values.get('grad_norm')} at step {step}; stopping without saving. "
+            + NON_FINITE_FIX
+        )
+    return values
+
+
+def jit_step(step: Callable, mesh, rules, state_shardings):
+    """``(run, batch_sharding)``: ``step(state, batch, rng)`` compiled with the state's and batch's shardings,
+    the state donated, run under the mesh and its logical-axis rules."""
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+    def run(state, batch, rng):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch, rng)
+
+    return run, batch_sharding
+
+
+def restore_or_create(checkpointer: checkpoint.Checkpointer, boxed_state, state_shardings, iterator, create: Callable):
+    """``(state, start_step)``: the latest checkpoint's state (and ``iterator`` moved to its position),
+    else ``create()`` at step 0. ``boxed_state`` is the ``jax.eval_shape`` of the state's init."""
+    abstract = jax.tree_util.tree_map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.unbox(boxed_state),
+        state_shardings,
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        return create(), 0
+    start, state, data_state = restored
+    iterator.set_state(data_state)
+    return state, start
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    state,
+    start: int,
+    rng: jax.Array,
+    step_fn: Callable,
+    iterator,
+    batch_sharding,
+    checkpointer: checkpoint.Checkpointer,
+    writer: MetricWriter,
+    global_batch: int,
+    schedule: optax.Schedule,
+    periodic: Callable | None = None,
+) -> LoopResult:
+    """Runs ``state, metrics = step_fn(state, batch, fold_in(rng, step))`` from ``start`` to ``config.total_steps``.
+
+    ``metrics`` holds scalars including ``loss`` and ``grad_norm``. Reads
+    ``config.total_steps``, ``log_every``, ``checkpoint_every`` and ``stop_after``.
+    """
+    metrics_history, last_metrics = {}, None
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    with checkpoint.PreemptionWatch() as preemption:
+        while step < config.total_steps:
+            batch = sharding.global_batch(next(iterator), batch_sharding)
+            state, last_metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+            step += 1
+            window_steps += 1
+            if step % config.log_every == 0 or step == config.total_steps:
+                values = check_finite(jax.device_get(last_metrics), step)
+                elapsed = time.perf_counter() - window_start
+                images_per_second = window_steps * global_batch / elapsed
+                eta = (config.total_steps - step) * elapsed / window_steps
+                writer.scalars(
+                    step, {**values, "learning_rate": float(schedule(step)), "images_per_second": images_per_second}
+                )
+                writer.log(
+                    f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
+                    f"| {images_per_second:,.0f} img/s | ETA {format_duration(eta)}"
+                )
+                metrics_history = values
+                window_start, window_steps = time.perf_counter(), 0
+            preempted = preemption.should_stop(step)
+            stop = step < config.total_steps and (
+                preempted or (config.stop_after and step - start >= config.stop_after)
+            )
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+                check_finite(jax.device_get(last_metrics), step)
+                if not np.isfinite(float(params_norm(state.params))):
+                    raise NonFiniteLossError(
+                        f"parameters are not finite after step {step}; not saving them. " + NON_FINITE_FIX
+                    )
+                checkpointer.save(step, state, iterator.get_state(), force=stop)
+            if stop:
+                checkpointer.wait()
+                reason = "preempted" if preempted else f"stop_after={config.stop_after}"
+                writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
+                return LoopResult(state, step, metrics_history, stopped=True, preempted=preempted)
+            if periodic is not None:
+                periodic(step, state)
+    return LoopResult(state, step, metrics_history, stopped=False, preempted=False)

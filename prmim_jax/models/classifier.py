@@ -1,0 +1,168 @@
+"""The ViT classifier that fine-tuning, partial fine-tuning and linear probing train on a pretrained encoder.
+
+Its parameters are ``{"encoder": <MAE's encoder parameters>, "fc_norm": ..., "head": ...}``,
+so a pretrained encoder drops in as ``params["encoder"]``. Two readouts, as in MAE:
+
+- ``pool="avg"`` (fine-tuning): the mean of the patch tokens, then a LayerNorm
+  (``fc_norm``); the encoder's own final norm is not applied.
+- ``pool="cls"`` (linear probing): the cls token after the encoder's final norm.
+
+``head="batchnorm_linear"`` puts a BatchNorm without affine parameters before
+the linear head (MAE's linear probe); it keeps running statistics in the
+``batch_stats`` collection.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from prmim_jax.models import vit
+
+POOLS = ("avg", "cls")
+HEADS = ("linear", "batchnorm_linear")
+
+
+class Classifier(nn.Module):
+    """``images [B, H, W, C] -> logits [B, num_classes] float32``.
+
+    ``train`` turns on drop path (needs the ``'dropout'`` rng) and batch
+    statistics in the BatchNorm head (``mutable=["batch_stats"]``).
+    """
+
+    encoder: vit.Encoder
+    num_classes: int
+    pool: str = "avg"
+    head: str = "linear"
+    head_init_std: float = 2e-5
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = self.encoder(images, deterministic=not train)
+        if self.pool == "avg":
+            features = vit.layer_norm(self.encoder.dtype, "fc_norm")(jnp.mean(x[:, 1:], axis=1))
+        else:
+            features = x[:, 0]
+        features = features.astype(jnp.float32)
+        if self.head == "batchnorm_linear":
+            features = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,  # PyTorch's BatchNorm momentum 0.1
+                epsilon=1e-6,
+                use_bias=False,
+                use_scale=False,
+                name="head_norm",
+            )(features)
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=vit.logical(nn.initializers.truncated_normal(self.head_init_std), "embed", "classes"),
+            bias_init=vit.logical(nn.initializers.zeros, "classes"),
+            name="head",
+        )(features)
+
+
+def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
+    """The model section of a fine-tuning config (MAE's fine-tuning defaults).
+
+    Keys: ``variant`` and the size overrides of ``mae.model_config`` (``width``,
+    ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``), ``image_size``,
+    ``channels``, ``num_classes``, ``pool``, ``head``, ``head_init_std``
+    (2e-5 fine-tuning, 0.01 linear probe), ``drop_path_rate``,
+    ``trainable_blocks`` (None: all; k: only the last k blocks, the final
+    norms and the head train; 0: the head only), ``dtype``, ``attention_impl``.
+    """
+    config = ml_collections.ConfigDict(
+        dict(
+            variant=variant,
+            width=None,
+            depth=None,
+            num_heads=None,
+            patch_size=None,
+            mlp_ratio=4.0,
+            image_size=224,
+            channels=3,
+            num_classes=1000,
+            pool="avg",
+            head="linear",
+            head_init_std=2e-5,
+            drop_path_rate=0.1,
+            trainable_blocks=None,
+            dtype="float32",
+            attention_impl=None,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
+    """A ``Classifier`` from ``classifier_config``; raises ``ValueError`` (with the fix) on impossible values."""
+    size = vit.encoder_size(config)
+    width, depth, num_heads, patch_size = size.width, size.depth, size.num_heads, size.patch_size
+    if config.pool not in POOLS:
+        raise ValueError(f"pool={config.pool!r}; choose one of {POOLS}.")
+    if config.head not in HEADS:
+        raise ValueError(f"head={config.head!r}; choose one of {HEADS}.")
+    if config.num_classes < 2:
+        raise ValueError(f"num_classes={config.num_classes} must be at least 2.")
+    if not 0.0 <= config.drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate={config.drop_path_rate} must lie in [0, 1).")
+    trainable = depth if config.trainable_blocks is None else config.trainable_blocks
+    if not 0 <= trainable <= depth:
+        raise ValueError(f"trainable_blocks={config.trainable_blocks} must lie in [0, depth={depth}] (or be None).")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
+    encoder = vit.Encoder(
+        patch_size=patch_size,
+        image_size=(config.image_size, config.image_size),
+        width=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=int(width * config.mlp_ratio),
+        dtype=jnp.dtype(config.dtype),
+        attention_impl=config.get("attention_impl"),
+        final_norm=config.pool == "cls",
+        learned_pos_embedding=True,
+        drop_path_rate=config.drop_path_rate,
+        frozen_blocks=depth - trainable,
+    )
+    return Classifier(encoder, config.num_classes, config.pool, config.head, config.head_init_std)
+
+
+def trainable_mask(params, depth: int, trainable_blocks: int | None):
+    """A pytree of bools over classifier ``params``: True where the optimizer may change a parameter.
+
+    Everything trains when ``trainable_blocks`` is None. Otherwise the last
+    ``trainable_blocks`` encoder blocks, the encoder's final norm (when it has
+    blocks to train) and everything outside the encoder (``fc_norm``, head).
+    """
+
+    def trains(path, _):
+        names = vit.path_names(path)
+        if trainable_blocks is None or names[0] != "encoder":
+            return True
+        if "transformer" not in names:
+            return False  # patch embedding, cls token, position table
+        block = next((n for n in names if n.startswith("block_")), None)
+        if block is None:
+            return trainable_blocks > 0  # the final norm
+        return int(block.removeprefix("block_")) >= depth - trainable_blocks
+
+    return jax.tree_util.tree_map_with_path(trains, params)
+
+
+def layer_ids(params, depth: int):
+    """Each parameter's layer for layer-wise lr decay: 0 embeddings, ``i + 1`` block ``i``, ``depth + 1`` the rest."""
+
+    def layer(path, _):
+        names = vit.path_names(path)
+        if names[0] != "encoder":
+            return depth + 1
+        block = next((n for n in names if n.startswith("block_")), None)
+        if block is not None:
+            return int(block.removeprefix("block_")) + 1
+        return depth + 1 if "transformer" in names else 0  # final norm | patch embed, cls, positions
+
+    return jax.tree_util.tree_map_with_path(layer, params)
