@@ -273,3 +273,28 @@ def test_cli_writes_json_and_a_table(mock_tfds, monkeypatch, tmp_path, capsys):
     )
     table = capsys.readouterr().out
     assert "imagenet_r:test" in table and "top-1 acc" in table
+
+
+def test_cli_evaluates_a_fine_tuned_checkpoint_on_mock_imagenet_a(mock_tfds, tmp_path):
+    # A real fine-tuning run (two steps of a tiny 1000-class classifier on Fashion-MNIST) read back by
+    # finetune.load_classifier: the whole path a user takes, on mock ImageNet-A.
+    from test_finetune import tiny_finetune_config
+
+    from prmim_jax import finetune
+
+    config = tiny_finetune_config(total_steps=2, batch_size=8)
+    config.model.num_classes = 1000
+    config.eval.batch_size = 8
+    finetune.train_and_evaluate(config, str(tmp_path / "ft"))
+    out = tmp_path / "robustness.json"
+    robustness.main(
+        ["--workdir", str(tmp_path / "ft"), "--datasets", "imagenet_a", "--batch_size", "8", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())["imagenet_a:test"]
+    assert result["count"] == NUM_EXAMPLES and 0.0 <= result["accuracy"] <= 1.0
+    predict, data = finetune.load_classifier(tmp_path / "ft")
+    batch = next(iter(pipeline.eval_dataset(robustness.with_dataset(data, "imagenet_a"), batch_size=8)))
+    predicted = robustness.predictions(predict(batch["images"]), robustness.IMAGENET_A_CLASSES)
+    assert set(predicted.tolist()) <= set(robustness.IMAGENET_A_CLASSES)
+    expected = np.mean((predicted == batch["labels"])[batch["mask"]])
+    assert result["accuracy"] == pytest.approx(expected)

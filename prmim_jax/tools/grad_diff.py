@@ -13,8 +13,9 @@ Each row reports ``||g - g_mae|| / ||g_mae||`` over the parameters MAE has
 
 runs it at initialisation on random images; ``--checkpoint`` starts from an
 official MAE checkpoint (the aggregation keeps its initialisation) and
-``--images`` reads a ``.npy`` batch ``[B, H, W, C]``. The pretraining loop
-calls ``gradient_differences`` along training.
+``--images`` reads a ``.npy`` batch ``[B, H, W, C]``. Along training (the
+curve of Fig. 4), ``benchmarks/ablation_fmnist.py --phase graddiff`` calls
+``gradient_differences`` on every saved checkpoint of a PR-MIM run.
 """
 
 from __future__ import annotations
