@@ -1,6 +1,11 @@
 """Fine-tuning, partial fine-tuning and linear probing: what loads, what trains, what stays frozen,
 and that a short fine-tune of a pretrained encoder learns Fashion-MNIST."""
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -219,3 +224,25 @@ def test_interrupted_fine_tune_resumes_exactly(tmp_path):
     resumed = finetune.train_and_evaluate(config(), str(tmp_path / "split"))
     assert resumed["step"] == 4
     assert resumed["accuracy"] == whole["accuracy"] and resumed["loss"] == whole["loss"]
+
+
+def test_main_runs_fine_tuning_configs_with_the_encoder_named_on_the_command_line(pretrained_workdir, tmp_path):
+    config_file = tmp_path / "tiny_finetune.py"
+    config_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+        "from test_finetune import tiny_finetune_config\n\n\n"
+        "def get_config():\n    return tiny_finetune_config(total_steps=2)\n"
+    )
+    workdir = tmp_path / "ft"
+    command = [sys.executable, "-m", "prmim_jax.main", f"--config={config_file}", f"--workdir={workdir}"]
+    completed = subprocess.run(
+        [*command, f"--config.init.workdir={pretrained_workdir}"],
+        cwd=pathlib.Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "final top-1 accuracy (test)" in completed.stdout
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["task"] == "finetune" and saved["init"]["workdir"] == pretrained_workdir

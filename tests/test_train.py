@@ -311,4 +311,4 @@ def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(
     assert not np.all(rows[2] == orange, axis=-1).any()
     assert np.all(rows[3] == orange, axis=-1).any()
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
-        pictures.load_run(tmp_path)
+        train.load_run(tmp_path)
