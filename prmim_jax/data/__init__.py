@@ -1,4 +1,5 @@
-"""grain input pipelines: sources (Fashion-MNIST IDX, image folders, TFDS), transforms, pretraining and eval batches.
+"""grain input pipelines: sources (Fashion-MNIST IDX, image folders, TFDS), transforms, pretraining,
+fine-tuning and eval batches.
 
 from prmim_jax.data import data_config, pretrain_dataset, eval_dataset
 
@@ -14,6 +15,7 @@ from prmim_jax.data.pipeline import (
     check_config,
     data_config,
     eval_dataset,
+    finetune_dataset,
     local_batch_size,
     make_source,
     pretrain_dataset,
@@ -24,6 +26,7 @@ __all__ = [
     "check_config",
     "data_config",
     "eval_dataset",
+    "finetune_dataset",
     "local_batch_size",
     "make_source",
     "pretrain_dataset",
