@@ -322,7 +322,7 @@ def load_classifier(workdir: str | os.PathLike):
     )
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     boxed = jax.eval_shape(lambda: finetune_step.init_state(model, tx, jax.random.key(0), image_shape))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed))
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
     try:

@@ -251,7 +251,7 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def load_run(workdir: str | pathlib.Path, step: int | None = None):
     """``(config, model, method, params, step)`` of a run's latest checkpoint (or of ``step``), on this host's
-    default device."""
+    first local device (each process of a multi-host job reads it whole)."""
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -261,7 +261,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None):
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     tx = optim.build_optimizer(config.optimizer, config.batch_size, config.total_steps)
 
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     boxed = jax.eval_shape(lambda: train_step.init_state(model, method, tx, jax.random.key(0), image_shape))
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed)
