@@ -204,49 +204,80 @@ def _mean_spread(values):
 
 
 def report(args, table):
-    cost_rows = {(r["method"], r["rho_d"]): r for r in json.loads((args.workdir / "cost.json").read_text())}
+    cost_path = args.workdir / "cost.json"
+    cost_rows = {(r["method"], r["rho_d"]): r for r in json.loads(cost_path.read_text())} if cost_path.exists() else {}
+    mae_row = table[0]
+    mae_runs = {
+        s: (
+            final_metrics(args.workdir / "pretrain" / run_name(mae_row, s)),
+            final_metrics(args.workdir / "finetune" / run_name(mae_row, s)),
+        )
+        for s in args.seeds
+    }
     results = []
     for row in table:
-        runs = [
-            (
+        runs = {
+            s: (
                 final_metrics(args.workdir / "pretrain" / run_name(row, s)),
                 final_metrics(args.workdir / "finetune" / run_name(row, s)),
             )
             for s in args.seeds
-        ]
-        runs = [(p, f) for p, f in runs if "knn_accuracy" in p]
+        }
+        runs = {s: (p, f) for s, (p, f) in runs.items() if "knn_accuracy" in p}
         if not runs:
             continue
-        knn = _mean_spread([p["knn_accuracy"] for p, _ in runs])
-        finetuned = _mean_spread([f.get("accuracy") for _, f in runs])
-        loss = _mean_spread([p["loss"] for p, _ in runs])
+
+        def paired(metric, which, runs=runs):
+            # Same seed, same initialisation of the shared parameters, same batches and visible tokens as MAE's run.
+            return _mean_spread(
+                [
+                    run[which][metric] - mae_runs[s][which][metric]
+                    for s, run in runs.items()
+                    if metric in run[which] and metric in mae_runs[s][which]
+                ]
+            )
+
         results.append(
             dict(
-                row, knn=knn, finetune=finetuned, pretrain_loss=loss, cost=cost_rows.get((row["method"], row["rho_d"]))
+                row,
+                seeds=sorted(runs),
+                knn=_mean_spread([p["knn_accuracy"] for p, _ in runs.values()]),
+                finetune=_mean_spread([f.get("accuracy") for _, f in runs.values()]),
+                knn_vs_mae=paired("knn_accuracy", 0),
+                finetune_vs_mae=paired("accuracy", 1),
+                pretrain_loss=_mean_spread([p["loss"] for p, _ in runs.values()]),
+                cost=cost_rows.get((row["method"], row["rho_d"])),
             )
         )
     lines = [
         f"Fashion-MNIST, ViT (width 64, depth 4, patch 2: 14x14 tokens; decoder 64 x 2), {args.steps} pretraining "
         f"steps of batch 128 per row, mask ratio 0.75; fine-tuning {args.finetune_steps} steps of batch 128 "
         f"(configs/finetune_fmnist.py:size=small,short, base lr {args.finetune_lr}); kNN k=20 on 5000 / 2000 images. "
-        "Mean +- sample standard deviation over n seeds (pipeline, initialisation and token sets all change with the seed). "
-        "Cost columns: XLA CPU's compiled train step at batch 128 (FLOPs and peak temporary memory over MAE's); "
-        "step time over MAE's, timed side by side in one process.",
+        "Top-1 in %: mean +- sample standard deviation (number of seeds). A seed fixes the initialisation of the "
+        "parameters all methods share, the batches, crops and visible tokens, so the '- MAE' columns are paired "
+        "differences to MAE's run of the same seed. Cost columns: XLA CPU's compiled train step at batch 128 "
+        "(FLOPs and peak temporary memory over MAE's); step time over MAE's, timed side by side in one process.",
         "",
-        "| method | sampler | rho_d | n | fine-tune top-1 | kNN top-1 | final pretrain loss | FLOPs / MAE | memory / MAE | step time / MAE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | sampler | rho_d | fine-tune top-1 | fine-tune - MAE | kNN top-1 | kNN - MAE | pretrain loss | FLOPs / MAE | memory / MAE | step time / MAE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def pct(stat):
-        mean, spread, _ = stat
-        return "-" if mean is None else f"{100 * mean:.2f} +- {100 * spread:.2f}"
+    def pct(stat, signed=False):
+        mean, spread, n = stat
+        if mean is None:
+            return "-"
+        sign = "+" if signed else ""
+        return f"{100 * mean:{sign}.2f} +- {100 * spread:.2f} ({n})" if n > 1 else f"{100 * mean:{sign}.2f} (1)"
 
     for r in results:
         c = r["cost"] or {}
+        mae = r["method"] == "mae"
         lines.append(
-            f"| {r['method']} | {r['sampler']} | {r['rho_d']} | {r['knn'][2]} | {pct(r['finetune'])} | {pct(r['knn'])} | "
-            f"{r['pretrain_loss'][0]:.4f} | {c.get('flops_vs_mae', float('nan')):.3f} | "
-            f"{c.get('memory_vs_mae', float('nan')):.3f} | {c.get('step_time_vs_mae', float('nan')):.3f} |"
+            f"| {r['method']} | {r['sampler']} | {r['rho_d']} | {pct(r['finetune'])} | "
+            f"{'-' if mae else pct(r['finetune_vs_mae'], True)} | {pct(r['knn'])} | "
+            f"{'-' if mae else pct(r['knn_vs_mae'], True)} | {r['pretrain_loss'][0]:.4f} | "
+            f"{c.get('flops_vs_mae', float('nan')):.3f} | {c.get('memory_vs_mae', float('nan')):.3f} | "
+            f"{c.get('step_time_vs_mae', float('nan')):.3f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
