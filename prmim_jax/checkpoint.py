@@ -15,7 +15,9 @@ import os
 import signal
 from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -103,6 +105,31 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_run_config(workdir: str | os.PathLike, kind: str):
+    """The ``ConfigDict`` a run saved as ``WORKDIR/config.json``; ``kind`` names the run in the error."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {workdir} a prmim_jax {kind} workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_on_local_device(workdir: str | os.PathLike, init_state, step: int | None = None):
+    """``(step, state)`` of the run's latest checkpoint (or of ``step``), whole on this process's first
+    local device. ``init_state()`` builds a fresh (boxed) state of the run's shapes; only its shapes are used."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(jax.eval_shape(init_state))
+    )
+    checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", asynchronous=False)
+    try:
+        restored = checkpointer.restore_latest(abstract, step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
+    return restored[0], restored[1]
 
 
 class PreemptionWatch:

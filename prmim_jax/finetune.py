@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -110,25 +108,27 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
         raise ValueError(f"mixing.label_smoothing={mix.label_smoothing} must lie in [0, 1).")
     if config.init.workdir:
         _check_pretrained_encoder(config.init.workdir, model.encoder)
-    optim.learning_rate_schedule(config.optimizer, config.batch_size, config.total_steps)  # checks warmup_steps
-    if config.optimizer.name not in optim.OPTIMIZERS:
-        raise ValueError(f"optimizer.name={config.optimizer.name!r}; choose one of {optim.OPTIMIZERS}.")
+    # Checks optimizer.name and warmup_steps.
+    optim.build_classifier_optimizer(
+        config.optimizer,
+        config.batch_size,
+        config.total_steps,
+        depth=model.encoder.depth,
+        trainable_blocks=config.model.trainable_blocks,
+    )
     mixing = finetune_step.Mixing.from_config(config.mixing, config.model.num_classes)
     batch = config.batch_size
     return Setup(model, mixing, mesh, rules, batch, batch // jax.process_count(), model.encoder.depth)
 
 
-def _pretraining_config(workdir: str) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"init.workdir={workdir}: {path} is missing; point it at a prmim_jax pretraining workdir."
-        )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def _check_pretrained_encoder(workdir: str, encoder: vit.Encoder) -> None:
-    pretrained = mae_lib.build_mae(_pretraining_config(workdir).model)
+    try:
+        pretraining = checkpoint.read_run_config(workdir, "pretraining")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"init.workdir={workdir}: {error} Then point it at a prmim_jax pretraining workdir."
+        ) from None
+    pretrained = mae_lib.build_mae(pretraining.model)
     ours = (encoder.width, encoder.depth, encoder.num_heads, encoder.mlp_dim, encoder.patch_size)
     theirs = (pretrained.width, pretrained.depth, pretrained.num_heads, pretrained.mlp_dim, pretrained.patch_size)
     if ours != theirs:
@@ -307,11 +307,7 @@ def load_classifier(workdir: str | os.PathLike):
     logits [b, num_classes] numpy float32``, jitted; ``data_config`` is the
     run's data section (image size, normalisation, evaluation crop).
     """
-    workdir = pathlib.Path(workdir)
-    path = workdir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: is {workdir} a prmim_jax fine-tuning workdir?")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = checkpoint.read_run_config(workdir, "fine-tuning")
     model = classifier.build_classifier(config.model)
     tx = optim.build_classifier_optimizer(
         config.optimizer,
@@ -321,17 +317,9 @@ def load_classifier(workdir: str | os.PathLike):
         trainable_blocks=config.model.trainable_blocks,
     )
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    boxed = jax.eval_shape(lambda: finetune_step.init_state(model, tx, jax.random.key(0), image_shape))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed))
-    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
-    try:
-        restored = checkpointer.restore_latest(abstract)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
-    _, state, _ = restored
+    _, state = checkpoint.restore_on_local_device(
+        workdir, lambda: finetune_step.init_state(model, tx, jax.random.key(0), image_shape)
+    )
     apply = jax.jit(functools.partial(finetune_step.logits, model=model))
 
     def predict_fn(images):

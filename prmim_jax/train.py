@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import pathlib
@@ -252,26 +251,11 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def load_run(workdir: str | pathlib.Path, step: int | None = None):
     """``(config, model, method, params, step)`` of a run's latest checkpoint (or of ``step``), on this host's
     first local device (each process of a multi-host job reads it whole)."""
-    workdir = pathlib.Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} is missing: is {workdir} a prmim_jax pretraining workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = checkpoint.read_run_config(workdir, "pretraining")
     model, method = methods.build(config.model, config.method)
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
     tx = optim.build_optimizer(config.optimizer, config.batch_size, config.total_steps)
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    boxed = jax.eval_shape(lambda: train_step.init_state(model, method, tx, jax.random.key(0), image_shape))
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(boxed)
+    step, state = checkpoint.restore_on_local_device(
+        workdir, lambda: train_step.init_state(model, method, tx, jax.random.key(0), image_shape), step
     )
-    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
-    try:
-        restored = checkpointer.restore_latest(abstract, step)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
-    step, state, _ = restored
     return config, model, method, state.params, step
