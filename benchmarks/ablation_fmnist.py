@@ -75,7 +75,7 @@ def pretrain(args, table):
                 f"--workdir={workdir}",
                 f"--config.checkpoint_every={args.checkpoint_every}",
                 f"--config.keep_checkpoints={args.steps // args.checkpoint_every + 1}",
-                f"--config.picture_every={args.steps}",
+                f"--config.evals.reconstruction.every={args.steps}",
             ]  # fmt: skip
             print("+", " ".join(command), flush=True)
             subprocess.run(command, check=True, cwd=REPO)
@@ -176,9 +176,10 @@ def graddiff(args):
     from prmim_jax.tools import grad_diff
 
     run = args.workdir / "pretrain" / run_name(dict(method="prmim", sampler="furthest", rho_d=0.5), args.seeds[0])
-    config, _, method, _, _ = train.load_run(run)
+    config, method, _, _ = train.load_run(run)
     data = pipeline.data_config(source="fashion_mnist")
     images = next(iter(pipeline.eval_dataset(data, "train", batch_size=args.graddiff_batch)))["images"]
+    images = np.asarray(method.normalize(images))  # the pipeline hands over uint8 pixels
     rng = np.random.default_rng(0)
     noise = np.stack([masking.draw_noise(rng, method.layout) for _ in range(len(images))])
     from prmim_jax import checkpoint
@@ -186,7 +187,7 @@ def graddiff(args):
     steps = checkpoint.Checkpointer(run / "checkpoints", asynchronous=False).all_steps()
     rows = []
     for step in steps:
-        _, _, _, params, _ = train.load_run(run, step)
+        _, _, params, _ = train.load_run(run, step)
         for row in grad_diff.gradient_differences(config.model, params, jax.numpy.asarray(images), noise):
             rows.append({"step": step, **row})
             print(rows[-1], flush=True)

@@ -1,20 +1,26 @@
 """Train-step speed, memory and model FLOPs utilisation of mae, partial and prmim, side by side.
 
-    python benchmarks/step_time.py --variant B/16 --dtype bfloat16 --batch 512 --out benchmarks/results/gpu_h100
+    python benchmarks/step_time.py --variant B/16 --dtype bfloat16 --batch 256 --out /tmp/step_time
     python benchmarks/step_time.py --variant Ti/4 --image_size 32 --decoder_depth 1 --batch 4 --steps 2  # CPU smoke
 
 For each method the whole train step (forward, backward, AdamW) is compiled on
 synthetic data and timed over ``--steps`` steps after two warm-up steps; the
 methods are timed in interleaved rounds so machine noise hits all of them alike.
-Reported per method: images/s, step time relative to MAE, peak device memory
-(the allocator's peak where the backend reports it, else XLA's compiled
-temporary + argument sizes), XLA's FLOPs per step, and MFU = achieved FLOP/s over
-the card's dense peak (bf16 or fp32 by ``--dtype``) where the card is known.
+Reported per method: images/s, step time relative to MAE, model FLOPs per
+step (XLA's count of the step as traced), MFU = achieved model FLOP/s over the card's dense peak (bf16 or fp32 by
+``--dtype``) where the card is known, and the compiled program's memory.
+
+This module is also the library of ``benchmarks/device_check.py`` (the GPU
+device check) and ``benchmarks/ablation_fmnist.py``: ``prepare`` is the one
+place that builds a train step through the training API, ``time_interleaved``
+times programs side by side and ``allocator_peaks`` reads each program's
+allocator peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import time
@@ -24,12 +30,14 @@ import jax
 import numpy as np
 
 from prmim_jax import masking, methods, optim, train_step
+from prmim_jax.methods import mae as mae_family
 from prmim_jax.models import mae as mae_lib
 
-# Dense (no sparsity) peak TFLOP/s by device kind substring: (bf16, fp32).
+# Dense (no sparsity) peak TFLOP/s by device kind substring, first match wins: (bf16, fp32).
 PEAK_TFLOPS = {
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),  # SXM ('NVIDIA H100 80GB HBM3')
     "H200": (989.0, 67.0),
-    "H100": (989.0, 67.0),  # SXM; the PCIe card is lower
     "A100": (312.0, 19.5),
     "L4": (121.0, 30.0),
     "TPU v4": (275.0, 275.0),
@@ -39,26 +47,158 @@ PEAK_TFLOPS = {
 
 
 def peak_flops(device, dtype: str) -> float | None:
+    """The device's dense peak FLOP/s for ``dtype`` ('bfloat16' or 'float32'), None for an unknown card."""
     for name, (bf16, fp32) in PEAK_TFLOPS.items():
         if name.lower() in device.device_kind.lower():
             return 1e12 * (bf16 if dtype == "bfloat16" else fp32)
     return None
 
 
-def prepare(model_config, method_name: str, throw_ratio: float, batch: int, seed: int = 0):
-    model, method = methods.build(model_config, methods.method_config(method_name, throw_ratio=throw_ratio))
-    image_shape = (batch, *model.image_size, model.channels)
+def prepare(
+    model_config,
+    method_name: str,
+    throw_ratio: float,
+    batch: int,
+    seed: int = 0,
+    *,
+    materialize: bool = True,
+    compiler_options: dict | None = None,
+) -> dict:
+    """One method's train step, compiled for ``batch`` images of ``model_config``'s shape.
+
+    The only function of the benchmarks that builds a step through the training API
+    (``methods``, ``optim``, ``train_step``), so a change of that API is ported here.
+    The step is ``(state, data, rng) -> (state, metrics)`` with the state donated.
+
+    Returns a dict:
+      ``compiled``: the compiled step; ``lowered``: the traced step, which
+        ``compile_step`` compiles again under other XLA options.
+      ``init``: ``() -> (state, data)``, a fresh train state and batch on the
+        default device (images ``[B, H, W, C] float32`` standard normal, token
+        ids from the method's sampler on per-image noise, as the data pipeline
+        makes them).
+      ``model_flops``: FLOPs per step, XLA's count of the step as traced (before
+        XLA's optimisations, so the same on every backend): what MFU divides.
+      ``flops``: XLA's count of the compiled step on this backend.
+      ``compiled_bytes``: the compiled program's footprint, arguments + temporaries
+        + outputs - donated (``memory_analysis()``).
+      ``state``, ``data``: ``init()``'s result, unless ``materialize`` is False (then
+        nothing is placed on the device).
+    """
+    method = mae_family.from_sections(model_config, methods.method_config(method_name, throw_ratio=throw_ratio))
+    image_shape = (batch, *method.model.image_size, method.model.channels)
     tx = optim.build_optimizer(optim.optimizer_config(), global_batch=batch, total_steps=1000)
-    state = nn.unbox(train_step.init_state(model, method, tx, jax.random.key(seed), image_shape))
+    init_state = jax.jit(lambda key: nn.unbox(train_step.init_state(method, tx, key, batch)))
     rng = np.random.default_rng(seed)
     ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(batch)]))
-    data = jax.device_put(train_step.make_batch(rng.normal(size=image_shape).astype(np.float32), ids))
-    step = train_step.jit_train_step(model, method, donate_argnums=0)
-    compiled = step.lower(state, data, jax.random.key(0)).compile()
-    return {"state": state, "data": data, "compiled": compiled, "flops": compiled.cost_analysis()["flops"]}
+    host_data = {
+        "images": rng.normal(size=image_shape).astype(np.float32),
+        "ids_visible": ids.visible,
+        "ids_decoded": ids.decoded,
+        "ids_thrown": ids.thrown,
+    }
+    abstract_data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_data)
+    abstract_state = jax.eval_shape(init_state, jax.random.key(seed))
+    step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
+    lowered = step.lower(abstract_state, abstract_data, jax.random.key(0))
+
+    def init():
+        return init_state(jax.random.key(seed)), jax.device_put(host_data)
+
+    program = {"method": method_name, "rho_d": throw_ratio, "batch": batch, "lowered": lowered, "init": init}
+    program["model_flops"] = _flops(lowered.cost_analysis())
+    program.update(compile_step(program, compiler_options))
+    program["flops"] = _flops(program["compiled"].cost_analysis())
+    if materialize:
+        program["state"], program["data"] = init()
+    return program
 
 
-def run(args) -> list[dict]:
+def _flops(cost) -> float:
+    cost = cost[0] if isinstance(cost, list) else cost  # one dict per program in older jax
+    return float(cost["flops"])
+
+
+def compile_step(program: dict, compiler_options: dict | None = None) -> dict:
+    """``{'compiled', 'compiled_bytes', 'compile_seconds'}`` of ``program``'s step under XLA ``compiler_options``.
+
+    ``compiler_options`` maps DebugOptions fields to values (``{'xla_gpu_enable_triton_gemm': False}``),
+    as ``XLA_FLAGS`` would set them for the whole process.
+    """
+    start = time.perf_counter()
+    compiled = program["lowered"].compile(compiler_options) if compiler_options else program["lowered"].compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    footprint = (
+        memory.argument_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return {"compiled": compiled, "compiled_bytes": int(footprint), "compile_seconds": seconds}
+
+
+def run_steps(compiled, state, data, steps: int):
+    """Runs ``steps`` steps and waits for them; returns ``(state, seconds per step)``."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, data, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    return state, (time.perf_counter() - start) / steps
+
+
+def time_interleaved(
+    entries: list[dict], steps: int, rounds: int, warmup: int = 2, deadline: float | None = None
+) -> list[float]:
+    """Median seconds per step of each entry, timed in interleaved rounds.
+
+    Each entry holds ``compiled``, ``state`` and ``data``; its ``state`` is replaced
+    by the state after the last step (the step donates it). Every round times
+    ``steps`` steps of every entry in turn, so machine noise hits all alike. With a
+    ``deadline`` (``time.time()``), no round starts that would end after it; one always runs.
+    """
+    for entry in entries:
+        entry["state"], _ = run_steps(entry["compiled"], entry["state"], entry["data"], warmup)
+    seconds = [[] for _ in entries]
+    for _ in range(rounds):
+        started = time.time()
+        for entry, times in zip(entries, seconds, strict=True):
+            entry["state"], step_seconds = run_steps(entry["compiled"], entry["state"], entry["data"], steps)
+            times.append(step_seconds)
+        if deadline is not None and 2 * time.time() - started > deadline:
+            break
+    return [float(np.median(times)) for times in seconds]
+
+
+def allocator_peaks(programs: list[dict], warmup: int = 2, memory_stats=None) -> list[int | None]:
+    """Each program's peak device memory as the allocator saw it (``peak_bytes_in_use``); None without one.
+
+    The allocator's peak is a process-wide high-water mark with no reset (jax
+    0.10 and 0.11), so the programs run one at a time, alone on the device, in
+    ascending order of their compiled footprint, each from a fresh state that is
+    freed before the next: a program's reading is its own peak when it raised
+    the mark. When it did not (its peak stayed under an earlier one, or under
+    what compilation left), its reading is only an upper bound and the entry is
+    returned negative (``-bound``). Call this before any program's state exists.
+    ``memory_stats``: ``() -> dict | None``, by default the first device's.
+    """
+    memory_stats = memory_stats or jax.devices()[0].memory_stats
+    stats = memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return [None] * len(programs)
+    peaks: list[int | None] = [None] * len(programs)
+    mark = stats["peak_bytes_in_use"]
+    for i in sorted(range(len(programs)), key=lambda i: programs[i]["compiled_bytes"]):
+        state, data = programs[i]["init"]()
+        state, _ = run_steps(programs[i]["compiled"], state, data, warmup)
+        del state, data
+        peak = memory_stats()["peak_bytes_in_use"]
+        peaks[i] = peak if peak > mark else -peak
+        mark = max(mark, peak)
+    return peaks
+
+
+def run(args) -> tuple[list[dict], dict]:
     model_config = mae_lib.model_config(
         args.variant,
         image_size=args.image_size,
@@ -67,57 +207,30 @@ def run(args) -> list[dict]:
         decoder_depth=args.decoder_depth,
     )
     plans = [("mae", 0.0), ("partial", args.throw_ratio), ("prmim", args.throw_ratio)]
+    programs = [prepare(model_config, name, rho, args.batch) for name, rho in plans]
+    seconds = time_interleaved(programs, args.steps, args.rounds)
     device = jax.devices()[0]
-    rows = []
-    for name, throw_ratio in plans:
-        prepared = prepare(model_config, name, throw_ratio, args.batch)
-        memory = prepared["compiled"].memory_analysis()
-        rows.append(
-            {
-                "method": name,
-                "rho_d": throw_ratio,
-                "flops_per_step": prepared["flops"],
-                "compiled_bytes": int(memory.temp_size_in_bytes + memory.argument_size_in_bytes),
-                **prepared,
-            }
-        )
-    for row in rows:  # warm-up
-        for _ in range(2):
-            row["state"], metrics = row["compiled"](row["state"], row["data"], jax.random.key(0))
-        jax.block_until_ready(metrics)
-        row["seconds"] = []
-    for _ in range(args.rounds):
-        for row in rows:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                row["state"], metrics = row["compiled"](row["state"], row["data"], jax.random.key(0))
-            jax.block_until_ready(metrics)
-            row["seconds"].append((time.perf_counter() - start) / args.steps)
-    stats = device.memory_stats() or {}
     peak = peak_flops(device, args.dtype)
-    results = []
-    for row in rows:
-        step_seconds = float(np.median(row["seconds"]))
-        results.append(
-            {
-                "method": row["method"],
-                "rho_d": row["rho_d"],
-                "batch": args.batch,
-                "images_per_second": args.batch / step_seconds,
-                "step_seconds": step_seconds,
-                "step_time_vs_mae": step_seconds / float(np.median(rows[0]["seconds"])),
-                "flops_per_step": row["flops_per_step"],
-                "mfu": row["flops_per_step"] / step_seconds / peak if peak else None,
-                "compiled_memory_bytes": row["compiled_bytes"],
-            }
-        )
+    results = [
+        {
+            "method": program["method"],
+            "rho_d": program["rho_d"],
+            "batch": args.batch,
+            "images_per_second": args.batch / step_seconds,
+            "step_seconds": step_seconds,
+            "step_time_vs_mae": step_seconds / seconds[0],
+            "flops_per_step": program["model_flops"],
+            "mfu": program["model_flops"] / step_seconds / peak if peak else None,
+            "compiled_memory_bytes": program["compiled_bytes"],
+        }
+        for program, step_seconds in zip(programs, seconds, strict=True)
+    ]
     meta = {
         "device": device.device_kind,
         "backend": jax.default_backend(),
         "variant": args.variant,
         "image_size": args.image_size,
         "dtype": args.dtype,
-        "allocator_peak_bytes_all_methods": stats.get("peak_bytes_in_use"),
         "peak_flops": peak,
     }
     return results, meta
@@ -125,8 +238,8 @@ def run(args) -> list[dict]:
 
 def markdown(results, meta) -> str:
     lines = [
-        f"Train step, ViT-{meta['variant']} at {meta['image_size']}px, {meta['dtype']}, on {meta['device']} ({meta['backend']}); "
-        f"allocator peak over the run: {meta['allocator_peak_bytes_all_methods']} bytes.",
+        f"Train step, ViT-{meta['variant']} at {meta['image_size']}px, {meta['dtype']}, "
+        f"on {meta['device']} ({meta['backend']}).",
         "",
         "| method | rho_d | batch | images/s | step time / MAE | TFLOPs per step | MFU | compiled memory GiB |",
         "|---|---|---|---|---|---|---|---|",
@@ -134,8 +247,9 @@ def markdown(results, meta) -> str:
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(
-            f"| {r['method']} | {r['rho_d']} | {r['batch']} | {r['images_per_second']:,.0f} | {r['step_time_vs_mae']:.3f} | "
-            f"{r['flops_per_step'] / 1e12:.3f} | {mfu} | {r['compiled_memory_bytes'] / 2**30:.2f} |"
+            f"| {r['method']} | {r['rho_d']} | {r['batch']} | {r['images_per_second']:,.0f} | "
+            f"{r['step_time_vs_mae']:.3f} | {r['flops_per_step'] / 1e12:.3f} | {mfu} | "
+            f"{r['compiled_memory_bytes'] / 2**30:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

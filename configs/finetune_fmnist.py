@@ -21,14 +21,15 @@ batch, as MAE's linear probe does, lets a 60-step schedule learn.
 Without ``--config.init.workdir`` the classifier trains from scratch.
 """
 
-from prmim_jax import config_args, finetune, finetune_step, optim, sharding
+from prmim_jax import config_args, optim, sharding
 from prmim_jax.data import pipeline
+from prmim_jax.methods import classify
 from prmim_jax.models import classifier
 
 
 def get_config(arg=None):
     options = config_args.parse(arg)
-    config = finetune.default_config()
+    config = classify.experiment_config()
     config.seed = int(options.get("seed", 0))
     config.batch_size = 128
     config.total_steps = int(options.get("steps", 500))
@@ -54,7 +55,7 @@ def get_config(arg=None):
     short = bool(options.get("short"))
     if short:
         config.model.update(head="batchnorm_linear", head_init_std=0.01)
-    config.mixing = finetune_step.mixing_config(
+    config.mixing = classify.mixing_config(
         **(dict(mixup_alpha=0.0, cutmix_alpha=0.0) if short else {}), label_smoothing=0.1
     )
     config.data = pipeline.data_config(
@@ -64,7 +65,7 @@ def get_config(arg=None):
         random_erase_prob=0.0 if short else 0.25,
     )
     config.sharding = sharding.sharding_config()
-    config.eval.update(every=0, batch_size=500)
+    config.evals.accuracy.update(every=0, batch_size=500)
     config.log_every = 50
     config.checkpoint_every = 250
     if options.get("runlocal"):

@@ -12,8 +12,9 @@ Argument: comma-separated ``model=B/16|L/16`` (Table 14's column), ``blocks=k``
 ``tfds.data_source``; set ``--config.data.data_dir``.
 """
 
-from prmim_jax import config_args, finetune, finetune_step, optim, sharding
+from prmim_jax import config_args, optim, sharding
 from prmim_jax.data import pipeline
+from prmim_jax.methods import classify
 from prmim_jax.models import classifier
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -29,7 +30,7 @@ def get_config(arg=None):
         raise ValueError(f"model={variant!r}; Table 14 gives recipes for {sorted(RECIPES)}.")
     base_lr, layer_decay, drop_path, epochs = RECIPES[variant]
     epochs = int(options.get("epochs", epochs))
-    config = finetune.default_config()
+    config = classify.experiment_config()
     config.batch_size = 1024
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
     config.total_steps = epochs * steps_per_epoch
@@ -48,7 +49,7 @@ def get_config(arg=None):
         base_lr=base_lr, layer_decay=layer_decay, warmup_steps=5 * steps_per_epoch, min_lr=1e-6
     )
     # mixup 0.8, cutmix 1.0 (switch 0.5), label smoothing 0.1; RandAug (9, 0.5), reprob 0.25.
-    config.mixing = finetune_step.mixing_config()
+    config.mixing = classify.mixing_config()
     config.data = pipeline.data_config(
         source="tfds",
         name="imagenet2012",
@@ -62,7 +63,7 @@ def get_config(arg=None):
     config.sharding = sharding.sharding_config(
         mesh=(("data", 1), ("fsdp", -1)) if options.get("fsdp") else (("data", -1), ("fsdp", 1))
     )
-    config.eval.update(every=5 * steps_per_epoch, batch_size=1024)
+    config.evals.accuracy.update(every=5 * steps_per_epoch, batch_size=1024)
     config.log_every = 100
     config.checkpoint_every = steps_per_epoch
     if options.get("runlocal"):
@@ -72,5 +73,5 @@ def get_config(arg=None):
         config.model.update(variant="Ti/16")
         config.data.num_workers = 0
         config.log_every = config.checkpoint_every = 5
-        config.eval.update(every=0, batch_size=16)
+        config.evals.accuracy.update(every=0, batch_size=16)
     return config

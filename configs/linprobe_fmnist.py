@@ -8,14 +8,15 @@ Frozen encoder, cls token, BatchNorm without affine, linear head, LARS
 ``steps=N``, ``seed=N``, ``runlocal``.
 """
 
-from prmim_jax import config_args, finetune, finetune_step, optim, sharding
+from prmim_jax import config_args, optim, sharding
 from prmim_jax.data import pipeline
+from prmim_jax.methods import classify
 from prmim_jax.models import classifier
 
 
 def get_config(arg=None):
     options = config_args.parse(arg)
-    config = finetune.default_config()
+    config = classify.experiment_config()
     config.seed = int(options.get("seed", 0))
     config.batch_size = 256
     config.total_steps = int(options.get("steps", 500))
@@ -39,10 +40,10 @@ def get_config(arg=None):
     config.optimizer = optim.classifier_optimizer_config(
         name="lars", base_lr=0.1, weight_decay=0.0, warmup_steps=config.total_steps // 10, min_lr=0.0, layer_decay=1.0
     )
-    config.mixing = finetune_step.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+    config.mixing = classify.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
     config.data = pipeline.data_config(source="fashion_mnist", crop_scale=(0.08, 1.0))
     config.sharding = sharding.sharding_config()
-    config.eval.update(every=0, batch_size=500)
+    config.evals.accuracy.update(every=0, batch_size=500)
     config.log_every = 50
     config.checkpoint_every = 250
     if options.get("runlocal"):

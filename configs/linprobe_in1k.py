@@ -10,8 +10,9 @@ LARS (momentum 0.9, no weight decay), base lr 0.1 x batch / 256 with batch
 ``model=B/16|L/16``, ``epochs=N``, ``runlocal``.
 """
 
-from prmim_jax import config_args, finetune, finetune_step, optim, sharding
+from prmim_jax import config_args, optim, sharding
 from prmim_jax.data import pipeline
+from prmim_jax.methods import classify
 from prmim_jax.models import classifier
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -19,7 +20,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 def get_config(arg=None):
     options = config_args.parse(arg)
-    config = finetune.default_config()
+    config = classify.experiment_config()
     config.batch_size = 16384
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
     config.total_steps = int(options.get("epochs", 90)) * steps_per_epoch
@@ -38,7 +39,7 @@ def get_config(arg=None):
     config.optimizer = optim.classifier_optimizer_config(
         name="lars", base_lr=0.1, weight_decay=0.0, warmup_steps=10 * steps_per_epoch, min_lr=0.0, layer_decay=1.0
     )
-    config.mixing = finetune_step.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+    config.mixing = classify.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
     config.data = pipeline.data_config(
         source="tfds",
         name="imagenet2012",
@@ -48,7 +49,7 @@ def get_config(arg=None):
         num_workers=16,
     )
     config.sharding = sharding.sharding_config()
-    config.eval.update(every=10 * steps_per_epoch, batch_size=1024)
+    config.evals.accuracy.update(every=10 * steps_per_epoch, batch_size=1024)
     config.log_every = 20
     config.checkpoint_every = steps_per_epoch
     if options.get("runlocal"):
@@ -58,5 +59,5 @@ def get_config(arg=None):
         config.model.update(variant="Ti/16")
         config.data.num_workers = 0
         config.log_every = config.checkpoint_every = 5
-        config.eval.update(every=0, batch_size=16)
+        config.evals.accuracy.update(every=0, batch_size=16)
     return config

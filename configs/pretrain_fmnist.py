@@ -15,6 +15,7 @@ The argument is a comma-separated list: ``runlocal`` (a one-minute run),
 
 from prmim_jax import config_args, optim, sharding, train
 from prmim_jax.data import pipeline
+from prmim_jax.evaluate import eval_config
 from prmim_jax.models import mae
 
 
@@ -43,16 +44,16 @@ def get_config(arg=None):
     config.optimizer = optim.optimizer_config(base_lr=1.5e-3, warmup_steps=config.total_steps // 10, weight_decay=0.05)
     config.data = pipeline.data_config(source="fashion_mnist")
     config.sharding = sharding.sharding_config()
-    config.knn.update(every=0, k=20, train_examples=5000, test_examples=2000, batch_size=512)
+    config.evals.knn.update(every=0, k=20, train_examples=5000, test_examples=2000, batch_size=512)
     config.log_every = 50
     config.checkpoint_every = 250
-    config.picture_every = 250
+    config.evals.reconstruction = eval_config("reconstruction", every=250)
     if options.get("runlocal"):
         config.total_steps = int(options.get("steps", 40))
         config.batch_size = 64
         config.optimizer.warmup_steps = 5
         config.log_every = 10
         config.checkpoint_every = 20
-        config.picture_every = 20
-        config.knn.update(train_examples=1000, test_examples=500)
+        config.evals.reconstruction.every = 20
+        config.evals.knn.update(train_examples=1000, test_examples=500)
     return config

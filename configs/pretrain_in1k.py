@@ -13,6 +13,7 @@ parameters and optimizer state over all devices), ``runlocal``.
 
 from prmim_jax import config_args, optim, sharding, train
 from prmim_jax.data import pipeline
+from prmim_jax.evaluate import eval_config
 from prmim_jax.models import mae
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -36,16 +37,18 @@ def get_config(arg=None):
     config.sharding = sharding.sharding_config(
         mesh=(("data", 1), ("fsdp", -1)) if options.get("fsdp") else (("data", -1), ("fsdp", 1))
     )
-    config.knn.update(every=10 * steps_per_epoch, k=20, train_examples=50000, test_examples=10000, batch_size=1024)
+    config.evals.knn.update(
+        every=10 * steps_per_epoch, k=20, train_examples=50000, test_examples=10000, batch_size=1024
+    )
     config.log_every = 100
     config.checkpoint_every = 2 * steps_per_epoch
-    config.picture_every = 5 * steps_per_epoch
+    config.evals.reconstruction = eval_config("reconstruction", every=5 * steps_per_epoch)
     if options.get("runlocal"):
         config.batch_size = 16
         config.total_steps = 10
         config.optimizer.warmup_steps = 2
         config.model = mae.model_config("Ti/16", image_size=224, channels=3, decoder_depth=1)
         config.data.num_workers = 0
-        config.log_every = config.checkpoint_every = config.picture_every = 5
-        config.knn.update(every=0, train_examples=64, test_examples=32, batch_size=16)
+        config.log_every = config.checkpoint_every = config.evals.reconstruction.every = 5
+        config.evals.knn.update(every=0, train_examples=64, test_examples=32, batch_size=16)
     return config

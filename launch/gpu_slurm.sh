@@ -14,7 +14,7 @@
 #      $VENV/bin/python -m prmim_jax.main --config CONFIG --workdir WORKDIR [flags...]
 #    --per gpu (default): G tasks per node, task I of a node sees only the node's
 #    GPU I (CUDA_VISIBLE_DEVICES from SLURM_LOCALID); --per node: one task per
-#    node that sees all G GPUs.
+#    node that sees all G GPUs. XLA_FLAGS starts with launch/lib.sh's GPU flags.
 # jax.distributed.initialize() reads SLURM's variables, so no coordinator flags.
 # The repository and the environment ($PRMIM_VENV, default .venv here) must be on a
 # filesystem every node mounts at the same path; with a shared environment, run
@@ -134,6 +134,13 @@ sbatch_script() {
   echo "set -euo pipefail"
   join cd "$repo"
   join export PRMIM_VENV="$venv"
+  local xla_flags
+  xla_flags="$(xla_gpu_flags)"
+  if [ -n "$xla_flags" ]; then
+    echo "# XLA's GPU flags (launch/lib.sh), before the job's own XLA_FLAGS, which win."
+    # shellcheck disable=SC2016  # expanded when the job runs
+    echo "export XLA_FLAGS=$(quote "$xla_flags")"'"${XLA_FLAGS:+ $XLA_FLAGS}"'
+  fi
   if [ "$skip_setup" = 0 ]; then
     echo "# The environment, once per node."
     join srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 bash launch/setup_env.sh cuda

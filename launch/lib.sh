@@ -57,3 +57,22 @@ take_config_and_workdir() {
   fi
   [ -f "$config_file" ] || die "config file not found: $config_file"
 }
+
+# Prints the XLA flags the launchers set on GPU (cuda), one line, space-separated; callers put
+# them before the user's own $XLA_FLAGS, so that a flag given there wins (XLA reads the last).
+# PRMIM_XLA_GPU_FLAGS, when set (even empty), replaces them. Each flag is measured by the device
+# check (benchmarks/device_check.sh, table (d)) against XLA's defaults; see launch/README.md.
+xla_gpu_flags() {
+  if [ -n "${PRMIM_XLA_GPU_FLAGS+set}" ]; then
+    printf '%s\n' "$PRMIM_XLA_GPU_FLAGS"
+    return
+  fi
+  local flags=(
+    # Off by default in XLA (jax 0.11); JAX's and NVIDIA's GPU performance guides recommend it: it
+    # schedules the gradient all-reduce of data-parallel training to overlap the backward pass.
+    # One GPU has no collective to hide, so the single-GPU device check can only show it costs
+    # nothing there; the gain needs a multi-GPU measurement.
+    --xla_gpu_enable_latency_hiding_scheduler=true
+  )
+  printf '%s\n' "${flags[*]}"
+}

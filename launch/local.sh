@@ -10,7 +10,8 @@
 # from the current directory. --processes N starts N processes on this machine,
 # each with --coordinator_address localhost:PORT --num_processes N --process_id I
 # (a free port unless --port) and its log in WORKDIR/logs/process_I.log; on cuda,
-# process I sees only GPU I. The script waits for all of them, stops the others
+# process I sees only GPU I. On cuda, XLA_FLAGS starts with launch/lib.sh's GPU
+# flags. The script waits for all of them, stops the others
 # when one fails, and exits non-zero if any failed. --dry_run (or DRY_RUN=1)
 # prints the commands and runs nothing. Launch options may appear anywhere before
 # `--`; everything after CONFIG WORKDIR that is not one goes to main.py.
@@ -91,6 +92,21 @@ run() {
 }
 
 [ "$skip_setup" = 1 ] || run bash "$repo/launch/setup_env.sh" "$platform"
+
+# On cuda, XLA's GPU flags (launch/lib.sh) go before the user's own XLA_FLAGS, which win.
+if [ "$platform" = cuda ]; then
+  xla_flags="$(xla_gpu_flags)"
+  xla_flags="$xla_flags${XLA_FLAGS:+${xla_flags:+ }$XLA_FLAGS}"
+  if [ -n "$xla_flags" ]; then
+    line="export $(quote "XLA_FLAGS=$xla_flags")"
+    if [ "$dry_run" = 1 ]; then
+      echo "$line"
+    else
+      echo "+ $line" >&2
+      export XLA_FLAGS="$xla_flags"
+    fi
+  fi
+fi
 
 if [ "$processes" = 1 ]; then
   if [ "$dry_run" = 1 ]; then

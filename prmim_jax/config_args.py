@@ -16,10 +16,17 @@ def parse(arg: str | None) -> dict:
     return options
 
 
-def method(options: dict, throw_ratio: float = 0.5) -> ml_collections.ConfigDict:
-    """The method section from ``method=``, ``sampler=`` and ``throw=`` (PR-MIM with furthest sampling by default)."""
-    name = options.get("method", "prmim")
-    config = methods.method_config(name, sampler=options.get("sampler", "random" if name == "mae" else "furthest"))
-    if name != "mae":
-        config.throw_ratio = float(options.get("throw", throw_ratio))
-    return config
+def throwing(options: dict) -> dict:
+    """Method-section overrides from ``sampler=`` and ``throw=`` (rho_d), the ones given."""
+    overrides = {}
+    if "sampler" in options:
+        overrides["sampler"] = options["sampler"]
+    if "throw" in options:
+        overrides["throw_ratio"] = float(options["throw"])
+    return overrides
+
+
+def method(options: dict) -> ml_collections.ConfigDict:
+    """The method section from ``method=`` (default ``prmim``), ``sampler=`` and ``throw=``: the named
+    method's defaults (``methods.method_config``) with the sampler and throwing ratio given."""
+    return methods.method_config(options.get("method", "prmim"), **throwing(options))

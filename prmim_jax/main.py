@@ -1,4 +1,4 @@
-"""Entry point of pretraining and fine-tuning (the config's ``task`` picks the trainer).
+"""Entry point of every run: pretraining, fine-tuning, linear probing (the config's ``method`` says which).
 
     python -m prmim_jax.main --config configs/pretrain_fmnist.py --workdir /tmp/prmim
     python -m prmim_jax.main --config configs/finetune_fmnist.py --workdir /tmp/ft --config.init.workdir=/tmp/prmim
@@ -17,9 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prmim_jax import finetune, train
-
-TRAINERS = {"pretrain": train.train_and_evaluate, "finetune": finetune.train_and_evaluate}
+from prmim_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
@@ -52,10 +50,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("prmim_jax").setLevel(logging.INFO)
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    task = FLAGS.config.get("task", "pretrain")
-    if task not in TRAINERS:
-        raise ValueError(f"config.task={task!r}; choose one of {sorted(TRAINERS)}.")
-    TRAINERS[task](FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, ImageEnhance
 
-from prmim_jax import masking
+from prmim_jax import masking, mixing
 from prmim_jax.data import augment, pipeline
 
 MAE_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
@@ -233,12 +233,12 @@ def test_random_erasing_happens_with_its_probability():
 
 
 def test_smoothed_targets_are_timms_exact_values():
-    targets = augment.smooth_targets(jnp.array([2, 0], jnp.int32), 10, 0.1)
+    targets = mixing.smooth_targets(jnp.array([2, 0], jnp.int32), 10, 0.1)
     assert targets.shape == (2, 10) and targets.dtype == jnp.float32
     expected = np.full((2, 10), np.float32(0.01))
     expected[0, 2] = expected[1, 0] = np.float32(0.91)
     np.testing.assert_array_equal(targets, expected)
-    np.testing.assert_array_equal(augment.smooth_targets(jnp.array([1]), 3, 0.0), [[0.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(mixing.smooth_targets(jnp.array([1]), 3, 0.0), [[0.0, 1.0, 0.0]])
 
 
 def distinct_batch(batch=8, size=6, channels=2):
@@ -251,7 +251,7 @@ def distinct_batch(batch=8, size=6, channels=2):
 def test_mixed_targets_are_probability_vectors_mixing_the_label_and_its_partner():
     images, labels = distinct_batch()
     for seed in range(10):
-        mixed, targets = augment.mix_batch(jax.random.key(seed), images, labels, 10)
+        mixed, targets = mixing.mix_batch(jax.random.key(seed), images, labels, 10)
         assert mixed.shape == images.shape and mixed.dtype == jnp.float32
         assert targets.shape == (8, 10) and targets.dtype == jnp.float32
         np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
@@ -264,7 +264,7 @@ def test_mixup_is_the_convex_combination_with_the_reversed_batch():
     images, labels = distinct_batch()
     lams = []
     for seed in range(6):
-        mixed, targets = augment.mix_batch(
+        mixed, targets = mixing.mix_batch(
             jax.random.key(seed), images, labels, 8, cutmix_alpha=0.0, label_smoothing=0.0
         )
         lam = np.asarray(targets)[np.arange(8), labels]
@@ -279,9 +279,7 @@ def test_cutmix_pastes_one_box_from_the_partner_and_weights_targets_by_the_unpas
     images, labels = distinct_batch(size=16)
     sizes = []
     for seed in range(8):
-        mixed, targets = augment.mix_batch(
-            jax.random.key(seed), images, labels, 8, mixup_alpha=0.0, label_smoothing=0.0
-        )
+        mixed, targets = mixing.mix_batch(jax.random.key(seed), images, labels, 8, mixup_alpha=0.0, label_smoothing=0.0)
         mixed, pasted = np.asarray(mixed), np.asarray(mixed != images)
         box = pasted[0, :, :, 0]
         assert (pasted == box[None, :, :, None]).all()  # the same box in every image and channel
@@ -295,7 +293,7 @@ def test_cutmix_pastes_one_box_from_the_partner_and_weights_targets_by_the_unpas
 def test_cutmix_box_is_timms_rand_bbox():
     # lam = 0.75: sides int(16 * 0.5) = 8, half 4, so an unclipped box is 8 x 8 and a clipped one smaller.
     for seed in range(20):
-        box, corrected = augment.cutmix_box(jax.random.key(seed), jnp.float32(0.75), 16, 16)
+        box, corrected = mixing.cutmix_box(jax.random.key(seed), jnp.float32(0.75), 16, 16)
         box = np.asarray(box)
         heights, widths = box.any(axis=1).sum(), box.any(axis=0).sum()
         assert 4 <= heights <= 8 and 4 <= widths <= 8 and box.sum() == heights * widths
@@ -306,29 +304,29 @@ def test_switch_prob_picks_cutmix_or_mixup_and_prob_zero_only_smooths():
     images, labels = distinct_batch()
     kinds = set()
     for seed in range(12):
-        mixed, _ = augment.mix_batch(jax.random.key(seed), images, labels, 10)
+        mixed, _ = mixing.mix_batch(jax.random.key(seed), images, labels, 10)
         partner_or_own = np.isclose(mixed, images) | np.isclose(mixed, images[::-1])
         kinds.add("cutmix" if partner_or_own.all() else "mixup")
     assert kinds == {"cutmix", "mixup"}
-    mixed, targets = augment.mix_batch(jax.random.key(0), images, labels, 10, prob=0.0)
+    mixed, targets = mixing.mix_batch(jax.random.key(0), images, labels, 10, prob=0.0)
     np.testing.assert_array_equal(mixed, images)
-    np.testing.assert_array_equal(targets, augment.smooth_targets(labels, 10, 0.1))
+    np.testing.assert_array_equal(targets, mixing.smooth_targets(labels, 10, 0.1))
     with pytest.raises(ValueError, match="one > 0"):
-        augment.mix_batch(jax.random.key(0), images, labels, 10, mixup_alpha=0.0, cutmix_alpha=0.0)
+        mixing.mix_batch(jax.random.key(0), images, labels, 10, mixup_alpha=0.0, cutmix_alpha=0.0)
     with pytest.raises(ValueError, match="switch_prob"):
-        augment.mix_batch(jax.random.key(0), images, labels, 10, switch_prob=2.0)
+        mixing.mix_batch(jax.random.key(0), images, labels, 10, switch_prob=2.0)
 
 
 def test_mix_batch_jits_on_a_batch_sharded_over_eight_devices():
     assert jax.device_count() == 8
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
     images, labels = distinct_batch(batch=16)
-    mix = jax.jit(functools.partial(augment.mix_batch, num_classes=16))
+    mix = jax.jit(functools.partial(mixing.mix_batch, num_classes=16))
     sharded_images, sharded_labels = jax.device_put(images, sharding), jax.device_put(labels, sharding)
     for seed in range(4):
         mixed, targets = mix(jax.random.key(seed), sharded_images, sharded_labels)
         assert len(mixed.sharding.device_set) == 8
-        expected_images, expected_targets = augment.mix_batch(jax.random.key(seed), images, labels, 16)
+        expected_images, expected_targets = mixing.mix_batch(jax.random.key(seed), images, labels, 16)
         np.testing.assert_allclose(mixed, expected_images, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(targets, expected_targets, rtol=1e-6, atol=1e-7)
 

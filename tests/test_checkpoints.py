@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_transformers_equivalence import ARCHS, hf_model, hf_to_official, our_model
 
-from prmim_jax.tools import mae_checkpoint, weight_files
+from prmim_jax.interop import mae_checkpoint, weight_files
 
 
 def assert_trees_equal(a, b):
@@ -138,9 +138,11 @@ def test_prmim_checkpoints_carry_the_aggregation_in_pytorch_conv_layout(tmp_path
     from conftest import tiny_model_config
 
     from prmim_jax import masking, methods
+    from prmim_jax.methods import mae as mae_family
     from prmim_jax.models import aggregate
 
-    model, method = methods.build(tiny_model_config(), methods.method_config("prmim"))
+    method = mae_family.from_sections(tiny_model_config(), methods.method_config("prmim"))
+    model = method.model
     rng = np.random.default_rng(0)
     ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(2)]))
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), *ids))["params"]

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from prmim_jax import config_args, finetune, train
+from prmim_jax import config_args, methods, train
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
 
@@ -17,25 +17,49 @@ def load(path):
     return module
 
 
-PRETRAIN = [p for p in CONFIGS if p.stem.startswith("pretrain_")]
+PRETRAIN = [p for p in CONFIGS if p.stem.startswith("pretrain_") and "simmim" not in p.stem]
+SIMMIM = [p for p in CONFIGS if p.stem.startswith("pretrain_simmim")]
 CLASSIFY = [p for p in CONFIGS if not p.stem.startswith("pretrain_")]
 
 
-def test_every_config_is_a_pretraining_or_a_classifier_config():
-    assert len(PRETRAIN) >= 2 and len(CLASSIFY) >= 4
+def test_every_config_names_the_method_it_runs():
+    assert len(PRETRAIN) >= 2 and len(SIMMIM) >= 2 and len(CLASSIFY) >= 4
     for path in CONFIGS:
-        assert load(path).get_config().task == ("pretrain" if path in PRETRAIN else "finetune"), path
+        name = load(path).get_config().method.name
+        assert name == ("mae" if path in PRETRAIN else "simmim" if path in SIMMIM else "classify"), path
+
+
+def validated(config):
+    config.batch_size = 8 * (config.batch_size // 8)  # the suite simulates 8 devices
+    config.evals.knn.batch_size = 8 * max(1, config.evals.knn.batch_size // 8)
+    return train.validate(config)
 
 
 @pytest.mark.parametrize("path", PRETRAIN, ids=lambda p: p.stem)
 @pytest.mark.parametrize("arg", [None, "runlocal", "method=partial,sampler=random_throw,throw=0.25", "method=mae"])
 def test_pretraining_configs_validate(path, arg):
     config = load(path).get_config(arg)
-    config.batch_size = 8 * (config.batch_size // 8)  # the suite simulates 8 devices
-    config.knn.batch_size = 8 * max(1, config.knn.batch_size // 8)
-    setup = train.validate(config)
-    assert setup.method.name == config_args.parse(arg).get("method", "prmim")
+    setup = validated(config)
+    expected = methods.method_config(config_args.parse(arg).get("method", "prmim"))
+    assert (setup.method.name, setup.method.throwing.reconstruction) == (expected.name, expected.reconstruction)
     assert config.data.image_size == config.model.image_size
+
+
+@pytest.mark.parametrize("path", SIMMIM, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "arg, reconstruction, throw",
+    [
+        (None, "full", 0.0),
+        ("runlocal", "full", 0.0),
+        ("reconstruction=partial,sampler=random_throw,throw=0.25", "partial", 0.25),
+        ("reconstruction=progressive", "progressive", 0.3),  # the paper's Table 4 rho_d
+    ],
+)
+def test_simmim_configs_validate_with_one_key_for_pr_mim(path, arg, reconstruction, throw):
+    setup = validated(load(path).get_config(arg))
+    throwing = setup.method.throwing
+    assert (throwing.reconstruction, throwing.layout.throw_ratio) == (reconstruction, throw)
+    assert throwing.layout.mask_unit * setup.method.model.patch_size == setup.method.config.method.mask_patch_size
 
 
 @pytest.mark.parametrize("path", CLASSIFY, ids=lambda p: p.stem)
@@ -43,9 +67,10 @@ def test_pretraining_configs_validate(path, arg):
 def test_classifier_configs_validate(path, arg):
     config = load(path).get_config(arg)
     config.batch_size = 8 * (config.batch_size // 8)
-    config.eval.batch_size = 8 * max(1, config.eval.batch_size // 8)
-    setup = finetune.validate(config)
-    assert config.data.image_size == config.model.image_size and setup.model.num_classes == config.model.num_classes
+    config.evals.accuracy.batch_size = 8 * max(1, config.evals.accuracy.batch_size // 8)
+    setup = train.validate(config)
+    assert config.data.image_size == config.model.image_size
+    assert setup.method.model.num_classes == config.model.num_classes
 
 
 def test_finetune_in1k_is_the_papers_table_14():
@@ -71,7 +96,11 @@ def test_in1k_config_is_the_papers_table_13():
     assert config.optimizer.base_lr == 1.5e-4 and config.optimizer.b2 == 0.95 and config.optimizer.weight_decay == 0.05
     assert config.optimizer.warmup_steps == 40 * (1_281_167 // 4096)
     assert config.method.mask_ratio == 0.75 and config.method.norm_pix_loss
-    assert (config.model.variant, config.method.name, config.method.throw_ratio) == ("B/16", "prmim", 0.5)
+    assert (config.model.variant, config.method.reconstruction, config.method.throw_ratio) == (
+        "B/16",
+        "progressive",
+        0.5,
+    )
 
 
 def test_config_argument_parsing():

@@ -14,23 +14,24 @@ import optax
 import pytest
 from test_train import tiny_config
 
-from prmim_jax import finetune, finetune_step, optim, sharding, train
+from prmim_jax import loop, optim, sharding, train, train_step
 from prmim_jax.data import pipeline
+from prmim_jax.methods import classify
 from prmim_jax.models import classifier, vit
 
 
 def tiny_finetune_config(**overrides):
     """The encoder of ``test_train.tiny_config`` (width 32, one block, patch 4) as a 10-class classifier."""
-    config = finetune.default_config()
+    config = classify.experiment_config()
     config.batch_size = 64
     config.total_steps = 4
     config.model = classifier.classifier_config(
         "Ti/4", width=32, depth=1, num_heads=4, image_size=28, channels=1, num_classes=10, drop_path_rate=0.1
     )
     config.optimizer = optim.classifier_optimizer_config(base_lr=4e-3, layer_decay=0.75, warmup_steps=1)
-    config.mixing = finetune_step.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0)
+    config.mixing = classify.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0)
     config.data = pipeline.data_config(source="fashion_mnist", crop_scale=(0.35, 1.0))
-    config.eval.update(batch_size=400)
+    config.evals.accuracy.update(batch_size=400)
     config.log_every = 2
     config.checkpoint_every = 2
     config.update(overrides)
@@ -45,10 +46,10 @@ def pretrained_workdir(tmp_path_factory):
 
 
 def fresh_state(config, devices=None):
-    setup = finetune.validate(config, devices)
+    setup = train.validate(config, devices)
     rng = jax.random.key(0)
-    init_fn, _, shardings = finetune.abstract_state(setup, config, rng)
-    return setup, shardings, finetune.create_state(setup, config, init_fn, shardings, rng)
+    init_fn, _, shardings = train.abstract_state(setup, config, rng)
+    return setup, shardings, train.create_state(setup, init_fn, shardings, rng)
 
 
 def test_fresh_fine_tune_starts_from_the_pretrained_encoder(pretrained_workdir):
@@ -89,7 +90,7 @@ def test_mismatched_pretrained_encoder_fails_before_compiling(pretrained_workdir
     config.init.workdir = pretrained_workdir
     config.model.width = 64
     with pytest.raises(ValueError, match=r"make model's variant and sizes match the pretraining run's"):
-        finetune.validate(config)
+        train.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,7 @@ def test_mismatched_pretrained_encoder_fails_before_compiling(pretrained_workdir
         (lambda c: c.model.update(trainable_blocks=3), r"trainable_blocks=3 must lie in \[0, depth=1\]"),
         (lambda c: c.model.update(pool="max"), "pool='max'"),
         (lambda c: c.optimizer.update(name="sgd"), "optimizer.name='sgd'"),
-        (lambda c: c.mixing.update(prob=1.5), "probabilities in"),
+        (lambda c: c.mixing.update(prob=1.5), "probabilities must lie in"),
         (lambda c: c.init.update(workdir="/nonexistent", mae_checkpoint="x.pth"), "not both"),
         (lambda c: c.init.update(workdir="/nonexistent"), "point it at a prmim_jax pretraining workdir"),
         (lambda c: c.update(batch_size=60), "batch_size=60 must be divisible by the 8 devices"),
@@ -108,18 +109,15 @@ def test_bad_fine_tuning_configs_fail_with_the_fix(edit, message):
     config = tiny_finetune_config()
     edit(config)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        finetune.validate(config)
+        train.validate(config)
 
 
 def run_steps(config, steps=2):
     setup, shardings, state = fresh_state(config)
     initial = jax.device_get(state.params)
     initial_stats = jax.device_get(state.batch_stats)
-    step_fn, batch_sharding = finetune.loop.jit_step(
-        lambda s, b, r: finetune_step.train_step(s, b, r, model=setup.model, mixing=setup.mixing),
-        setup.mesh,
-        setup.rules,
-        shardings,
+    step_fn, batch_sharding = loop.jit_step(
+        lambda s, b, r: train_step.train_step(s, b, r, method=setup.method), setup.mesh, setup.rules, shardings
     )
     rng = np.random.default_rng(0)
     for i in range(steps):
@@ -201,11 +199,12 @@ def test_short_fine_tune_of_a_pretrained_encoder_learns_fashion_mnist(pretrained
     config.init.workdir = pretrained_workdir
     config.optimizer.base_lr = 4e-2
     config.data.crop_scale = (0.8, 1.0)
-    result = finetune.train_and_evaluate(config, str(tmp_path))
+    result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 100
     assert result["accuracy"] > 0.4, result  # chance is 0.1; 0.55 when written
-    predict, data = finetune.load_classifier(tmp_path)
-    batch = next(iter(pipeline.eval_dataset(train.eval_data_config(data), batch_size=400)))
+    predict, data = classify.load_classifier(tmp_path)
+    data.num_workers = 0
+    batch = next(iter(pipeline.eval_dataset(data, batch_size=400)))
     accuracy = np.mean(np.argmax(predict(batch["images"]), -1) == batch["labels"])
     assert accuracy > 0.4
 
@@ -218,10 +217,10 @@ def test_interrupted_fine_tune_resumes_exactly(tmp_path):
         config.data.update(rand_augment="rand-m9-mstd0.5-inc1", random_erase_prob=0.25)
         return config
 
-    whole = finetune.train_and_evaluate(config(), str(tmp_path / "whole"))
-    stopped = finetune.train_and_evaluate(config(stop_after=2), str(tmp_path / "split"))
+    whole = train.train_and_evaluate(config(), str(tmp_path / "whole"))
+    stopped = train.train_and_evaluate(config(stop_after=2), str(tmp_path / "split"))
     assert stopped["stopped"] and stopped["step"] == 2
-    resumed = finetune.train_and_evaluate(config(), str(tmp_path / "split"))
+    resumed = train.train_and_evaluate(config(), str(tmp_path / "split"))
     assert resumed["step"] == 4
     assert resumed["accuracy"] == whole["accuracy"] and resumed["loss"] == whole["loss"]
 
@@ -245,4 +244,4 @@ def test_main_runs_fine_tuning_configs_with_the_encoder_named_on_the_command_lin
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "final top-1 accuracy (test)" in completed.stdout
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["task"] == "finetune" and saved["init"]["workdir"] == pretrained_workdir
+    assert saved["method"]["name"] == "classify" and saved["init"]["workdir"] == pretrained_workdir

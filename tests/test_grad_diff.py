@@ -7,12 +7,14 @@ import numpy as np
 from conftest import tiny_model_config
 
 from prmim_jax import masking, methods
+from prmim_jax.methods import mae as mae_family
 from prmim_jax.tools import grad_diff
 
 
 def setup():
     model_config = tiny_model_config()
-    model, method = methods.build(model_config, methods.method_config("prmim"))
+    method = mae_family.from_sections(model_config, methods.method_config("prmim"))
+    model = method.model
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(4, 28, 28, 1)).astype(np.float32))
     noise = np.stack([masking.draw_noise(rng, method.layout) for _ in range(4)])

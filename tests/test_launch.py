@@ -18,7 +18,15 @@ import pytest
 LAUNCH = pathlib.Path(__file__).parent.parent / "launch"
 SCRIPTS = ("local.sh", "tpu_pod.sh", "gpu_slurm.sh")
 BASH = shutil.which("bash")
-CLEARED = ("DRY_RUN", "PRMIM_PLATFORM", "PRMIM_VENV", "CUDA_VISIBLE_DEVICES", "TMPDIR")
+CLEARED = (
+    "DRY_RUN",
+    "PRMIM_PLATFORM",
+    "PRMIM_VENV",
+    "CUDA_VISIBLE_DEVICES",
+    "TMPDIR",
+    "XLA_FLAGS",
+    "PRMIM_XLA_GPU_FLAGS",
+)
 
 
 @pytest.fixture
@@ -155,9 +163,54 @@ def test_local_processes_run_one_command_each_with_coordinator_flags_and_own_log
 def test_local_processes_on_cuda_see_one_gpu_each(repo):
     env = {"PRMIM_PLATFORM": "cuda", "CUDA_VISIBLE_DEVICES": "4,6"}
     result = launch(repo, "local.sh", "--processes=2", "--port=4321", "--dry_run", "configs/tiny.py", "wd", env=env)
-    processes = printed(result)[2:4]
+    processes = printed(result)[3:5]  # after the set-up, XLA_FLAGS and mkdir
     assert [argv[:2] for argv in processes] == [["env", "CUDA_VISIBLE_DEVICES=4"], ["env", "CUDA_VISIBLE_DEVICES=6"]]
     assert all("localhost:4321" in argv for argv in processes)
+
+
+def xla_gpu_flags(env=None):
+    """What launch/lib.sh's ``xla_gpu_flags`` prints: the launchers' XLA flags on GPU."""
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ.update(env or {})
+    shown = subprocess.run(
+        [BASH, "-c", f"source {LAUNCH / 'lib.sh'}; xla_gpu_flags"], env=environ, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout.strip()
+
+
+def test_launchers_gpu_flags_are_xla_gpu_flags_with_values():
+    flags = xla_gpu_flags().split()
+    assert flags
+    assert all(re.fullmatch(r"--xla_gpu_\w+=\S+", flag) for flag in flags), flags
+
+
+def test_local_on_cuda_exports_the_gpu_flags_before_the_users_own_xla_flags(repo):
+    env = {"PRMIM_PLATFORM": "cuda", "XLA_FLAGS": "--xla_dump_to=/tmp/dump"}
+    setup, export, main = printed(launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert setup == ["bash", f"{repo}/launch/setup_env.sh", "cuda"]
+    assert export == ["export", f"XLA_FLAGS={xla_gpu_flags()} --xla_dump_to=/tmp/dump"]
+    assert main == main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")
+
+
+@pytest.mark.parametrize(("platform", "expected"), [("cuda", True), ("cpu", False), ("tpu", False)])
+def test_local_runs_main_with_the_gpu_flags_on_cuda_only(repo, platform, expected):
+    executable(repo / ".venv" / "bin" / "python", '#!/bin/sh\necho "XLA_FLAGS=$XLA_FLAGS"\n')
+    env = {"PRMIM_PLATFORM": platform, "XLA_FLAGS": "--mine=1"}
+    result = launch(repo, "local.sh", "--skip_setup", "configs/tiny.py", "wd", env=env)
+    assert result.returncode == 0, result.stderr
+    flags = f"{xla_gpu_flags()} --mine=1" if expected else "--mine=1"
+    assert result.stdout.strip() == f"XLA_FLAGS={flags}"
+
+
+def test_prmim_xla_gpu_flags_replaces_the_launchers_gpu_flags(repo):
+    env = {"PRMIM_PLATFORM": "cuda", "PRMIM_XLA_GPU_FLAGS": ""}
+    assert printed(launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)) == [
+        main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")
+    ]
+    env["PRMIM_XLA_GPU_FLAGS"] = "--xla_gpu_enable_triton_gemm=false"
+    export, _ = printed(launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert export == ["export", "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -371,6 +424,23 @@ def test_slurm_per_gpu_task_sees_only_its_gpu(repo, visible, local_id, expected)
         check=True,
     )
     assert shown.stdout.split() == [expected, "0"]
+
+
+@pytest.mark.parametrize(("job_flags", "expected_tail"), [(None, ""), ("--xla_dump_to=/d", " --xla_dump_to=/d")])
+def test_slurm_job_exports_the_gpu_flags_before_the_jobs_own_xla_flags(repo, job_flags, expected_tail):
+    _, script, _ = sbatch_dry_run(
+        launch(repo, "gpu_slurm.sh", "--nodes", "1", "--gpus_per_node", "1", "--dry_run", "configs/tiny.py", "wd")
+    )
+    export = [line for line in script.splitlines() if line.startswith("export XLA_FLAGS=")]
+    assert len(export) == 1
+    assert script.index(export[0]) < script.index("\nsrun ")
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    if job_flags:
+        environ["XLA_FLAGS"] = job_flags
+    shown = subprocess.run(
+        [BASH, "-c", f'{export[0]}; echo "$XLA_FLAGS"'], env=environ, capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.strip() == xla_gpu_flags() + expected_tail
 
 
 def test_slurm_writes_the_script_and_submits_it(repo, tmp_path):

@@ -1,6 +1,8 @@
 """Progressive reconstruction: the aggregation is a depth-wise convolution read at the thrown tokens,
 it costs O(N_thr k^2 C), thrown tokens are supervised through it, and with nothing thrown PR-MIM is MAE."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from conftest import tiny_model_config
 
 from prmim_jax import masking, methods, optim, train_step
+from prmim_jax.methods import mae as mae_family
 from prmim_jax.models import aggregate, mae, vit
 
 
@@ -63,7 +66,8 @@ def build(method_name, throw_ratio, sampler="random_throw", **model_overrides):
     method_cfg = methods.method_config(
         method_name, throw_ratio=throw_ratio, sampler=sampler if throw_ratio else "random"
     )
-    return methods.build(tiny_model_config(**model_overrides), method_cfg)
+    method = mae_family.from_sections(tiny_model_config(**model_overrides), method_cfg)
+    return method.model, method
 
 
 def batch_for(method, seed=0, batch=4):
@@ -74,13 +78,13 @@ def batch_for(method, seed=0, batch=4):
 
 
 def test_with_nothing_thrown_prmim_is_mae_bit_for_bit():
-    mae_model, mae_method = build("mae", 0.0)
+    _, mae_method = build("mae", 0.0)
     pr_model, pr_method = build("prmim", 0.0)
     images, ids = batch_for(mae_method)
     pr_params = nn.unbox(pr_model.init(jax.random.key(0), images, *ids))["params"]
     shared = {k: v for k, v in pr_params.items() if k != "aggregation"}
-    mae_loss, mae_grads = jax.jit(jax.value_and_grad(lambda p: mae_method.loss(mae_model, p, images, ids)))(shared)
-    pr_loss, pr_grads = jax.jit(jax.value_and_grad(lambda p: pr_method.loss(pr_model, p, images, ids)))(pr_params)
+    mae_loss, mae_grads = jax.jit(jax.value_and_grad(lambda p: mae_method.objective(p, images, ids)))(shared)
+    pr_loss, pr_grads = jax.jit(jax.value_and_grad(lambda p: pr_method.objective(p, images, ids)))(pr_params)
     assert float(pr_loss) == float(mae_loss)
     for a, b in zip(
         jax.tree_util.tree_leaves(mae_grads), jax.tree_util.tree_leaves({k: pr_grads[k] for k in shared}), strict=True
@@ -95,7 +99,7 @@ def target_influence(model, method, params, images, ids):
 
     def loss_of_targets(target_images):
         return mae.reconstruction_loss(
-            target_images, output, ids.decoded, ids.thrown, 2, method.norm_pix_loss, method.thrown_loss_weight
+            target_images, output, ids.decoded, ids.thrown, 2, method.norm_pix_loss, method.throwing.thrown_loss_weight
         )
 
     grads = jax.jit(jax.grad(loss_of_targets))(images)
@@ -144,11 +148,18 @@ def test_thrown_loss_weight_weighs_thrown_against_decoded_tokens():
         np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
+def make_batch(images, ids):
+    return {"images": images, "ids_visible": ids.visible, "ids_decoded": ids.decoded, "ids_thrown": ids.thrown}
+
+
+def jit_step(method):
+    return jax.jit(functools.partial(train_step.train_step, method=method))
+
+
 def compiled_step(model, method, images, ids):
     tx = optim.build_optimizer(optim.optimizer_config(), global_batch=images.shape[0], total_steps=10)
-    state = nn.unbox(train_step.init_state(model, method, tx, jax.random.key(0), images.shape))
-    batch = train_step.make_batch(images, ids)
-    return train_step.jit_train_step(model, method).lower(state, batch, jax.random.key(0)).compile()
+    state = nn.unbox(train_step.init_state(method, tx, jax.random.key(0), images.shape[0]))
+    return jit_step(method).lower(state, make_batch(images, ids), jax.random.key(0)).compile()
 
 
 def test_the_compiled_prmim_step_costs_o_n_k2_c_more_than_partial():
@@ -172,12 +183,12 @@ def test_the_compiled_prmim_step_costs_o_n_k2_c_more_than_partial():
 
 
 def test_training_steps_lower_the_prmim_loss():
-    model, method = build("prmim", 0.5, sampler="furthest")
+    _, method = build("prmim", 0.5, sampler="furthest")
     images, ids = batch_for(method, batch=8)
     tx = optim.build_optimizer(optim.optimizer_config(base_lr=2e-2), global_batch=256, total_steps=100)
-    state = nn.unbox(train_step.init_state(model, method, tx, jax.random.key(0), images.shape))
-    step = train_step.jit_train_step(model, method)
-    batch = train_step.make_batch(images, ids)
+    state = nn.unbox(train_step.init_state(method, tx, jax.random.key(0), images.shape[0]))
+    step = jit_step(method)
+    batch = make_batch(images, ids)
     losses = []
     for _ in range(20):
         state, metrics = step(state, batch, jax.random.key(0))

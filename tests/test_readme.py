@@ -16,3 +16,13 @@ def test_readme_model_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["out"].pred_decoded.shape == (2, 147, 768)
     assert float(namespace["loss"]) > 0
+
+
+def test_readme_methods_example_runs():
+    block = next(b for b in python_blocks() if "methods.build(config)" in b)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    batch = namespace["batch"]
+    assert batch["images"].shape == (2, 224, 224, 3)
+    assert batch["ids_thrown"].shape == (2, 98) and batch["ids_decoded"].shape == (2, 49)
+    assert namespace["method"].throwing.progressive

@@ -2,8 +2,6 @@
 
 import json
 import pathlib
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -258,7 +256,9 @@ def test_cli_writes_json_and_a_table(mock_tfds, monkeypatch, tmp_path, capsys):
         calls.append(workdir)
         return (lambda images: one_hot_logits([robustness.IMAGENET_R_CLASSES[0]] * len(images))), base_config()
 
-    monkeypatch.setitem(sys.modules, "prmim_jax.finetune", types.SimpleNamespace(load_classifier=load_classifier))
+    from prmim_jax.methods import classify
+
+    monkeypatch.setattr(classify, "load_classifier", load_classifier)
     monkeypatch.setattr(main_lib, "initialize_distributed", lambda *args: None)
     out = tmp_path / "results.json"
     argv = ["--workdir", str(tmp_path), "--datasets", "imagenet_a,imagenet_r:test,imagenet_v2", "--out", str(out)]
@@ -277,22 +277,27 @@ def test_cli_writes_json_and_a_table(mock_tfds, monkeypatch, tmp_path, capsys):
 
 def test_cli_evaluates_a_fine_tuned_checkpoint_on_mock_imagenet_a(mock_tfds, tmp_path):
     # A real fine-tuning run (two steps of a tiny 1000-class classifier on Fashion-MNIST) read back by
-    # finetune.load_classifier: the whole path a user takes, on mock ImageNet-A.
+    # classify.load_classifier: the whole path a user takes, on mock ImageNet-A.
     from test_finetune import tiny_finetune_config
 
-    from prmim_jax import finetune
+    from prmim_jax import train
+    from prmim_jax.evaluate import eval_config
+    from prmim_jax.methods import classify
 
     config = tiny_finetune_config(total_steps=2, batch_size=8)
     config.model.num_classes = 1000
-    config.eval.batch_size = 8
-    finetune.train_and_evaluate(config, str(tmp_path / "ft"))
+    config.evals.accuracy.batch_size = 8
+    # The same evaluation as an evaluator of the run (config.evals), at its end.
+    config.evals.robustness = eval_config("robustness", datasets="imagenet_a", batch_size=8)
+    final = train.train_and_evaluate(config, str(tmp_path / "ft"))
     out = tmp_path / "robustness.json"
     robustness.main(
         ["--workdir", str(tmp_path / "ft"), "--datasets", "imagenet_a", "--batch_size", "8", "--out", str(out)]
     )
     result = json.loads(out.read_text())["imagenet_a:test"]
     assert result["count"] == NUM_EXAMPLES and 0.0 <= result["accuracy"] <= 1.0
-    predict, data = finetune.load_classifier(tmp_path / "ft")
+    assert final["imagenet_a:test/accuracy"] == result["accuracy"]
+    predict, data = classify.load_classifier(tmp_path / "ft")
     batch = next(iter(pipeline.eval_dataset(robustness.with_dataset(data, "imagenet_a"), batch_size=8)))
     predicted = robustness.predictions(predict(batch["images"]), robustness.IMAGENET_A_CLASSES)
     assert set(predicted.tolist()) <= set(robustness.IMAGENET_A_CLASSES)

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from prmim_jax import masking, methods, sharding, train
 from prmim_jax.data import pipeline
+from prmim_jax.evaluate import eval_config
 from prmim_jax.models import mae
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -41,10 +42,12 @@ def tiny_config(**overrides):
     config.method = methods.method_config("prmim", sampler="furthest", throw_ratio=0.5)
     config.optimizer.update(base_lr=1e-3, warmup_steps=1)
     config.data = pipeline.data_config(source="fashion_mnist")
-    config.knn.update(every=0, k=5, train_examples=200, test_examples=100, batch_size=40)
+    config.evals.knn.update(every=0, k=5, train_examples=200, test_examples=100, batch_size=40)
     config.log_every = 1
     config.checkpoint_every = 3
-    config.picture_every = 0
+    pictures_every = overrides.pop("picture_every", 0)
+    if pictures_every:
+        config.evals.reconstruction = eval_config("reconstruction", every=pictures_every)
     config.update(overrides)
     return config
 
@@ -74,7 +77,7 @@ def run_steps(config, devices, batch, steps=2):
 
 
 def synthetic_batch(config, seed=0):
-    _, method = methods.build(config.model, config.method)
+    method = methods.build(config)
     rng = np.random.default_rng(seed)
     ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(config.batch_size)]))
     images = rng.normal(size=(config.batch_size, 28, 28, 1)).astype(np.float32)
@@ -116,12 +119,12 @@ def test_sharded_steps_match_one_device(mesh):
     "edit, message",
     [
         (lambda c: c.method.update(throw_ratio=0.8), "only masked tokens can be thrown"),
-        (lambda c: c.model.update(patch_size=7), "aggregation_kernel=7 must be odd and fit the 4x4 token grid"),
+        (lambda c: c.model.update(patch_size=7), "kernel_size=7 does not fit the 4x4 token grid"),
         (lambda c: c.update(batch_size=12), "batch_size=12 must be divisible by the 8 devices"),
         (lambda c: c.sharding.update(mesh=(("data", 3), ("fsdp", -1))), "cannot tile 8 devices"),
         (lambda c: c.data.update(image_size=32), "make data.image_size/channels match model"),
         (lambda c: c.optimizer.update(warmup_steps=100), "warmup_steps=100 must lie in"),
-        (lambda c: c.knn.update(batch_size=50), "knn.batch_size=50 must be divisible by the 8 devices"),
+        (lambda c: c.evals.knn.update(batch_size=50), "kNN batch_size=50 must be divisible by the 8 devices"),
     ],
 )
 def test_impossible_configs_fail_before_compiling_and_write_nothing(tmp_path, edit, message):
@@ -137,7 +140,7 @@ def test_impossible_configs_fail_before_compiling_and_write_nothing(tmp_path, ed
 
 def test_fashion_mnist_run_saves_checkpoints_pictures_metrics_and_reports_knn(tmp_path):
     config = tiny_config(picture_every=3)
-    config.knn.every = 3
+    config.evals.knn.every = 3
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6 and 0.0 <= result["knn_accuracy"] <= 1.0
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
@@ -156,7 +159,7 @@ def test_mock_tfds_pretraining_run(tmp_path):
     config.data = pipeline.data_config(
         source="tfds", name="imagenet2012", image_size=28, channels=1, mean=(0.5,), std=(0.25,)
     )
-    config.knn.update(train_examples=16, test_examples=16, batch_size=8)
+    config.evals.knn.update(train_examples=16, test_examples=16, batch_size=8)
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
         result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 2 and np.isfinite(result["loss"])
@@ -200,8 +203,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     command += [
         "--workdir",
         str(workdir),
-        "--config.knn.train_examples=100",
-        "--config.knn.test_examples=50",
+        "--config.evals.knn.train_examples=100",
+        "--config.evals.knn.test_examples=50",
         "--config.checkpoint_every=1000",
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -235,7 +238,7 @@ sys.path.insert(0, {tests!r})
 from test_train import tiny_config
 config = tiny_config(total_steps=4, checkpoint_every=2, batch_size=8, picture_every=2)
 config.sharding.mesh = (("data", 1), ("fsdp", -1))  # parameters sharded across the processes too
-config.knn.update(train_examples=40, test_examples=20, batch_size=20)
+config.evals.knn.update(train_examples=40, test_examples=20, batch_size=20)
 result = train.train_and_evaluate(config, {workdir!r})
 print("RESULT", json.dumps(result))
 """
@@ -295,7 +298,7 @@ def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(
     for name in ("mae", "prmim"):
         config = tiny_config(total_steps=2, checkpoint_every=2)
         config.method = methods.method_config(name, throw_ratio=0.0 if name == "mae" else 0.5)
-        config.knn.update(train_examples=40, test_examples=40)
+        config.evals.knn.update(train_examples=40, test_examples=40)
         train.train_and_evaluate(config, str(tmp_path / name))
         runs.append(str(tmp_path / name))
     out = tmp_path / "fig7.png"
@@ -312,3 +315,21 @@ def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(
     assert np.all(rows[3] == orange, axis=-1).any()
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
         train.load_run(tmp_path)
+
+
+# --- other frameworks through the same trainer ---------------------------------------------------
+
+
+def test_simmim_with_pr_mim_trains_through_the_one_trainer(tmp_path):
+    from prmim_jax.methods import simmim
+    from prmim_jax.models import simmim as simmim_model
+
+    config = tiny_config(total_steps=4, checkpoint_every=2, picture_every=4)
+    config.model = simmim_model.model_config("Ti/4", width=32, depth=1, num_heads=4, image_size=28, channels=1)
+    config.method = simmim.default_config(reconstruction="progressive", mask_patch_size=4, throw_ratio=0.2)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 4 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
+    assert (tmp_path / "reconstruction.png").stat().st_size > 0
+    saved_config, method, params, step = train.load_run(tmp_path)
+    assert step == 4 and saved_config.method.reconstruction == "progressive" and "aggregator" in params
+    assert method.layout.mask_unit == 1 and method.layout.num_thrown == round(49 * 0.2)

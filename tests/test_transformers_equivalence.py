@@ -17,8 +17,8 @@ import transformers
 from transformers.models.vit_mae import modeling_vit_mae as hf_mae
 
 from prmim_jax import masking
+from prmim_jax.interop import mae_checkpoint
 from prmim_jax.models import mae
-from prmim_jax.tools import mae_checkpoint
 
 LOSS_ATOL = 1e-5
 OUTPUT_ATOL = 2e-5

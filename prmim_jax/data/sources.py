@@ -5,7 +5,7 @@ source                 ``'image'``                                 made by
 =====================  ==========================================  ==================================
 Fashion-MNIST (IDX)    ``[28, 28, 1] uint8``                       ``FashionMnistSource(directory, split)``
 image folder           the file's path (``str``), decoded later    ``ImageFolderSource(root)``
-TFDS ``data_source``   ``[H, W, C] uint8``, decoded by TFDS        ``TfdsSource(name, split, data_dir)``
+TFDS ``data_source``   the encoded image (bytes), decoded later    ``TfdsSource(name, split, data_dir)``
 =====================  ==========================================  ==================================
 
 Every source is cheap to pickle (it reloads its data in the process that reads it),
@@ -177,12 +177,18 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-    """A TFDS dataset in ArrayRecord form through ``tfds.data_source``: ``{'image': [H, W, C] uint8, 'label': int}``.
+    """A TFDS dataset in ArrayRecord form through ``tfds.data_source``: ``{'image': bytes, 'label': int}``.
 
     ``imagenet2012`` is the main use; prepare it first (``tfds build
     imagenet2012 --file_format=array_record``), nothing is downloaded here.
-    TFDS decodes the image (with OpenCV if installed, else Pillow); other
-    features (file names, ids) are dropped so every item batches.
+    An image feature (``tfds.features.Image``) comes as its stored encoded
+    bytes (TFDS's ``SkipDecoding``), so ``transforms.DecodeImage`` decodes it:
+    JPEGs with the fast decoder, in the pipeline's worker processes, rather
+    than TFDS with Pillow. Any other kind of image feature (a plain tensor) is
+    decoded by TFDS into ``[H, W, C] uint8``, and so are the arrays of
+    ``tfds.testing.mock_data`` when TensorFlow is not installed (it would be
+    needed to encode them). Other features (file names, ids) are dropped so
+    every item batches.
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, image_key="image", label_key="label"):
@@ -193,7 +199,22 @@ class TfdsSource:
     def _open(self):
         import tensorflow_datasets as tfds
 
-        return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+        def open_source(decoders):
+            return tfds.data_source(
+                self.name, split=self.split, data_dir=self.data_dir, download=False, decoders=decoders
+            )
+
+        source = open_source({self.image_key: tfds.decode.SkipDecoding()})
+        if not isinstance(source.dataset_info.features[self.image_key], tfds.features.Image):
+            return open_source(None)  # SkipDecoding would hand over a tensor's serialised bytes
+        if len(source):
+            try:
+                source[0]
+            except ImportError:
+                # Stored files never need TensorFlow to hand over their bytes, but TFDS's
+                # mock_data makes its images as arrays and needs TensorFlow to encode them.
+                return open_source(None)
+        return source
 
     def __len__(self) -> int:
         return len(self._source)

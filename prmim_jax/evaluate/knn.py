@@ -8,15 +8,74 @@ Wu et al. 2018, as used by DINO), with ``k`` neighbours.
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from prmim_jax.models import vit
+from prmim_jax import sharding
+from prmim_jax.data import pipeline
 
 
-def encoder_features(encoder: vit.Encoder, encoder_params, images: jax.Array) -> jax.Array:
+def default_config() -> dict:
+    """``evals.<name>`` keys of a kNN evaluator (memory bank from ``data.split``, queries from ``data.eval_split``)."""
+    return dict(every=0, k=20, temperature=0.07, train_examples=10000, test_examples=10000, batch_size=256)
+
+
+class Evaluator:
+    """kNN top-1 accuracy of the features of the encoder the method leaves (``Method.encoder``)."""
+
+    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
+        self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
+        ways = sharding.batch_divisor(setup.mesh, setup.rules)
+        if section.batch_size % ways or section.batch_size % jax.process_count():
+            raise ValueError(
+                f"kNN batch_size={section.batch_size} must be divisible by the {ways} devices the batch is split "
+                f"over and the {jax.process_count()} processes; change evals.<knn>.batch_size."
+            )
+        if section.k < 1 or section.k > section.train_examples:
+            raise ValueError(
+                f"kNN k={section.k} must lie in [1, train_examples={section.train_examples}]; change k or train_examples."
+            )
+        self.encoder, _ = method.encoder()
+        self._method = method
+        self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+        self._features = jax.jit(
+            lambda params, images: encoder_features(self.encoder, params, method.normalize(images))
+        )
+
+    def _batches(self, split: str, limit: int):
+        batch = self.section.batch_size
+        data = ml_collections.ConfigDict(self.data.to_dict() | {"num_workers": 0})  # no workers outlive the pass
+        dataset = pipeline.eval_dataset(
+            data, split, batch_size=batch, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        return itertools.islice(iter(dataset), math.ceil(limit / batch))
+
+    def run(self, state) -> dict:
+        setup, section = self.setup, self.section
+        _, encoder_params = self._method.encoder(state.params)
+
+        def features(local_images):
+            images = sharding.global_batch(local_images, self.batch_sharding)
+            with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+                return self._features(encoder_params, images)
+
+        train = collect_features(features, self._batches(self.data.split, section.train_examples))
+        test = collect_features(features, self._batches(self.data.eval_split, section.test_examples))
+        accuracy = knn_accuracy(*train, *test, k=section.k, temperature=section.temperature)
+        return {"knn_accuracy": accuracy}
+
+    def summary(self, results: dict) -> str:
+        return f"final kNN top-1 accuracy ({self.data.eval_split}, k={self.section.k}): {results['knn_accuracy']:.4f}"
+
+
+def encoder_features(encoder, encoder_params, images: jax.Array) -> jax.Array:
     """``images [B, H, W, C]`` -> ``[B, width]`` float32, unit L2 norm."""
     tokens = encoder.apply({"params": encoder_params}, images)
     pooled = jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)

@@ -35,17 +35,16 @@ def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
     eval_data = ml_collections.ConfigDict(first.data.to_dict() | {"num_workers": 0})
     images = next(iter(pipeline.eval_dataset(eval_data, batch_size=num_images)))["images"]
     rows, marks = [], []
-    for config, model, method, params, _ in runs:
-        run_rows, run_marks = reconstruction.reconstruct(
-            model, method, params, images, config.data.mean, config.data.std, seed
-        )
+    patch_size = None
+    for workdir, (_, method, params, _) in zip(workdirs, runs, strict=True):
+        if method.picture is None:
+            raise ValueError(f"{workdir} is a {method.name!r} run, which draws no reconstructions.")
+        run_rows, run_marks, patch_size = method.picture(params, np.asarray(method.normalize(images)), seed)
         rows = rows or list(run_rows[:2])
         rows.append(run_rows[2])
         marks.append(run_marks)
     scale = max(1, 112 // first.model.image_size)
-    return reconstruction.tile(
-        np.stack(rows), scale=scale, marks=[None, None, *marks], patch_size=runs[0][1].patch_size
-    )
+    return reconstruction.tile(np.stack(rows), scale=scale, marks=[None, None, *marks], patch_size=patch_size)
 
 
 def main(argv=None):

@@ -13,10 +13,13 @@ Rows of the picture, one column per image:
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from prmim_jax import masking
+from prmim_jax.data import pipeline
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import vit
 
@@ -70,20 +73,6 @@ def picture_rows(
     return np.stack([to_images(to_rgb(patches)), to_images(to_rgb(visible_only)), to_images(to_rgb(reconstruction))])
 
 
-def reconstruct(model, method, params, images: np.ndarray, mean, std, seed: int = 0):
-    """The picture rows of ``model`` on ``images`` with ``method``'s token sets from noise of ``seed``.
-
-    Every method picks the same visible tokens from the same noise, so
-    reconstructions by different checkpoints line up. Returns ``(rows [3, B,
-    H, W, 3], marks [B, N])``.
-    """
-    rng = np.random.default_rng(seed)
-    ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(len(images))]))
-    output = model.apply({"params": params}, np.asarray(images), ids.visible, ids.decoded, ids.thrown)
-    rows = picture_rows(images, ids, output, model.patch_size, mean, std, method.norm_pix_loss)
-    return rows, token_marks(ids, method.layout.num_tokens)
-
-
 def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
     """``[B, N] int8``: 0 visible, 1 decoded, 2 thrown."""
     marks = np.zeros((ids.visible.shape[0], num_tokens), np.int8)
@@ -122,3 +111,35 @@ def tile(rows: np.ndarray, scale: int = 1, gap: int = 2, marks=None, patch_size:
 
 def save_png(image: np.ndarray, path) -> None:
     Image.fromarray(image).save(path)
+
+
+def default_config() -> dict:
+    """``evals.<name>`` keys: how many evaluation images, and the seed of their token sets."""
+    return dict(every=0, num_images=8, seed=0)
+
+
+class Evaluator:
+    """``{'reconstruction': uint8 picture}`` of ``Method.picture`` on the first images of ``data.eval_split``."""
+
+    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
+        if method.picture is None:
+            raise ValueError(
+                f"evaluator 'reconstruction' needs a method that reconstructs images; {method.name!r} does not. "
+                "Remove it from config.evals."
+            )
+        self.method, self.data, self.section, self.every = method, config.data, section, section.every
+        self.image_size = config.model.image_size
+        self._images = None  # read on first use: runs without pictures never open the eval split for them
+
+    def run(self, state) -> dict:
+        if self._images is None:
+            data = ml_collections.ConfigDict(self.data.to_dict() | {"num_workers": 0})
+            images = next(iter(pipeline.eval_dataset(data, batch_size=self.section.num_images)))["images"]
+            self._images = np.asarray(self.method.normalize(images))
+        params = multihost_utils.process_allgather(state.params, tiled=True)  # whole on every host
+        rows, marks, patch_size = self.method.picture(params, self._images, self.section.seed)
+        picture = tile(rows, scale=max(1, 112 // self.image_size), marks=[None, None, marks], patch_size=patch_size)
+        return {"reconstruction": picture}
+
+    def summary(self, results: dict) -> str:
+        return f"reconstruction picture: {results['reconstruction'].shape[1]}x{results['reconstruction'].shape[0]}"

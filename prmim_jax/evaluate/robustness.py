@@ -435,6 +435,56 @@ def format_table(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def default_config() -> dict:
+    """``evals.<name>`` keys: comma-separated TFDS ``datasets`` (``NAME[:SPLIT]``), global ``batch_size``,
+    TFDS ``data_dir`` (None: the run's)."""
+    return dict(every=0, datasets="imagenet_a,imagenet_r,imagenet_v2", batch_size=256, data_dir=None)
+
+
+class Evaluator:
+    """``{'<name>:<split>/accuracy': ...}`` (and ImageNet-C's mCE) of a classifier method during or after training.
+
+    The classifier's variables are gathered whole on every process (as ``methods.classify.load_classifier``
+    reads a finished run), and each process scores its part of every dataset.
+    """
+
+    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
+        if method.logits is None:
+            raise ValueError(
+                f"evaluator 'robustness' needs a classifier but method {method.name!r} has no logits; "
+                "use it with method 'classify', or remove it from config.evals."
+            )
+        if section.batch_size % jax.process_count():
+            raise ValueError(f"robustness batch_size={section.batch_size} must split over the processes; change it.")
+        self.method, self.data, self.section, self.every = method, config.data, section, section.every
+        self.datasets = parse_datasets(section.datasets)
+        self._apply = jax.jit(lambda variables, images: method.logits(variables, method.normalize(images)))
+        self.results: dict = {}
+
+    def run(self, state) -> dict:
+        variables = multihost_utils.process_allgather(state.variables, tiled=True)
+
+        def predict_fn(images):
+            return np.asarray(self._apply(variables, images))
+
+        self.results = evaluate_datasets(
+            predict_fn,
+            self.data,
+            self.datasets,
+            batch_size=self.section.batch_size,
+            data_dir=self.section.data_dir,
+        )
+        scalars = {}
+        for key, result in self.results.items():
+            for metric in ("accuracy", "mce", "mean_error"):
+                if result.get(metric) is not None:
+                    scalars[f"{key}/{metric}"] = float(result[metric])
+        return scalars
+
+    def summary(self, results: dict) -> str:
+        return format_table(self.results)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="the fine-tuning run's workdir (load_classifier reads it)")
@@ -453,7 +503,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from prmim_jax import main as main_lib
-    from prmim_jax.finetune import load_classifier  # being written alongside; imported only when run
+    from prmim_jax.methods.classify import load_classifier
 
     main_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     predict_fn, data_config = load_classifier(args.workdir)

@@ -42,7 +42,8 @@ class Classifier(nn.Module):
     def __call__(self, images, train: bool = False):
         x = self.encoder(images, deterministic=not train)
         if self.pool == "avg":
-            features = vit.layer_norm(self.encoder.dtype, "fc_norm")(jnp.mean(x[:, 1:], axis=1))
+            # float32 head (vit's precision policy): the mean of the float32 residual stream, normed in float32.
+            features = vit.layer_norm(jnp.float32, "fc_norm")(jnp.mean(x[:, 1:].astype(jnp.float32), axis=1))
         else:
             features = x[:, 0]
         features = features.astype(jnp.float32)
@@ -71,7 +72,9 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
     ``channels``, ``num_classes``, ``pool``, ``head``, ``head_init_std``
     (2e-5 fine-tuning, 0.01 linear probe), ``drop_path_rate``,
     ``trainable_blocks`` (None: all; k: only the last k blocks, the final
-    norms and the head train; 0: the head only), ``dtype``, ``attention_impl``.
+    norms and the head train; 0: the head only), ``dtype`` (compute dtype;
+    parameters, ``fc_norm``, head and logits stay float32), ``attention_impl``
+    (``vit.attention_implementation``), ``remat`` (``vit.remat_block``).
     """
     config = ml_collections.ConfigDict(
         dict(
@@ -91,6 +94,7 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
             trainable_blocks=None,
             dtype="float32",
             attention_impl=None,
+            remat="none",
         )
     )
     config.update(overrides)
@@ -114,6 +118,8 @@ def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
         raise ValueError(f"trainable_blocks={config.trainable_blocks} must lie in [0, depth={depth}] (or be None).")
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
+    remat = config.get("remat", "none")
+    vit.check_model_options(jnp.dtype(config.dtype), (width // num_heads,), config.get("attention_impl"), remat)
     encoder = vit.Encoder(
         patch_size=patch_size,
         image_size=(config.image_size, config.image_size),
@@ -127,6 +133,7 @@ def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
         learned_pos_embedding=True,
         drop_path_rate=config.drop_path_rate,
         frozen_blocks=depth - trainable,
+        remat=remat,
     )
     return Classifier(encoder, config.num_classes, config.pool, config.head, config.head_init_std)
 

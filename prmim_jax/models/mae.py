@@ -37,7 +37,9 @@ class Decoder(nn.Module):
     progressive reconstruction applies after its aggregation), in the order
     cls, visible, decoded. The sequence is not
     unshuffled to grid order as in the official code: attention does not see
-    order and positions are added by id, so the outputs are the same.
+    order and positions are added by id, so the outputs are the same. The
+    output is the residual stream, float32 under bfloat16 (``vit``'s precision
+    policy); ``remat`` is ``vit.Transformer``'s.
     """
 
     grid: tuple[int, int]
@@ -47,6 +49,7 @@ class Decoder(nn.Module):
     mlp_dim: int = 2048
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, latent, ids_visible, ids_decoded):
@@ -55,14 +58,15 @@ class Decoder(nn.Module):
         mask_token = self.param(
             "mask_token", vit.logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
         )
-        masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(self.dtype)
-        x = jnp.concatenate([x, masked], axis=1)
+        stream = vit.residual_dtype(self.dtype)
+        masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(stream)
+        x = jnp.concatenate([x.astype(stream), masked], axis=1)
 
         pos = jnp.asarray(vit.sincos_2d(self.width, self.grid))
         pos_tokens = jnp.broadcast_to(pos[1:], (batch, *pos[1:].shape))
         ids = jnp.concatenate([ids_visible, ids_decoded], axis=1)
         pos = jnp.concatenate([jnp.broadcast_to(pos[:1], (batch, 1, self.width)), tokens.take(pos_tokens, ids)], axis=1)
-        x = nn.with_logical_constraint(x + pos.astype(self.dtype), ("batch", "tokens", "embed"))
+        x = nn.with_logical_constraint(x + pos.astype(stream), ("batch", "tokens", "embed"))
         return vit.Transformer(
             self.depth,
             self.num_heads,
@@ -70,6 +74,7 @@ class Decoder(nn.Module):
             self.dtype,
             self.attention_impl,
             final_norm=False,
+            remat=self.remat,
             name="transformer",
         )(x)
 
@@ -96,8 +101,10 @@ class MaskedAutoencoder(nn.Module):
     decoder_num_heads: int = 16
     decoder_mlp_dim: int = 2048
     aggregation_kernel: int = 0
+    aggregator: str = "dwconv"  # progressive reconstruction's design (models.aggregate.AGGREGATORS)
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    remat: str = "none"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -117,15 +124,26 @@ class MaskedAutoencoder(nn.Module):
             self.decoder_mlp_dim,
             self.dtype,
             self.attention_impl,
+            self.remat,
         )
-        self.decoder_norm = vit.layer_norm(self.dtype)
-        self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), self.dtype, "pred")
+        # The pixel head is float32 under any dtype (``vit``'s precision policy): its output is the loss's input.
+        self.decoder_norm = vit.layer_norm(jnp.float32)
+        self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
         if self.aggregation_kernel:
-            self.aggregation = aggregate.ProgressiveAggregation(self.grid, self.aggregation_kernel, self.dtype)
+            self.aggregation = aggregate.build_aggregator(
+                self.aggregator,
+                self.grid,
+                self.aggregation_kernel,
+                self.dtype,
+                width=self.decoder_width,
+                num_heads=self.decoder_num_heads,
+                mlp_ratio=self.decoder_mlp_dim / self.decoder_width,
+                attention_impl=self.attention_impl,
+            )
 
     def predict_pixels(self, features):
         """MAE's head: ``[B, T, decoder_width] -> [B, T, P] float32``."""
-        return self.pixel_head(self.decoder_norm(features)).astype(jnp.float32)
+        return self.pixel_head(self.decoder_norm(features.astype(jnp.float32)))
 
     def __call__(
         self, images, ids_visible, ids_decoded, ids_thrown=None, *, predict_visible: bool = False
@@ -157,6 +175,7 @@ def encoder_of(model: MaskedAutoencoder) -> vit.Encoder:
         model.mlp_dim,
         model.dtype,
         model.attention_impl,
+        remat=model.remat,
     )
 
 
@@ -226,8 +245,10 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
             decoder_num_heads=16,
             decoder_mlp_ratio=4.0,
             aggregation_kernel=0,
+            aggregator="dwconv",
             dtype="float32",
-            attention_impl=None,
+            attention_impl=None,  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
+            remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
         )
     )
     config.update(overrides)
@@ -254,6 +275,13 @@ def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
         )
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
+    remat = config.get("remat", "none")
+    vit.check_model_options(
+        jnp.dtype(config.dtype),
+        (width // num_heads, config.decoder_width // config.decoder_num_heads),
+        config.get("attention_impl"),
+        remat,
+    )
     return MaskedAutoencoder(
         patch_size=patch_size,
         image_size=image_size,
@@ -267,6 +295,8 @@ def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
         decoder_num_heads=config.decoder_num_heads,
         decoder_mlp_dim=int(config.decoder_width * config.decoder_mlp_ratio),
         aggregation_kernel=config.get("aggregation_kernel", 0),
+        aggregator=config.get("aggregator", "dwconv"),
         dtype=jnp.dtype(config.dtype),
         attention_impl=config.get("attention_impl"),
+        remat=remat,
     )

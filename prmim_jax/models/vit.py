@@ -14,6 +14,44 @@ Initialisation follows the official MAE (facebookresearch/mae) so that
 training from scratch behaves like the reference: xavier-uniform linears with
 the fans of the PyTorch weight matrix (the fused ``qkv`` is one ``[3D, D]``
 matrix there, so q, k and v use those fans), zero biases, LayerNorm 1 / 0.
+
+Precision policy (``dtype``, the compute dtype; ``float32`` or ``bfloat16``).
+In float32 everything is float32 and the model computes what the official MAE
+computes. With ``dtype=bfloat16``:
+
+- Parameters, and so the optimizer state, stay float32 (every ``param`` is
+  created float32 and cast to bfloat16 where a matmul reads it).
+- Matmuls (q/k/v/out projections, MLP, embeddings) take bfloat16 operands and
+  return bfloat16; the MLP's GELU runs in bfloat16.
+- Attention: ``jax.nn.dot_product_attention`` forms the logits with float32
+  accumulation (``BF16_BF16_F32``), takes the softmax in float32 and casts the
+  probabilities to bfloat16 for the product with the values; cuDNN's fused
+  kernel keeps its softmax statistics in float32 as well.
+- LayerNorm computes its statistics, the normalisation and the affine map in
+  float32 (flax promotes to float32) and emits bfloat16: every consumer is a
+  bfloat16 matmul that would round its input to bfloat16 anyway, so the values
+  are identical either way, and XLA fuses the cast into the norm (measured on
+  XLA CPU, ViT-B/16: the same temporary memory and bytes accessed).
+- The residual stream is float32 (``residual_dtype``): each block adds its
+  bfloat16 branch outputs to a float32 sum, so 24 (ViT-B) to 64 (ViT-H)
+  additions do not round at bfloat16's 8 bits. Its cost is the residual
+  copies kept for the backward pass; see ``residual_dtype``.
+- Heads and losses are float32: MAE's decoder norm and pixel head, the
+  classifier's ``fc_norm`` and head, and the losses (``prmim_jax.models.mae``,
+  ``prmim_jax.models.classifier``).
+
+Attention implementation (``attention_impl``): ``None`` / ``'auto'`` picks
+cuDNN's fused kernel on a CUDA GPU when the dtype is bfloat16 or float16 and
+the head width is supported (ViT-B's 64 and the MAE decoder's 32 are), and XLA
+everywhere else (CPU, TPU, float32); ``'xla'`` and ``'cudnn'`` force one, and
+``'cudnn'`` where it cannot run is a ``ValueError`` naming the fix, raised
+when the model is built. The rule is ``attention_implementation``.
+
+Rematerialisation (``remat``): ``'none'`` keeps every activation for the
+backward pass; ``'dots_saveable'`` keeps only matmul outputs of each block and
+recomputes the rest (norms, GELU, softmax); ``'full'`` keeps only each block's
+input and recomputes the whole block. Gradients are unchanged; memory drops
+for a longer backward pass (large batches, ViT-L/H). See ``remat_block``.
 """
 
 from __future__ import annotations
@@ -30,6 +68,10 @@ import numpy as np
 from prmim_jax.models import tokens
 
 LAYER_NORM_EPS = 1e-6
+
+ATTENTION_IMPLS = (None, "auto", "xla", "cudnn")
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 # name -> (width, depth, heads), the ViT paper's and MAE's sizes; mlp is 4 x width.
 VIT_SIZES = {
@@ -148,6 +190,92 @@ def layer_norm(dtype, name: str | None = None) -> nn.LayerNorm:
     )
 
 
+def residual_dtype(dtype) -> jnp.dtype:
+    """The residual stream's dtype for compute dtype ``dtype``: float32 under bfloat16 (the policy above).
+
+    The cost, measured on XLA CPU's compiled ViT-B/16 MAE train step at batch
+    64 in bfloat16: the float32 stream needs 5% more temporary memory than a
+    bfloat16 one (TODO-MEASURE) (the residual copies the backward pass keeps), and its
+    bytes accessed grow by 2%.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def cudnn_attention_problem(
+    dtype, head_dim: int, backend: str, compute_capability: tuple[int, int] | None = None, odd_length_bias: bool = False
+) -> str | None:
+    """Why cuDNN's fused attention cannot run here, as a sentence naming the fix; None when it can.
+
+    ``backend`` is ``jax.default_backend()``; ``compute_capability`` the
+    GPU's ``(major, minor)`` (None: unknown, not checked); ``odd_length_bias``
+    an additive logit bias on an odd-length sequence (cuDNN's training kernel
+    needs even lengths with a bias).
+    """
+    fix = "use attention_impl='xla' (or 'auto', which picks XLA where cuDNN cannot run)"
+    if backend not in ("gpu", "cuda"):
+        return f"cuDNN attention needs a CUDA GPU, but the JAX backend is {backend!r}; {fix}."
+    if compute_capability is not None and tuple(compute_capability) < (8, 0):
+        return f"cuDNN's fused attention needs compute capability 8.0 or newer, not {compute_capability}; {fix}."
+    if jnp.dtype(dtype) not in CUDNN_DTYPES:
+        return f"cuDNN attention computes in bfloat16 or float16, not {jnp.dtype(dtype).name}; set dtype='bfloat16' or {fix}."
+    if head_dim % 8 or head_dim > 128:
+        return (
+            f"cuDNN attention needs a head width (width / num_heads) that is a multiple of 8 and at most 128, "
+            f"not {head_dim}; change width or num_heads, or {fix}."
+        )
+    if odd_length_bias:
+        return f"cuDNN attention with an additive bias needs an even sequence length; {fix}."
+    return None
+
+
+def attention_implementation(
+    dtype,
+    head_dim: int,
+    backend: str,
+    requested: str | None = "auto",
+    compute_capability: tuple[int, int] | None = None,
+    odd_length_bias: bool = False,
+) -> str:
+    """``jax.nn.dot_product_attention``'s implementation for one attention layer: ``'xla'`` or ``'cudnn'``.
+
+    ``requested`` is the config's ``attention_impl``: ``None`` / ``'auto'``
+    choose cuDNN where ``cudnn_attention_problem`` finds none, XLA elsewhere;
+    ``'xla'`` is always XLA; ``'cudnn'`` is cuDNN or a ``ValueError`` saying
+    why it cannot run and what to change.
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={requested!r}; choose one of {ATTENTION_IMPLS}.")
+    if requested == "xla":
+        return "xla"
+    problem = cudnn_attention_problem(dtype, head_dim, backend, compute_capability, odd_length_bias)
+    if requested == "cudnn" and problem:
+        raise ValueError(f"attention_impl='cudnn' cannot run: {problem}")
+    return "xla" if problem else "cudnn"
+
+
+def device_compute_capability() -> tuple[int, int] | None:
+    """The first device's CUDA compute capability ``(major, minor)``, or None off CUDA GPUs."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if not capability:
+        return None
+    major, minor = str(capability).split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_model_options(dtype, head_dims: tuple[int, ...], attention_impl: str | None, remat: str) -> None:
+    """Raise ``ValueError`` (naming the fix) for an ``attention_impl`` / ``remat`` that cannot run, before compiling.
+
+    ``head_dims``: the head width of every attention stack of the model (MAE:
+    encoder and decoder).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of {REMAT_POLICIES}.")
+    backend = jax.default_backend()
+    capability = device_compute_capability() if attention_impl == "cudnn" else None
+    for head_dim in head_dims:
+        attention_implementation(dtype, head_dim, backend, attention_impl, capability)
+
+
 def dense(features: int, fan_in: int, axes: tuple[str, str], dtype, name: str, fan_out: int | None = None) -> nn.Dense:
     """A linear layer initialised as the official MAE's ``nn.Linear`` (xavier-uniform weight, zero bias)."""
     return nn.Dense(
@@ -194,6 +322,68 @@ class HeadMerge(nn.Module):
         return jnp.einsum("bthk,hkd->btd", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+@jax.custom_vjp
+def cpu_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``softmax(q k^T / sqrt(kv) + bias) v``, what ``jax.nn.dot_product_attention`` computes, laid out for XLA CPU.
+
+    ``query``, ``key``, ``value`` ``[B, T, heads, kv]`` -> ``[B, T, heads, kv]``
+    in their dtype; ``bias`` ``[heads, T, T]`` or ``[B, heads, T, T]`` (or
+    None). Logits, softmax and the softmax gradient are float32 (as
+    ``jax.nn.dot_product_attention``'s); probabilities are cast to the value
+    dtype for their product with the values.
+
+    Why not ``jax.nn.dot_product_attention`` on the CPU: its ``[B, T, heads, kv]``
+    layout makes XLA CPU run the batched products on strided operands, and its
+    gradient goes through the softmax's own (two passes over the ``[B, heads,
+    T, T]`` probabilities). Here the operands are transposed to ``[B, heads, T,
+    kv]`` once, and the gradient is written out the way fused attention kernels
+    compute it: ``ds = p * (dp - rowsum(do * o))``, where the row sum is over
+    ``kv`` rather than over ``T``. Measured (one core, fwd + bwd, batch 8):
+    91 -> 54 ms at MAE's decoder (197 tokens, 16 heads of 32), 5.7 -> 3.8 ms at
+    the ViT-B encoder's 50 visible tokens (12 heads of 64).
+    """
+    return _cpu_attention_fwd(query, key, value, bias)[0]
+
+
+def _to_heads_first(x):
+    return jnp.swapaxes(x, 1, 2)  # [B, T, heads, kv] <-> [B, heads, T, kv]
+
+
+def _cpu_attention_fwd(query, key, value, bias):
+    q, k, v = (_to_heads_first(x) for x in (query, key, value))
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v)
+    return _to_heads_first(out), (q, k, v, probs, out, bias)
+
+
+def _cpu_attention_bwd(residuals, cotangent):
+    q, k, v, probs, out, bias = residuals
+    d_out = _to_heads_first(cotangent)
+    d_value = jnp.einsum("bnts,bnth->bnsh", probs.astype(v.dtype), d_out)
+    d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v, preferred_element_type=jnp.float32)
+    # sum_s p[t, s] dp[t, s] equals sum_h do[t, h] o[t, h]: a [T, kv] product instead of [T, T].
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits = probs * (d_probs - row)
+    d_bias = None if bias is None else _sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
+    d_scaled = (d_logits * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
+    d_query = jnp.einsum("bnts,bnsh->bnth", d_scaled, k)
+    d_key = jnp.einsum("bnts,bnth->bnsh", d_scaled, q)
+    return _to_heads_first(d_query), _to_heads_first(d_key), _to_heads_first(d_value), d_bias
+
+
+def _sum_to_shape(x, shape):
+    """``x`` summed over the axes along which an array of ``shape`` was broadcast to ``x.shape``."""
+    x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
+    return jnp.sum(x, axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1), keepdims=True)
+
+
+cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v projections (with bias).
 
@@ -204,10 +394,11 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation: None, 'xla', 'cudnn'
+    attention_impl: str | None = None  # None / 'auto', 'xla', 'cudnn': see attention_implementation
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, bias=None):
+        """``bias``: optional additive logits ``[heads, T, T]`` or ``[B, heads, T, T]`` (a relative position bias)."""
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
@@ -221,10 +412,38 @@ class Attention(nn.Module):
             )
             for name in ("query", "key", "value")
         )
-        attended = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
+        if bias is not None:
+            bias = bias.astype(query.dtype)
+        backend = jax.default_backend()
+        implementation = attention_implementation(
+            query.dtype,
+            head_dim,
+            backend,
+            self.attention_impl,
+            device_compute_capability() if backend == "gpu" else None,
+            odd_length_bias=bias is not None and x.shape[1] % 2 == 1,
+        )
+        if implementation == "xla" and backend == "cpu":
+            attended = cpu_attention(query, key, value, bias)
+        else:
+            attended = jax.nn.dot_product_attention(query, key, value, bias, implementation=implementation)
         attended = nn.with_logical_constraint(attended, qkv_axes)
         out = HeadMerge(width, xavier_uniform(width, width), self.dtype, name="out")(attended)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, ``x * (1 + erf(x / sqrt(2))) / 2``, written as PyTorch's ``nn.GELU()`` computes it.
+
+    ``jax.nn.gelu(approximate=False)`` computes the same function as
+    ``x * erfc(-x / sqrt(2)) / 2``; XLA CPU's ``erfc`` costs more than its
+    ``erf``, and its gradient divides by ``sqrt(2)``, which XLA CPU keeps as a
+    division it will not fuse twice. Measured at MAE's decoder MLP (one core,
+    fwd + bwd of fc1-GELU-fc2): 198 -> 178 ms. The two agree to float32
+    rounding; ``erf`` loses relative accuracy only where GELU's output is
+    below ``1e-7 |x|``.
+    """
+    return x * (0.5 + 0.5 * jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 class MlpBlock(nn.Module):
@@ -237,7 +456,7 @@ class MlpBlock(nn.Module):
     def __call__(self, x):
         width = x.shape[-1]
         h = dense(self.mlp_dim, width, ("embed", "mlp"), self.dtype, "fc1")(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "tokens", "mlp"))
+        h = nn.with_logical_constraint(gelu(h), ("batch", "tokens", "mlp"))
         out = dense(width, self.mlp_dim, ("mlp", "embed"), self.dtype, "fc2")(h)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
 
@@ -248,6 +467,12 @@ class Block(nn.Module):
     ``drop_path`` > 0 drops each residual branch for a whole example with that
     probability while training (stochastic depth), scaling kept ones by
     ``1 / (1 - drop_path)``; it needs the ``'dropout'`` rng unless ``deterministic``.
+
+    ``layer_scale_init`` (CaiT / BEiT layer scale, as SimMIM's ViT uses): when
+    set, each residual branch is multiplied by a learned per-channel vector
+    (``layer_scale_attn``, ``layer_scale_mlp`` ``[D]``, the official
+    ``gamma_1`` / ``gamma_2``) that starts at this value; ``None`` adds no
+    parameter. ``attention_bias`` is ``Attention``'s ``bias``.
     """
 
     num_heads: int
@@ -255,15 +480,24 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
     drop_path: float = 0.0
+    layer_scale_init: float | None = None
+
+    def layer_scale(self, name: str, branch):
+        if self.layer_scale_init is None:
+            return branch
+        gamma = self.param(name, logical(nn.initializers.constant(self.layer_scale_init), "embed"), (branch.shape[-1],))
+        return branch * gamma.astype(self.dtype)
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, attention_bias=None):
         # One keep/drop decision per example: broadcast over tokens and width.
         drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=deterministic or not self.drop_path)
-        x = x + drop(
-            Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(layer_norm(self.dtype, "norm1")(x))
+        attended = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+            layer_norm(self.dtype, "norm1")(x), attention_bias
         )
-        x = x + drop(MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
+        x = x + drop(self.layer_scale("layer_scale_attn", attended))
+        mlp_out = MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+        x = x + drop(self.layer_scale("layer_scale_mlp", mlp_out))
         return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
 
 
@@ -274,6 +508,11 @@ class Transformer(nn.Module):
     (MAE's linear rule). ``frozen_blocks = k`` stops gradients below block
     ``k``: the embeddings and the first ``k`` blocks get none (partial
     fine-tuning and linear probing skip their backward pass).
+    ``layer_scale_init`` is ``Block``'s; ``attention_bias`` (``[heads, T, T]``
+    or ``[B, heads, T, T]``) is added to every block's attention logits, one
+    array shared by all blocks (SimMIM's shared relative position bias).
+    The blocks carry the residual stream in ``residual_dtype(dtype)`` (float32
+    under bfloat16) and are rematerialised by ``remat`` (``remat_block``).
     """
 
     depth: int
@@ -284,19 +523,88 @@ class Transformer(nn.Module):
     final_norm: bool = True
     drop_path_rate: float = 0.0
     frozen_blocks: int = 0
+    layer_scale_init: float | None = None
+    remat: str = "none"
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, attention_bias=None):
+        x = x.astype(residual_dtype(self.dtype))
+        block_class = remat_block(self.remat)
         for i in range(self.depth):
             if i == self.frozen_blocks and i:
                 x = jax.lax.stop_gradient(x)
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, rate, name=f"block_{i}")(
-                x, deterministic
+            block = block_class(
+                self.num_heads,
+                self.mlp_dim,
+                self.dtype,
+                self.attention_impl,
+                rate,
+                layer_scale_init=self.layer_scale_init,
+                name=f"block_{i}",
             )
+            x = block(x, deterministic, attention_bias)
+            x = residual_boundary(x)
         if self.frozen_blocks >= self.depth:
             x = jax.lax.stop_gradient(x)
         return layer_norm(self.dtype, "norm")(x) if self.final_norm else x
+
+
+# ``deterministic`` (argument 2, counting the module as 0) decides drop path at trace time.
+_REMAT_BLOCKS = {
+    "none": Block,
+    "dots_saveable": nn.remat(Block, static_argnums=(2,), policy=jax.checkpoint_policies.dots_saveable),
+    "full": nn.remat(Block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable),
+}
+
+
+def remat_block(remat: str) -> type[Block]:
+    """``Block``, rematerialised by policy ``remat`` (one of ``REMAT_POLICIES``).
+
+    ``'none'``: plain ``Block``. ``'dots_saveable'``: ``nn.remat`` keeping
+    the outputs of the block's matmuls (``jax.checkpoint_policies.dots_saveable``,
+    the attention logits included) and recomputing norms, GELU and softmax in
+    the backward pass. ``'full'``: keeping nothing but the block's input and
+    recomputing the block. Parameter names and values are those of ``Block``.
+    """
+    if remat not in _REMAT_BLOCKS:
+        raise ValueError(f"remat={remat!r}; choose one of {REMAT_POLICIES}.")
+    return _REMAT_BLOCKS[remat]
+
+
+@jax.custom_vjp
+def residual_boundary(x: jax.Array) -> jax.Array:
+    """The identity on the residual stream between two blocks; on XLA CPU its gradient is stored once.
+
+    Why: the gradient of the residual stream is a chain of additions through
+    every block's backward pass (each LayerNorm adds its input gradient).
+    XLA CPU's fusion duplicates cheap elementwise producers into every
+    consumer, so each block's weight-gradient transposes recomputed the whole
+    chain from the loss down to that block, reading the saved activations of
+    all later blocks in transposed order: at ViT-B/16 (MAE, batch 8) these
+    fusions took a third of the train step, growing with depth squared. A
+    conditional is an op XLA never fuses across, so passing the gradient
+    through one (both branches the identity) makes XLA compute it once per
+    block. Off the CPU backend (a GPU conditional would wait for its
+    predicate on the host) the gradient passes through untouched.
+    """
+    return x
+
+
+def _residual_boundary_fwd(x):
+    return x, None
+
+
+def _residual_boundary_bwd(_, cotangent):
+    if jax.default_backend() != "cpu":
+        return (cotangent,)
+    # The second branch is written ``g * 1`` so that the two branches are not merged (and the
+    # conditional removed) before fusion; either is the identity, whatever the predicate.
+    predicate = cotangent.reshape(-1)[0] >= 0
+    return (jax.lax.cond(predicate, lambda g: g, lambda g: g * 1, cotangent),)
+
+
+residual_boundary.defvjp(_residual_boundary_fwd, _residual_boundary_bwd)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -331,7 +639,10 @@ class Encoder(nn.Module):
     Pretraining keeps the 2-D sin-cos position table fixed. Fine-tuning
     (``learned_pos_embedding``) makes it a parameter ``pos_embedding [1 + N,
     width]``, initialised with the table, as MAE's fine-tuning ViT does;
-    ``drop_path_rate`` and ``frozen_blocks`` are ``Transformer``'s.
+    ``drop_path_rate``, ``frozen_blocks`` and ``remat`` are ``Transformer``'s.
+    Under bfloat16 the patch embedding's matmul is bfloat16 and the position
+    table is added in the float32 residual stream; the output is the final
+    LayerNorm's, bfloat16 (float32 residual stream when ``final_norm`` is False).
     """
 
     patch_size: int
@@ -346,6 +657,7 @@ class Encoder(nn.Module):
     learned_pos_embedding: bool = False
     drop_path_rate: float = 0.0
     frozen_blocks: int = 0
+    remat: str = "none"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -374,11 +686,12 @@ class Encoder(nn.Module):
             bias_init=logical(uniform_init(1.0 / math.sqrt(patch_dim)), "embed"),
             name="patch_embed",
         )(patches.astype(self.dtype))
-        x = x + pos_tokens.astype(self.dtype)
+        stream = residual_dtype(self.dtype)
+        x = x.astype(stream) + pos_tokens.astype(stream)
         cls_token = self.param(
             "cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
         )
-        cls_token = jnp.broadcast_to(cls_token + pos_cls, (x.shape[0], 1, self.width)).astype(self.dtype)
+        cls_token = jnp.broadcast_to(cls_token + pos_cls, (x.shape[0], 1, self.width)).astype(stream)
         x = nn.with_logical_constraint(jnp.concatenate([cls_token, x], axis=1), ("batch", "tokens", "embed"))
         return Transformer(
             self.depth,
@@ -389,6 +702,7 @@ class Encoder(nn.Module):
             self.final_norm,
             self.drop_path_rate,
             self.frozen_blocks,
+            remat=self.remat,
             name="transformer",
         )(x, deterministic)
 

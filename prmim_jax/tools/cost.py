@@ -2,10 +2,15 @@
 
     python -m prmim_jax.tools.cost --models B/16,L/16 --throw_ratios 0.25,0.5,0.65 \\
         --batch 64 --out benchmarks/results/cost_cpu
+    python -m prmim_jax.tools.cost --framework simmim --models B/16 --throw_ratios 0.3 --batch 64 \\
+        --out benchmarks/results/cost_simmim_cpu
+    python -m prmim_jax.tools.cost --models B/16 --throw_ratios 0.5 --aggregators dwconv,transformer,convnext,avgpool \\
+        --kernel_sizes 3,5,7,9,11 --batch 64 --out benchmarks/results/cost_aggregators_cpu
 
 compiles (never runs) the objective and the whole train step (loss, gradient,
-AdamW update) of each model for ``mae`` and, at each throwing ratio, for
-``partial`` and ``prmim``, and reports per image:
+AdamW update) of each model for the framework's baseline (``mae``,
+``simmim``) and, at each throwing ratio, for ``partial`` and ``prmim`` (one
+row per aggregator design and window), and reports per image:
 
 - ``forward_flops``: the objective's forward pass (``compiled.cost_analysis()``),
 - ``step_flops``: the train step,
@@ -13,7 +18,7 @@ AdamW update) of each model for ``mae`` and, at each throwing ratio, for
   (``compiled.memory_analysis().temp_size_in_bytes``: activations and
   workspace, not parameters or optimizer state),
 
-each absolute and as a ratio to MAE. XLA counts a multiply-add as two FLOPs;
+each absolute and as a ratio to the baseline. XLA counts a multiply-add as two FLOPs;
 the paper counts MACs (fvcore), so compare ratios. Writes ``OUT.json`` (one
 object per row) and ``OUT.md``.
 """
@@ -21,85 +26,143 @@ object per row) and ``OUT.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import ml_collections
 
-from prmim_jax import masking, methods, optim, train_step
+from prmim_jax import methods, optim, train_step
 from prmim_jax.models import mae as mae_lib
+from prmim_jax.models import simmim as simmim_lib
 
 
-def abstract_inputs(model, method, batch: int):
-    """Shape-only ``(state, batch)`` for compiling the train step without allocating anything."""
-    image_shape = (batch, *model.image_size, model.channels)
-    tx = optim.build_optimizer(optim.optimizer_config(), global_batch=batch, total_steps=1000)
-    state = jax.eval_shape(lambda: nn.unbox(train_step.init_state(model, method, tx, jax.random.key(0), image_shape)))
-    layout = method.layout
-    ids = masking.TokenIds(
-        *(
-            jax.ShapeDtypeStruct((batch, n), jnp.int32)
-            for n in (layout.num_visible, layout.num_decoded, layout.num_thrown)
-        )
-    )
-    return state, train_step.make_batch(jax.ShapeDtypeStruct(image_shape, jnp.float32), ids)
+def abstract_inputs(method, batch: int):
+    """Shape-only ``(state, batch)`` of any method, for compiling its train step without allocating anything."""
+    tx = method.optimizer(batch, 1000)
+    state = jax.eval_shape(lambda: nn.unbox(train_step.init_state(method, tx, jax.random.key(0), batch)))
+    return state, method.batch_spec(batch)
 
 
-def measure(model, method, batch: int) -> dict:
-    """Per-image forward and step FLOPs and the step's temporary bytes, from compiled XLA programs."""
-    state, data = abstract_inputs(model, method, batch)
+def measure(method, batch: int) -> dict:
+    """Per-image forward and step FLOPs and the step's temporary bytes of any method, from compiled XLA programs."""
+    state, data = abstract_inputs(method, batch)
 
-    def forward(params, data):
-        return method.loss(model, params, data["images"], train_step.batch_ids(data))
+    def forward(variables, data):
+        return method.loss(variables, data, jax.random.key(0))[0]
 
-    forward_cost = jax.jit(forward).lower(state.params, data).compile().cost_analysis()
-    step = train_step.jit_train_step(model, method, donate_argnums=0).lower(state, data, jax.random.key(0)).compile()
+    forward_cost = jax.jit(forward).lower(state.variables, data).compile().cost_analysis()
+    step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
+    compiled = step.lower(state, data, jax.random.key(0)).compile()
     return {
         "forward_flops": forward_cost["flops"] / batch,
-        "step_flops": step.cost_analysis()["flops"] / batch,
-        "temp_bytes": int(step.memory_analysis().temp_size_in_bytes),
+        "step_flops": compiled.cost_analysis()["flops"] / batch,
+        "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
     }
 
 
+# framework (a module of prmim_jax.methods) -> its model section's config function.
+FRAMEWORKS = {"mae": mae_lib.model_config, "simmim": simmim_lib.model_config}
+# How a row names its variant, as the paper's tables do.
+ROW_NAMES = {"full": "{framework}", "partial": "partial", "progressive": "prmim"}
+
+
+def plans(framework: str, throw_ratios, aggregators=("dwconv",), kernel_sizes=(7,)) -> list[dict]:
+    """Method-section overrides of each row: the baseline, then partial and PR-MIM (each aggregator and
+    kernel) at each throwing ratio, furthest sampling."""
+    rows = [dict(reconstruction="full")]
+    for ratio in throw_ratios:
+        rows.append(dict(reconstruction="partial", sampler="furthest", throw_ratio=ratio))
+        for aggregator in aggregators:
+            for kernel in kernel_sizes:
+                rows.append(
+                    dict(
+                        reconstruction="progressive",
+                        sampler="furthest",
+                        throw_ratio=ratio,
+                        aggregator=aggregator,
+                        kernel_size=kernel,
+                    )
+                )
+    return rows
+
+
+def build_method(framework: str, model_config, overrides: dict):
+    """The ``framework`` method (a module of ``prmim_jax.methods``) with ``model_config`` and ``overrides``."""
+    from prmim_jax.data import pipeline
+
+    section = methods.method_config(framework, **overrides)
+    config = ml_collections.ConfigDict(
+        dict(model=model_config, method=section, optimizer=optim.optimizer_config(), data=pipeline.data_config())
+    )
+    return methods.build(config)
+
+
 def report(
-    variants, throw_ratios, batch: int, image_size: int = 224, dtype: str = "float32", log=print, **model_overrides
+    variants,
+    throw_ratios,
+    batch: int,
+    image_size: int = 224,
+    dtype: str = "float32",
+    log=print,
+    framework: str = "mae",
+    aggregators=("dwconv",),
+    kernel_sizes=(7,),
+    **model_overrides,
 ) -> list[dict]:
-    """One row per (model, method, rho_d): ``mae`` first, then ``partial`` and ``prmim`` at each ratio."""
+    """One row per (model, variant, rho_d, aggregator, kernel): the framework's baseline first (ratios are to
+    it), then ``partial`` and ``prmim`` at each ratio (``plans``)."""
     rows = []
+    model_section = FRAMEWORKS[framework]
     for variant in variants:
-        model_config = mae_lib.model_config(variant, image_size=image_size, dtype=dtype, **model_overrides)
-        plans = [("mae", "random", 0.0)] + [(m, "furthest", r) for r in throw_ratios for m in ("partial", "prmim")]
+        model_config = model_section(variant, image_size=image_size, dtype=dtype, **model_overrides)
         baseline = None
-        for name, sampler, throw_ratio in plans:
-            model, method = methods.build(
-                model_config, methods.method_config(name, sampler=sampler, throw_ratio=throw_ratio)
-            )
-            row = {"model": f"ViT-{variant}", "method": name, "sampler": sampler, "rho_d": throw_ratio}
-            row |= measure(model, method, batch)
+        for overrides in plans(framework, throw_ratios, aggregators, kernel_sizes):
+            method = build_method(framework, model_config, overrides)
+            section = method.config.method
+            progressive = section.reconstruction == "progressive"
+            row = {
+                "model": f"ViT-{variant}",
+                "method": ROW_NAMES[section.reconstruction].format(framework=framework),
+                "framework": framework,
+                "sampler": section.sampler,
+                "rho_d": section.throw_ratio,
+                "aggregator": section.aggregator if progressive else None,
+                "kernel_size": section.kernel_size if progressive else None,
+            }
+            row |= measure(method, batch)
             baseline = baseline or row
             for key in ("forward_flops", "step_flops", "temp_bytes"):
                 row[f"{key}_ratio"] = row[key] / baseline[key]
             rows.append(row)
+            design = f"{row['aggregator']} k={row['kernel_size']}" if progressive else ""
             log(
-                f"{row['model']:9s} {name:8s} rho_d={throw_ratio:<4} fwd {row['forward_flops'] / 1e9:7.2f} GFLOPs "
-                f"({row['forward_flops_ratio']:.3f})  step {row['step_flops'] / 1e9:7.2f} ({row['step_flops_ratio']:.3f})  "
+                f"{row['model']:9s} {row['method']:8s} rho_d={row['rho_d']:<4} {design:16s} "
+                f"fwd {row['forward_flops'] / 1e9:7.2f} GFLOPs ({row['forward_flops_ratio']:.3f})  "
+                f"step {row['step_flops'] / 1e9:7.2f} ({row['step_flops_ratio']:.3f})  "
                 f"temp {row['temp_bytes'] / 2**20:8.0f} MiB ({row['temp_bytes_ratio']:.3f})"
             )
     return rows
 
 
+def _design(row: dict) -> str:
+    return f"{row['aggregator']} {row['kernel_size']}x{row['kernel_size']}" if row.get("aggregator") else ""
+
+
 def markdown(rows: list[dict], batch: int) -> str:
     lines = [
-        f"Per image; temporary memory for a batch of {batch}. Ratios are to MAE of the same model.",
+        f"Per image; temporary memory for a batch of {batch}. Ratios are to the framework's baseline "
+        "(first row of each model).",
         "",
-        "| model | method | sampler | rho_d | forward GFLOPs | ratio | step GFLOPs | ratio | step temp MiB | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | sampler | rho_d | aggregator | forward GFLOPs | ratio | step GFLOPs | ratio "
+        "| step temp MiB | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['sampler']} | {r['rho_d']} | {r['forward_flops'] / 1e9:.2f} | "
+            f"| {r['model']} | {r['method']} | {r['sampler']} | {r['rho_d']} | {_design(r)} | {r['forward_flops'] / 1e9:.2f} | "
             f"{r['forward_flops_ratio']:.3f} | {r['step_flops'] / 1e9:.2f} | {r['step_flops_ratio']:.3f} | "
             f"{r['temp_bytes'] / 2**20:.0f} | {r['temp_bytes_ratio']:.3f} |"
         )
@@ -113,6 +176,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--framework", default="mae", choices=sorted(FRAMEWORKS))
+    parser.add_argument("--aggregators", default="dwconv", help="PR-MIM rows for each: dwconv,transformer,...")
+    parser.add_argument("--kernel_sizes", default="7", help="PR-MIM rows for each aggregation window, e.g. 3,5,7")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     rows = report(
@@ -121,11 +187,15 @@ def main(argv=None):
         args.batch,
         args.image_size,
         args.dtype,
+        framework=args.framework,
+        aggregators=args.aggregators.split(","),
+        kernel_sizes=[int(k) for k in args.kernel_sizes.split(",")],
     )
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         keys = ("model", "method", "sampler", "rho_d", "forward_flops", "step_flops", "temp_bytes")
+        keys += tuple(k for k in ("framework", "aggregator", "kernel_size") if k in rows[0])
         meta = {
             "batch": args.batch,
             "image_size": args.image_size,

@@ -31,8 +31,9 @@ import numpy as np
 import optax
 
 from prmim_jax import masking, methods
+from prmim_jax.interop import mae_checkpoint
+from prmim_jax.methods import mae as mae_family
 from prmim_jax.models import mae as mae_lib
-from prmim_jax.tools import mae_checkpoint
 
 THROWING_SAMPLERS = ("random_throw", "furthest")
 
@@ -62,22 +63,22 @@ def gradient_differences(
         config = methods.method_config(
             name, sampler=sampler, throw_ratio=throw_ratio, mask_ratio=mask_ratio, kernel_size=kernel_size
         )
-        return methods.build(model_config, config)
+        return mae_family.from_sections(model_config, config)
 
-    def gradient(model, method, ids, model_params):
-        return jax.jit(jax.grad(lambda p: method.loss(model, p, images, ids)))(model_params)
+    def gradient(method, ids, model_params):
+        return jax.jit(jax.grad(lambda p: method.objective(p, images, ids)))(model_params)
 
     shared = {k: v for k, v in params.items() if k != "aggregation"}
-    mae_model, mae_method = build("mae", "random", 0.0)
-    mae_grad = gradient(mae_model, mae_method, mae_method.sample(noise), shared)
+    mae_method = build("mae", "random", 0.0)
+    mae_grad = gradient(mae_method, mae_method.sample(noise), shared)
     mae_norm = optax.tree.norm(mae_grad)
     rows = []
     for sampler in samplers:
         for throw_ratio in throw_ratios:
             for name in ("partial", "prmim"):
-                model, method = build(name, sampler, throw_ratio)
+                method = build(name, sampler, throw_ratio)
                 ids = method.sample(noise)
-                grad = gradient(model, method, ids, params if name == "prmim" else shared)
+                grad = gradient(method, ids, params if method.throwing.progressive else shared)
                 difference = jax.tree_util.tree_map(jnp.subtract, {k: grad[k] for k in shared}, mae_grad)
                 relative = float(optax.tree.norm(difference) / mae_norm)
                 rows.append({"method": name, "sampler": sampler, "rho_d": throw_ratio, "relative_l2": relative})
@@ -107,7 +108,8 @@ def main(argv=None):
         decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
     )
-    model, method = methods.build(model_config, methods.method_config("prmim"))
+    method = mae_family.from_sections(model_config, methods.method_config("prmim"))
+    model = method.model
     rng = np.random.default_rng(args.seed)
     if args.images:
         images = jnp.asarray(np.load(args.images), jnp.float32)

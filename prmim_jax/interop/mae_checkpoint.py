@@ -39,12 +39,20 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from prmim_jax.interop import weight_files
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import vit
-from prmim_jax.tools import weight_files
 
 # Sin-cos tables are recomputed by the model; a stored table must match ours this closely.
 _POS_EMBED_ATOL = 1e-5
+
+
+def _check_aggregator(model: mae_lib.MaskedAutoencoder) -> None:
+    if model.aggregation_kernel and model.aggregator != "dwconv":
+        raise CheckpointMismatchError(
+            f"aggregator {model.aggregator!r} has no PyTorch layout here; only the paper's depth-wise "
+            "aggregation ('dwconv') reads and writes as decoder_aggregation.{weight,bias}."
+        )
 
 
 class CheckpointMismatchError(ValueError):
@@ -141,6 +149,7 @@ def to_state_dict(
             _block_to_torch(dec["transformer"][f"block_{i}"], f"decoder_blocks.{i}", out)
         out["decoder_norm.weight"], out["decoder_norm.bias"] = _norm_to_torch(params["decoder_norm"]).values()
         out["decoder_pred.weight"], out["decoder_pred.bias"] = _linear_to_torch(params["pred"]).values()
+        _check_aggregator(model)
         if model.aggregation_kernel:
             out["decoder_aggregation.weight"] = params["aggregation"]["kernel"].transpose(2, 0, 1)[:, None]
             out["decoder_aggregation.bias"] = params["aggregation"]["bias"]
@@ -201,6 +210,7 @@ def from_state_dict(state_dict: dict[str, np.ndarray], model: mae_lib.MaskedAuto
         }
         params["decoder_norm"] = _norm_from_torch(sd, "decoder_norm")
         params["pred"] = _linear_from_torch(sd, "decoder_pred")
+        _check_aggregator(model)
         if model.aggregation_kernel:
             params["aggregation"] = {
                 "kernel": sd["decoder_aggregation.weight"][:, 0].transpose(1, 2, 0),

@@ -1,0 +1,71 @@
+"""A classifier's top-1 accuracy and mean cross-entropy over a whole split (padding rows excluded)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from prmim_jax import sharding
+from prmim_jax.data import pipeline
+
+
+def default_config() -> dict:
+    """``evals.<name>`` keys: ``split`` (None: ``data.eval_split``) and the global ``batch_size``."""
+    return dict(every=0, batch_size=256, split=None)
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+    """Sums over the real rows (``mask [B] bool``) of ``logits [B, K]``: ``correct`` (top-1), ``count``, ``loss``."""
+    mask = mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"correct": jnp.sum(correct * mask), "count": jnp.sum(mask), "loss": jnp.sum(loss * mask)}
+
+
+class Evaluator:
+    """``{'accuracy', 'eval_loss'}`` of ``Method.logits`` on ``split``."""
+
+    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
+        if method.logits is None:
+            raise ValueError(
+                f"evaluator 'accuracy' needs a classifier but method {method.name!r} has no logits; "
+                "use it with method 'classify', or remove it from config.evals."
+            )
+        ways = sharding.batch_divisor(setup.mesh, setup.rules)
+        if section.batch_size % ways or section.batch_size % jax.process_count():
+            raise ValueError(
+                f"accuracy batch_size={section.batch_size} must be divisible by the {ways} devices the batch is "
+                f"split over (mesh {dict(setup.mesh.shape)}) and the {jax.process_count()} processes; change it."
+            )
+        self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
+        self.split = section.split or config.data.eval_split
+        self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+
+        def step(variables, batch):
+            logits = method.logits(variables, method.normalize(batch["images"]))
+            return eval_sums(logits, batch["labels"], batch["mask"])
+
+        self._step = jax.jit(step)
+
+    def run(self, state) -> dict:
+        data = ml_collections.ConfigDict(self.data.to_dict() | {"num_workers": 0})
+        dataset = pipeline.eval_dataset(
+            data,
+            self.split,
+            batch_size=self.section.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        totals = {"correct": 0.0, "count": 0.0, "loss": 0.0}
+        with jax.set_mesh(self.setup.mesh), nn.logical_axis_rules(self.setup.rules):
+            for batch in dataset:
+                sums = self._step(state.variables, sharding.global_batch(batch, self.batch_sharding))
+                for key, value in jax.device_get(sums).items():
+                    totals[key] += float(value)
+        return {"accuracy": totals["correct"] / totals["count"], "eval_loss": totals["loss"] / totals["count"]}
+
+    def summary(self, results: dict) -> str:
+        return f"final top-1 accuracy ({self.split}): {results['accuracy']:.4f}"

@@ -1,0 +1,96 @@
+"""The MAE family: MAE, MAE + partial reconstruction, MAE + PR-MIM (one module, ``reconstruction`` picks).
+
+=================  ===================  =====================================================
+reconstruction     throw_ratio (rho_d)  what is reconstructed
+=================  ===================  =====================================================
+``full`` (MAE)     0                    every masked token, by the decoder
+``partial``        > 0                  only the decoded tokens; thrown tokens get no loss
+``progressive``    >= 0                 decoded tokens by the decoder, thrown tokens by the
+                                        aggregation of the decoder outputs (PR-MIM)
+=================  ===================  =====================================================
+
+The encoder sees the visible tokens; the decoder sees the visible latents and
+mask tokens at the decoded positions (never the thrown ones); the loss is the
+mean squared error over the predicted masked tokens against norm-pix targets
+(``models.mae.reconstruction_loss``). Config section::
+
+    config.method = mae.default_config()                                # MAE
+    config.method = mae.default_config(reconstruction="progressive")    # PR-MIM: furthest sampling, rho_d 0.5
+
+(``methods.method_config("prmim")`` / ``("partial")`` give the same sections by
+their earlier names.) A batch is ``images [B, H, W, C]`` and the token sets
+``ids_visible / ids_decoded / ids_thrown`` of ``prmim_jax.masking``.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from prmim_jax import masking, optim
+from prmim_jax.methods import Variables, canonical_section, throwing
+from prmim_jax.models import mae as mae_lib
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+    """The method section: plain MAE unless overridden; ``reconstruction='progressive'`` is PR-MIM (furthest
+    sampling, rho_d 0.5 by default), ``'partial'`` partial reconstruction."""
+    reconstruction = overrides.pop("reconstruction", "full")
+    keys = throwing.throwing_config(reconstruction) | dict(name="mae", norm_pix_loss=True)
+    return ml_collections.ConfigDict(keys | overrides)
+
+
+class MaskedAutoencoding(throwing.ThrowingMethod):
+    """``Method`` of the module docstring; ``model`` is the ``MaskedAutoencoder`` it trains."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        config.method = section = throwing.complete_section(config.method, default_config)
+        probe = mae_lib.build_mae(config.model)  # checks sizes; the grid decides the token layout
+        self.throwing = throwing.Throwing.from_config(section, probe.grid)
+        model_config = ml_collections.ConfigDict(config.model.to_dict())
+        model_config.aggregation_kernel = self.throwing.kernel_size if self.throwing.progressive else 0
+        model_config.aggregator = self.throwing.aggregator
+        self.model = mae_lib.build_mae(model_config)
+        self.norm_pix_loss = bool(section.norm_pix_loss)
+
+    def init(self, rng, batch) -> Variables:
+        ids = throwing.batch_ids(batch)
+        return Variables(self.model.init(rng, batch["images"], *ids)["params"])
+
+    def predict(self, params, images, ids: masking.TokenIds) -> mae_lib.MAEOutput:
+        return self.model.apply({"params": params}, images, ids.visible, ids.decoded, ids.thrown)
+
+    def objective(self, params, images, ids: masking.TokenIds) -> jax.Array:
+        """The float32 loss of ``images [B, H, W, C]`` with token sets ``ids``."""
+        return mae_lib.reconstruction_loss(
+            images,
+            self.predict(params, images, ids),
+            ids.decoded,
+            ids.thrown,
+            self.model.patch_size,
+            self.norm_pix_loss,
+            self.throwing.thrown_loss_weight,
+        )
+
+    def loss(self, variables: Variables, batch: dict, rng):
+        del rng  # the model is deterministic
+        return self.objective(variables.params, batch["images"], throwing.batch_ids(batch)), {}, variables.batch_stats
+
+    def encoder(self, params=None):
+        return mae_lib.encoder_of(self.model), None if params is None else params["encoder"]
+
+
+def build(config: ml_collections.ConfigDict) -> MaskedAutoencoding:
+    return MaskedAutoencoding(config)
+
+
+def from_sections(model_config: ml_collections.ConfigDict, method_section: ml_collections.ConfigDict, **rest):
+    """The method of an experiment with these ``model`` and ``method`` sections and default optimizer and data
+    (tools, benchmarks and tests that need a method without a whole experiment); ``rest``: more sections."""
+    from prmim_jax.data import pipeline
+
+    sections = dict(optimizer=optim.optimizer_config(), data=pipeline.data_config()) | rest
+    config = ml_collections.ConfigDict(dict(model=model_config, method=method_section) | sections)
+    config.method = canonical_section(config.method)
+    return MaskedAutoencoding(config)

@@ -1,0 +1,207 @@
+"""What every method with a thrown set shares: token sets on the host, the three reconstructions, the aggregator.
+
+The keys of a method section that this module reads (``throwing_config``):
+
+==========================  ================================================================
+key                         meaning
+==========================  ================================================================
+``reconstruction``          ``full`` (every masked token is reconstructed by the framework's
+                            decoder/head; nothing thrown), ``partial`` (thrown tokens are
+                            skipped and get no loss) or ``progressive`` (PR-MIM: the
+                            aggregator reconstructs the thrown tokens from the others)
+``sampler``                 token sampler of ``prmim_jax.masking`` (``random`` throws nothing;
+                            ``random_throw``, ``furthest`` (Alg. 1), ``furthest_seeded``)
+``mask_ratio``              rho_e, fraction of the N tokens masked
+``throw_ratio``             rho_d, fraction of the N tokens thrown (0 for ``full``)
+``aggregator``              progressive reconstruction's design: ``dwconv`` (the paper's),
+                            ``transformer``, ``convnext``, ``avgpool`` (Tables 11-12)
+``kernel_size``             its window (3 to 11; 7 by default)
+``thrown_loss_weight``      a thrown token's loss weight against a decoded one's (progressive)
+==========================  ================================================================
+
+Turning PR-MIM on in any framework is one key: ``reconstruction='progressive'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+
+from prmim_jax import masking, optim
+from prmim_jax.data import transforms
+from prmim_jax.evaluate import reconstruction as pictures
+from prmim_jax.methods import HostTransforms, Method
+from prmim_jax.models import aggregate
+
+RECONSTRUCTIONS = ("full", "partial", "progressive")
+
+
+def throwing_config(reconstruction: str = "progressive", **overrides) -> dict:
+    """The thrown-set keys of a method section (the paper's defaults: Table 13, Sec. 3) as a plain dict."""
+    full = reconstruction == "full"
+    return (
+        dict(
+            reconstruction=reconstruction,
+            sampler="random" if full else "furthest",
+            mask_ratio=0.75,
+            throw_ratio=0.0 if full else 0.5,
+            aggregator="dwconv",
+            kernel_size=7,
+            thrown_loss_weight=1.0,
+        )
+        | overrides
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Throwing:
+    """A validated thrown-set setting for one token grid (hashable, so jitted steps can close over it)."""
+
+    reconstruction: str
+    sampler: str
+    layout: masking.TokenLayout
+    aggregator: str
+    kernel_size: int
+    thrown_loss_weight: float
+
+    @classmethod
+    def from_config(
+        cls, section, grid: tuple[int, int], mask_unit: int | None = None, throw_granularity: str = "token"
+    ) -> Throwing:
+        """Raises ``ValueError`` naming the fix for an impossible combination of the section's keys.
+
+        ``mask_unit`` / ``throw_granularity``: ``masking.TokenLayout``'s (SimMIM's unit masks)."""
+        if section.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"method.reconstruction={section.reconstruction!r}; choose one of {RECONSTRUCTIONS}.")
+        if section.reconstruction == "full" and section.throw_ratio:
+            raise ValueError(
+                f"reconstruction 'full' reconstructs every masked token but throw_ratio={section.throw_ratio}; "
+                "set method.throw_ratio=0, or method.reconstruction='partial' or 'progressive'."
+            )
+        if section.thrown_loss_weight < 0:
+            raise ValueError(f"method.thrown_loss_weight={section.thrown_loss_weight} must be >= 0.")
+        if section.aggregator not in aggregate.AGGREGATORS:
+            raise ValueError(f"method.aggregator={section.aggregator!r}; choose one of {aggregate.AGGREGATORS}.")
+        kernel = section.kernel_size
+        if section.reconstruction == "progressive":
+            try:
+                aggregate.check_kernel_size(kernel, tuple(grid))
+            except ValueError as error:
+                raise ValueError(f"method.{error}") from None
+        layout = masking.TokenLayout(
+            tuple(grid),
+            section.mask_ratio,
+            section.throw_ratio,
+            mask_unit=mask_unit,
+            throw_granularity=throw_granularity,
+        )
+        masking.check_sampler(section.sampler, layout)
+        return cls(
+            section.reconstruction,
+            section.sampler,
+            layout,
+            section.aggregator,
+            kernel,
+            float(section.thrown_loss_weight),
+        )
+
+    @property
+    def progressive(self) -> bool:
+        return self.reconstruction == "progressive"
+
+    @property
+    def host(self) -> HostTransforms:
+        """Per-image noise, then the batch's token sets ``ids_visible / ids_decoded / ids_thrown``."""
+        return HostTransforms(
+            transforms.DrawTokenNoise(self.layout), transforms.SampleTokens(self.sampler, self.layout)
+        )
+
+    def ids_spec(self, batch_size: int) -> dict[str, tuple[tuple[int, int], type]]:
+        layout = self.layout
+        return {
+            "ids_visible": ((batch_size, layout.num_visible), np.int32),
+            "ids_decoded": ((batch_size, layout.num_decoded), np.int32),
+            "ids_thrown": ((batch_size, layout.num_thrown), np.int32),
+        }
+
+    def sample(self, noise: np.ndarray) -> masking.TokenIds:
+        """``noise [B, 2, N]`` (``masking.draw_noise`` per image) -> this setting's ``TokenIds``."""
+        return masking.sample(self.sampler, noise, self.layout)
+
+    def aggregator_module(self, dtype, width: int, **options):
+        """The progressive aggregator (``(features, ids_present, ids_thrown) -> [B, T, C]``), or None.
+
+        ``options``: ``models.aggregate.build_aggregator``'s (``num_heads``, ``mlp_ratio``, ...)."""
+        if not self.progressive:
+            return None
+        return aggregate.build_aggregator(
+            self.aggregator, self.layout.grid, self.kernel_size, dtype, width=width, **options
+        )
+
+
+def batch_ids(batch: dict) -> masking.TokenIds:
+    return masking.TokenIds(batch["ids_visible"], batch["ids_decoded"], batch["ids_thrown"])
+
+
+def complete_section(given: ml_collections.ConfigDict, default_config) -> ml_collections.ConfigDict:
+    """``given`` over ``default_config(reconstruction=...)``; ``ValueError`` naming any key the method does not read.
+
+    A section without ``reconstruction`` (saved before it existed) is the framework's baseline, ``full``.
+    """
+    section = default_config(reconstruction=given.get("reconstruction", "full"))
+    unknown = set(given) - set(section)
+    if unknown:
+        raise ValueError(
+            f"method section has unknown keys {sorted(unknown)}; the {section.name} method reads {sorted(section)}."
+        )
+    section.update(given)
+    return section
+
+
+class ThrowingMethod(Method):
+    """What a framework with a thrown set shares: its batches (images and the token sets of ``throwing``),
+    its sampler, and its picture. Subclasses set ``config``, ``throwing``, ``model`` (with ``image_size``,
+    ``channels``, ``patch_size``), ``norm_pix_loss`` and ``predict``."""
+
+    throwing: Throwing
+    norm_pix_loss: bool = False
+
+    def predict(self, params, images, ids: masking.TokenIds):
+        """The model's output (``pred_decoded``, ``pred_thrown``) for ``images`` and ``ids``, inference mode."""
+        raise NotImplementedError
+
+    def optimizer(self, global_batch: int, total_steps: int):
+        """AdamW with warmup + cosine from ``config.optimizer`` (``optim.build_optimizer``)."""
+        return optim.build_optimizer(self.config.optimizer, global_batch, total_steps)
+
+    @property
+    def layout(self) -> masking.TokenLayout:
+        return self.throwing.layout
+
+    @property
+    def host(self):
+        return self.throwing.host
+
+    def batch_spec(self, batch_size: int) -> dict:
+        images = ((batch_size, *self.model.image_size, self.model.channels), np.float32)
+        specs = {"images": images} | self.throwing.ids_spec(batch_size)
+        return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in specs.items()}
+
+    def sample(self, noise: np.ndarray) -> masking.TokenIds:
+        """``noise [B, 2, N]`` (``masking.draw_noise`` per image) -> this method's ``TokenIds``."""
+        return self.throwing.sample(noise)
+
+    def picture(self, params, images: np.ndarray, seed: int = 0):
+        """Original / visible / reconstruction rows (``evaluate.reconstruction``) for ``images [b, H, W, C]``
+        (normalised), token sets from noise of ``seed``: the same visible tokens for every method."""
+        data = self.config.data
+        rng = np.random.default_rng(seed)
+        ids = self.sample(np.stack([masking.draw_noise(rng, self.layout) for _ in range(len(images))]))
+        output = self.predict(params, np.asarray(images), ids)
+        rows = pictures.picture_rows(
+            images, ids, output, self.model.patch_size, data.mean, data.std, self.norm_pix_loss
+        )
+        return rows, pictures.token_marks(ids, self.layout.num_tokens), self.model.patch_size

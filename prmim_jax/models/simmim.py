@@ -1,0 +1,497 @@
+"""SimMIM (Xie et al., CVPR 2022): one ViT encoder over every kept token, a linear pixel head, L1 on masked pixels.
+
+SimMIM has no decoder. Its encoder sees the whole token grid, the masked
+tokens replaced by one learned mask token, and a 1x1 convolution to
+``p * p * C`` channels followed by a pixel shuffle turns every output token
+back into its ``p x p`` patch. The loss is the L1 distance on the masked
+pixels. The token ids of ``prmim_jax.masking`` (SimMIM's unit masks:
+``TokenLayout(mask_unit=...)``) select the three variants of the paper's
+Table 4 with one model:
+
+- SimMIM: nothing thrown; the encoder's sequence is cls, the visible tokens'
+  patch embeddings, and the mask token at every masked ("decoded") position.
+- partial reconstruction: the thrown masked tokens are left out of the
+  encoder's sequence (the paper: "we throw a subset of masked tokens to reduce
+  the sequence length of the encoder") and get no loss.
+- PR-MIM: as partial, then ``aggregator`` (``prmim_jax.models.aggregate``)
+  reconstructs the thrown tokens' features from the encoder's outputs of the
+  visible and decoded tokens, and the same head predicts their pixels.
+
+The sequence is ``[cls, visible, decoded]``, not the grid order of the
+official code: attention does not see order, the position embedding is
+gathered by id, and the relative position bias is gathered by id for every
+pair of tokens, so each token computes what it computes in the official
+grid-order sequence (``tests/test_simmim.py`` checks it against transformers'
+``ViTForMaskedImageModeling``, which is SimMIM's ViT head and loss).
+
+The official ViT-B recipe (microsoft/SimMIM ``configs/vit_base__800ep``):
+no absolute position embedding, one relative position bias table shared by
+all blocks, layer scale 0.1, drop path 0.1, final LayerNorm, q and v biases
+(our key projection has a bias too, initialised to zero; a key bias adds the
+same value to every logit of a query, so softmax removes it and it never gets
+a gradient), truncated-normal initialisation (``official_init``).
+
+Head layout. ``Conv2d(D, p * p * C, 1)`` then ``PixelShuffle(p)`` gives pixel
+``(i, j)`` of channel ``c`` of a token from conv output channel
+``c * p * p + i * p + j``: a per-token linear map whose outputs are ordered
+``(c, i, j)``. Our head is that linear map with its outputs ordered as
+``vit.patchify``'s ``(i, j, c)``, so predictions compare with
+``patchify(images)`` directly; ``prmim_jax.interop.hf_simmim`` permutes the
+official kernel's rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from prmim_jax.models import tokens, vit
+
+RELATIVE_POSITION_BIASES = ("none", "shared")
+POSITION_EMBEDDINGS = ("none", "learned", "sincos")
+# SimMIM's loss: sum(|x - x_rec| * mask) / (mask.sum() + 1e-5) / in_chans, mask counting pixels.
+LOSS_EPS = 1e-5
+INIT_STD = 0.02
+
+
+class SimMIMOutput(NamedTuple):
+    features: jax.Array  # [B, 1 + N_vis + N_dec, D] encoder output after its final LayerNorm: cls, visible, decoded
+    pred_decoded: jax.Array  # [B, N_dec, P] float32 pixels of the decoded (mask-token) positions
+    pred_thrown: jax.Array | None  # [B, N_thr, P] float32 with an aggregator (PR-MIM); None otherwise
+    pred_visible: jax.Array | None = None  # [B, N_vis, P] float32, only when asked for
+
+
+def truncated_normal(std: float = INIT_STD) -> nn.initializers.Initializer:
+    """SimMIM's ViT init, ``trunc_normal_(t, std=std, a=-std, b=std)``: N(0, std) cut at one standard deviation.
+
+    Not ``jax.nn.initializers.truncated_normal``, which rescales to keep the
+    standard deviation at ``std``; timm's does not (the result's std is 0.54 std).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
+
+    return init
+
+
+def relative_position_bias_size(grid: tuple[int, int]) -> int:
+    """Rows of BEiT's relative position table: every 2-D offset on ``grid``, then cls->token, token->cls, cls->cls."""
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+@functools.cache
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+    """``[1 + N, 1 + N] int32``: the table row of the bias from query ``i`` to key ``j``, cls at 0, tokens row-major.
+
+    BEiT's / SimMIM's ``relative_position_index``: tokens at ``(r_i, c_i)``
+    and ``(r_j, c_j)`` use row ``(r_i - r_j + H - 1) * (2 W - 1) + c_i - c_j + W - 1``;
+    the cls query uses row ``R - 3`` for every key, every query uses ``R - 2``
+    for the cls key, and cls to cls is ``R - 1`` (``R`` rows in all).
+    """
+    rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    offsets = (rows[:, None] - rows[None, :] + grid[0] - 1) * (2 * grid[1] - 1) + cols[:, None] - cols[None, :]
+    size = relative_position_bias_size(grid)
+    index = np.zeros((1 + rows.size, 1 + rows.size), np.int32)
+    index[1:, 1:] = offsets + grid[1] - 1
+    index[0, :] = size - 3
+    index[:, 0] = size - 2
+    index[0, 0] = size - 1
+    index.flags.writeable = False
+    return index
+
+
+class SimMIMEncoder(nn.Module):
+    """SimMIM's ViT: patch embedding, mask token, optional position embedding and shared relative bias, blocks.
+
+    ``images [B, H, W, C]``, ``ids_visible [B, N_vis]``, ``ids_decoded [B, N_dec]``
+    (int32, the ids of ``prmim_jax.masking``) -> ``[B, 1 + N_vis + N_dec, width]``
+    after the final LayerNorm: cls, the visible tokens' patch embeddings, the
+    mask token at each decoded position, in that order; every token also gets
+    its position's absolute embedding (``position_embedding``) and the
+    relative position bias of its grid position (``relative_position_bias``).
+    Tokens in neither set (thrown) are absent. ``ids_visible = None`` encodes
+    every token in grid order without masking (evaluation, fine-tuning):
+    ``[B, 1 + N, width]``.
+
+    ``position_embedding``: ``'none'`` (SimMIM's ViT-B), ``'learned'``
+    (``pos_embedding [1 + N, width]``, cls row first, as transformers' ViT) or
+    ``'sincos'`` (MAE's fixed table). ``relative_position_bias``: ``'none'`` or
+    ``'shared'`` (one ``relative_position_bias [R, heads]`` table, BEiT's
+    index, added to every block's logits). ``layer_scale_init``,
+    ``drop_path_rate`` and ``remat`` are ``vit.Transformer``'s. Under bfloat16
+    the embeddings are added in the float32 residual stream and the output is
+    the final LayerNorm's, bfloat16 (``vit``'s precision policy).
+    """
+
+    patch_size: int
+    image_size: tuple[int, int]
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    layer_scale_init: float | None = 0.1
+    relative_position_bias: str = "shared"
+    position_embedding: str = "none"
+    drop_path_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: str = "none"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @nn.compact
+    def __call__(self, images, ids_visible=None, ids_decoded=None, deterministic: bool = True):
+        if tuple(images.shape[1:3]) != tuple(self.image_size):
+            raise ValueError(f"images are {images.shape[1:3]}; the model was built for {self.image_size}.")
+        if ids_visible is None and ids_decoded is not None:
+            raise ValueError("ids_decoded needs ids_visible: give both (masked pretraining) or neither (every token).")
+        batch = images.shape[0]
+        patches = vit.patchify(images, self.patch_size)
+        if ids_visible is not None:
+            # Only the visible patches are embedded: the official code embeds all and overwrites the masked ones.
+            patches = tokens.take(patches, ids_visible)
+        x = nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            kernel_init=vit.logical(truncated_normal(), "patch", "embed"),
+            bias_init=vit.logical(nn.initializers.zeros, "embed"),
+            name="patch_embed",
+        )(patches.astype(self.dtype))
+        stream = vit.residual_dtype(self.dtype)  # float32 under bfloat16: vit's precision policy
+        x = x.astype(stream)
+        ids = None
+        if ids_visible is not None:
+            ids = ids_visible
+            if ids_decoded is not None:
+                mask_token = self.param(
+                    "mask_token", vit.logical(truncated_normal(), None, None, "embed"), (1, 1, self.width)
+                )
+                masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(stream)
+                x = jnp.concatenate([x, masked], axis=1)
+                ids = jnp.concatenate([ids_visible, ids_decoded], axis=1)
+        cls_token = self.param("cls_token", vit.logical(truncated_normal(), None, None, "embed"), (1, 1, self.width))
+        cls_token = jnp.broadcast_to(cls_token, (batch, 1, self.width))
+        position = self.position_table()
+        if position is not None:
+            position_tokens = jnp.broadcast_to(position[1:], (batch, *position[1:].shape))
+            if ids is not None:
+                position_tokens = tokens.take(position_tokens, ids)
+            x = x + position_tokens.astype(stream)
+            cls_token = cls_token + position[:1]
+        x = jnp.concatenate([cls_token.astype(stream), x], axis=1)
+        x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
+        return vit.Transformer(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.attention_impl,
+            final_norm=True,
+            drop_path_rate=self.drop_path_rate,
+            layer_scale_init=self.layer_scale_init,
+            remat=self.remat,
+            name="transformer",
+        )(x, deterministic, self.attention_bias(ids))
+
+    def position_table(self):
+        """``[1 + N, width] float32`` absolute embedding (cls row first), or None without one."""
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding={self.position_embedding!r}; choose one of {POSITION_EMBEDDINGS}.")
+        if self.position_embedding == "none":
+            return None
+        shape = (1 + self.grid[0] * self.grid[1], self.width)
+        if self.position_embedding == "sincos":
+            return jnp.asarray(vit.sincos_2d(self.width, self.grid))
+        return self.param("pos_embedding", vit.logical(truncated_normal(), None, "embed"), shape)
+
+    def attention_bias(self, ids):
+        """The shared relative position bias of the sequence ``[cls, ids]`` (``relative_bias``), or None."""
+        if self.relative_position_bias not in RELATIVE_POSITION_BIASES:
+            raise ValueError(
+                f"relative_position_bias={self.relative_position_bias!r}; choose one of {RELATIVE_POSITION_BIASES}."
+            )
+        if self.relative_position_bias == "none":
+            return None
+        table = self.param(
+            "relative_position_bias",
+            vit.logical(nn.initializers.zeros, None, "heads"),
+            (relative_position_bias_size(self.grid), self.num_heads),
+        )
+        return relative_bias(table.astype(self.dtype), self.grid, ids)  # cast once, not in every block
+
+
+def relative_bias(table: jax.Array, grid: tuple[int, int], ids: jax.Array | None) -> jax.Array:
+    """The relative position bias of the sequence ``[cls, ids]``: the table row of every query/key pair.
+
+    ``table [R, heads]`` (``R = relative_position_bias_size(grid)``), ``ids
+    [B, M]`` token ids -> ``[B, heads, 1 + M, 1 + M]``, query first: the bias
+    between two tokens depends on their grid positions only, so any subset of
+    the grid in any order gets the full grid's bias restricted to it. ``ids =
+    None`` (every token, grid order) -> ``[heads, 1 + N, 1 + N]``, one for the batch.
+    """
+    full = table[jnp.asarray(relative_position_index(tuple(grid)))]  # [1 + N, 1 + N, heads]
+    if ids is None:
+        return jnp.transpose(full, (2, 0, 1))
+    sequence = jnp.concatenate([jnp.zeros((ids.shape[0], 1), ids.dtype), ids + 1], axis=1)  # index rows, cls = 0
+    # One gather of [heads] rows per query/key pair: its gradient scatter-adds into the [1 + N, 1 + N]
+    # pair table (at most B entries collide) and only then into the table's few hundred rows.
+    pairs = full[sequence[:, :, None], sequence[:, None, :]]  # [B, T, T, heads]
+    return nn.with_logical_constraint(jnp.transpose(pairs, (0, 3, 1, 2)), ("batch", "heads", None, None))
+
+
+class SimMIM(nn.Module):
+    """SimMIM's encoder and pixel head, with optional progressive reconstruction of thrown tokens.
+
+    ``images [B, H, W, C]``, ``ids_visible [B, N_vis]``, ``ids_decoded [B, N_dec]``,
+    ``ids_thrown [B, N_thr]`` (int32, ``prmim_jax.masking``'s convention) ->
+    ``SimMIMOutput``. The thrown tokens never enter the encoder. With
+    ``aggregator`` (a module mapping ``(features [B, M, D], ids_present [B, M],
+    ids_thrown [B, T]) -> [B, T, D]``, e.g. ``aggregate.build_aggregator(...)``;
+    its parameters are ``params['aggregator']``) the encoder's outputs of the
+    visible and decoded tokens give the thrown tokens' features and the head
+    predicts their pixels too (PR-MIM); without it the thrown ids are ignored
+    (SimMIM, partial reconstruction).
+
+    ``deterministic=False`` turns on drop path (``drop_path_rate``), which then
+    needs the ``'dropout'`` rng. Parameters: ``encoder`` (``SimMIMEncoder``),
+    ``head`` (``kernel [D, p * p * C]`` in ``patchify``'s order, ``bias``) and
+    ``aggregator``.
+    """
+
+    patch_size: int
+    image_size: tuple[int, int]
+    channels: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    layer_scale_init: float | None = 0.1
+    relative_position_bias: str = "shared"
+    position_embedding: str = "none"
+    drop_path_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: str = "none"
+    aggregator: nn.Module | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    def setup(self):
+        self.encoder = encoder_of(self)
+        # The official head is a PyTorch Conv2d left at its default init: U(+-1/sqrt(fan_in)), fan_in = D.
+        # It is float32 under any dtype (vit's precision policy): its output is the loss's input.
+        bound = 1.0 / math.sqrt(self.width)
+        self.head = nn.Dense(
+            self.patch_dim,
+            dtype=jnp.float32,
+            kernel_init=vit.logical(vit.uniform_init(bound), "embed", "patch"),
+            bias_init=vit.logical(vit.uniform_init(bound), "patch"),
+        )
+
+    def predict_pixels(self, features):
+        """SimMIM's head: ``[B, T, D] -> [B, T, p * p * C] float32`` in ``patchify``'s ``(i, j, c)`` order."""
+        return self.head(features.astype(jnp.float32))
+
+    def __call__(
+        self,
+        images,
+        ids_visible,
+        ids_decoded,
+        ids_thrown=None,
+        *,
+        predict_visible: bool = False,
+        deterministic: bool = True,
+    ) -> SimMIMOutput:
+        if images.shape[-1] != self.channels:
+            raise ValueError(f"images have {images.shape[-1]} channels; the model was built for {self.channels}.")
+        features = self.encoder(images, ids_visible, ids_decoded, deterministic)
+        outputs = features[:, 1:]  # the cls token predicts nothing
+        num_visible = ids_visible.shape[1]
+        pred_decoded = self.predict_pixels(outputs[:, num_visible:])
+        pred_thrown = None
+        if self.aggregator is not None:
+            if ids_thrown is None:
+                ids_thrown = jnp.zeros((ids_visible.shape[0], 0), jnp.int32)
+            ids_present = jnp.concatenate([ids_visible, ids_decoded], axis=1)
+            pred_thrown = self.predict_pixels(self.aggregator(outputs, ids_present, ids_thrown))
+        pred_visible = self.predict_pixels(outputs[:, :num_visible]) if predict_visible else None
+        return SimMIMOutput(features, pred_decoded, pred_thrown, pred_visible)
+
+
+def encoder_of(model: SimMIM) -> SimMIMEncoder:
+    """``model``'s encoder as a module of its own (parameters ``params['encoder']``), for evaluation.
+
+    ``encoder.apply({'params': params['encoder']}, images)`` -> ``[B, 1 + N, D]``:
+    every token, grid order, no mask token. Drop path stays at ``model``'s
+    rate but is off unless ``deterministic=False``.
+    """
+    return SimMIMEncoder(
+        model.patch_size,
+        model.image_size,
+        model.width,
+        model.depth,
+        model.num_heads,
+        model.mlp_dim,
+        model.layer_scale_init,
+        model.relative_position_bias,
+        model.position_embedding,
+        model.drop_path_rate,
+        model.dtype,
+        model.attention_impl,
+        model.remat,
+    )
+
+
+def simmim_loss(
+    images: jax.Array,
+    output: SimMIMOutput,
+    ids_decoded: jax.Array,
+    ids_thrown: jax.Array | None,
+    patch_size: int,
+    thrown_weight: float = 1.0,
+) -> jax.Array:
+    """SimMIM's loss, a float32 scalar: L1 over the masked pixels that get a prediction, per pixel and channel.
+
+    The official ``(|x - x_rec| * mask).sum() / (mask.sum() + 1e-5) / in_chans``
+    with ``mask [B, 1, H, W]`` marking masked pixels (broadcast over the
+    channels, so ``mask.sum()`` counts pixels, and dividing by ``in_chans``
+    makes it a mean over pixel-channels). Targets are ``images`` themselves
+    (SimMIM normalises images, not patches). Decoded tokens always count;
+    thrown tokens count when ``output`` predicts them (PR-MIM), each weighing
+    ``thrown_weight`` as much as a decoded one, and not at all otherwise
+    (partial reconstruction).
+    """
+    targets = vit.patchify(images.astype(jnp.float32), patch_size)
+    total = jnp.sum(jnp.abs(output.pred_decoded - tokens.take(targets, ids_decoded)))
+    masked_tokens = float(ids_decoded.size)
+    if output.pred_thrown is not None and ids_thrown is not None and ids_thrown.shape[1]:
+        total = total + thrown_weight * jnp.sum(jnp.abs(output.pred_thrown - tokens.take(targets, ids_thrown)))
+        masked_tokens += thrown_weight * ids_thrown.size
+    masked_pixels = masked_tokens * patch_size * patch_size
+    return total / (masked_pixels + LOSS_EPS) / images.shape[-1]
+
+
+def official_init(params, rng: jax.Array):
+    """``params`` with the encoder's block kernels drawn as SimMIM's ViT draws them.
+
+    ``vit.Transformer`` initialises its linears as MAE does (xavier-uniform);
+    SimMIM's ViT draws every linear weight from ``truncated_normal(0.02)`` and
+    then divides block ``i``'s attention output and ``fc2`` weights by
+    ``sqrt(2 (i + 1))`` (BEiT's ``fix_init_weight``). The rest of ``SimMIM``
+    already starts as the official model does (embeddings and tokens truncated
+    normal, zero biases, LayerNorm 1 / 0, layer scale, zero relative bias,
+    PyTorch's default init for the head). Works on boxed (logically
+    partitioned) or plain parameters and keeps their structure, so it can run
+    inside the jitted, sharded ``init``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(rng, len(leaves))
+    redrawn = []
+    for (path, leaf), key in zip(leaves, keys, strict=True):
+        names = vit.path_names(path)
+        if names[:2] == ["encoder", "transformer"] and names[-1] == "kernel" and names[2].startswith("block_"):
+            block = int(names[2].removeprefix("block_"))
+            leaf = truncated_normal()(key, leaf.shape, leaf.dtype)
+            if names[-2] in ("out", "fc2"):
+                leaf = leaf / math.sqrt(2.0 * (block + 1))
+        redrawn.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, redrawn)
+
+
+def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
+    """The model section of a SimMIM experiment config, the official ViT-B/16 recipe's values.
+
+    ``variant`` ('Ti'|'S'|'B'|'L'|'H' '/' patch) sets the encoder; ``width``,
+    ``depth``, ``num_heads`` or ``patch_size`` in ``overrides`` replace the
+    variant's values. The masking (32-pixel units, ratio 0.6) belongs to the
+    method section (``masking.TokenLayout(mask_unit=32 // patch_size)``).
+    """
+    config = ml_collections.ConfigDict(
+        dict(
+            variant=variant,
+            width=None,
+            depth=None,
+            num_heads=None,
+            patch_size=None,
+            mlp_ratio=4.0,
+            image_size=224,
+            channels=3,
+            layer_scale_init=0.1,
+            relative_position_bias="shared",
+            position_embedding="none",
+            drop_path_rate=0.1,
+            dtype="float32",
+            attention_impl=None,  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
+            remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def build_simmim(config: ml_collections.ConfigDict, aggregator: nn.Module | None = None) -> SimMIM:
+    """A ``SimMIM`` from a ``model_config``-shaped config (and the PR-MIM aggregator, if any).
+
+    Raises ``ValueError`` naming the fix on sizes that cannot tile the image,
+    unknown position or bias modes, a non-positive layer scale, a drop path
+    rate outside [0, 1), an unknown dtype, or an ``attention_impl`` / ``remat`` that cannot run here.
+    """
+    size = vit.encoder_size(config)
+    image_size = config.image_size
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if config.position_embedding not in POSITION_EMBEDDINGS:
+        raise ValueError(
+            f"position_embedding={config.position_embedding!r}: choose one of {POSITION_EMBEDDINGS} "
+            "('none' is SimMIM's ViT-B, which relies on the relative position bias)."
+        )
+    if config.relative_position_bias not in RELATIVE_POSITION_BIASES:
+        raise ValueError(
+            f"relative_position_bias={config.relative_position_bias!r}: choose one of {RELATIVE_POSITION_BIASES}."
+        )
+    if config.position_embedding == "none" and config.relative_position_bias == "none":
+        raise ValueError(
+            "position_embedding='none' with relative_position_bias='none' leaves the encoder no way to tell "
+            "positions apart; set relative_position_bias='shared' (SimMIM's ViT-B) or a position embedding."
+        )
+    if config.layer_scale_init is not None and not config.layer_scale_init > 0:
+        raise ValueError(f"layer_scale_init={config.layer_scale_init} must be positive, or None for no layer scale.")
+    if not 0.0 <= config.drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate={config.drop_path_rate} must lie in [0, 1).")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
+    remat = config.get("remat", "none")
+    vit.check_model_options(
+        jnp.dtype(config.dtype), (size.width // size.num_heads,), config.get("attention_impl"), remat
+    )
+    return SimMIM(
+        patch_size=size.patch_size,
+        image_size=image_size,
+        channels=config.channels,
+        width=size.width,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        mlp_dim=int(size.width * config.mlp_ratio),
+        layer_scale_init=config.layer_scale_init,
+        relative_position_bias=config.relative_position_bias,
+        position_embedding=config.position_embedding,
+        drop_path_rate=config.drop_path_rate,
+        dtype=jnp.dtype(config.dtype),
+        attention_impl=config.get("attention_impl"),
+        remat=remat,
+        aggregator=aggregator,
+    )
