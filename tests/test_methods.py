@@ -131,8 +131,10 @@ def tiny_experiment(framework, **method_overrides):
     return config
 
 
-@pytest.mark.parametrize("framework", ["mae", "simmim"])
-@pytest.mark.parametrize("aggregator", ["dwconv", "transformer", "convnext", "avgpool"])
+@pytest.mark.parametrize(
+    "framework, aggregator",
+    [("mae", "dwconv"), ("mae", "transformer"), ("simmim", "convnext"), ("simmim", "avgpool")],
+)
 def test_every_aggregation_design_reconstructs_the_thrown_tokens_of_every_framework(framework, aggregator):
     config = tiny_experiment(framework, reconstruction="progressive", aggregator=aggregator, kernel_size=3)
     method = methods.build(config)
