@@ -23,10 +23,11 @@ computes. With ``dtype=bfloat16``:
   created float32 and cast to bfloat16 where a matmul reads it).
 - Matmuls (q/k/v/out projections, MLP, embeddings) take bfloat16 operands and
   return bfloat16; the MLP's GELU runs in bfloat16.
-- Attention: ``jax.nn.dot_product_attention`` forms the logits with float32
-  accumulation (``BF16_BF16_F32``), takes the softmax in float32 and casts the
-  probabilities to bfloat16 for the product with the values; cuDNN's fused
-  kernel keeps its softmax statistics in float32 as well.
+- Attention: the logits are accumulated in float32, the softmax (and its
+  gradient) is float32, and the probabilities are cast to bfloat16 for the
+  product with the values. That is what ``jax.nn.dot_product_attention``'s XLA
+  path does (``BF16_BF16_F32``), what cuDNN's fused kernel does with its
+  softmax statistics, and what ``cpu_attention`` (XLA on the CPU) does.
 - LayerNorm computes its statistics, the normalisation and the affine map in
   float32 (flax promotes to float32) and emits bfloat16: every consumer is a
   bfloat16 matmul that would round its input to bfloat16 anyway, so the values
@@ -45,13 +46,19 @@ cuDNN's fused kernel on a CUDA GPU when the dtype is bfloat16 or float16 and
 the head width is supported (ViT-B's 64 and the MAE decoder's 32 are), and XLA
 everywhere else (CPU, TPU, float32); ``'xla'`` and ``'cudnn'`` force one, and
 ``'cudnn'`` where it cannot run is a ``ValueError`` naming the fix, raised
-when the model is built. The rule is ``attention_implementation``.
+when the model is built. The rule is ``attention_implementation``. On the
+CPU backend the XLA path is ``cpu_attention`` (the same function, laid out
+for XLA CPU).
 
 Rematerialisation (``remat``): ``'none'`` keeps every activation for the
 backward pass; ``'dots_saveable'`` keeps only matmul outputs of each block and
 recomputes the rest (norms, GELU, softmax); ``'full'`` keeps only each block's
-input and recomputes the whole block. Gradients are unchanged; memory drops
-for a longer backward pass (large batches, ViT-L/H). See ``remat_block``.
+input and recomputes the whole block. Gradients are unchanged (to float32
+rounding); the activations kept for the backward pass shrink (``full``: 6% of
+``none``'s at MAE's decoder shape) for a longer backward pass (large batches,
+ViT-L/H). XLA CPU's compiled temporary memory barely moves with it (measured:
+200 / 197 / 198 MiB, 8 blocks of width 128, 197 tokens, batch 8); it is for
+accelerators. See ``remat_block``.
 """
 
 from __future__ import annotations
@@ -193,10 +200,12 @@ def layer_norm(dtype, name: str | None = None) -> nn.LayerNorm:
 def residual_dtype(dtype) -> jnp.dtype:
     """The residual stream's dtype for compute dtype ``dtype``: float32 under bfloat16 (the policy above).
 
-    The cost, measured on XLA CPU's compiled ViT-B/16 MAE train step at batch
-    64 in bfloat16: the float32 stream needs 5% more temporary memory than a
-    bfloat16 one (TODO-MEASURE) (the residual copies the backward pass keeps), and its
-    bytes accessed grow by 2%.
+    Its cost, measured on XLA CPU's compiled ViT-B/16 MAE train step in
+    bfloat16 at batch 64: the same temporary memory as a bfloat16 stream
+    (10.8 GB either way) and 2.4% more bytes accessed (98.0 against 95.8 GB).
+    XLA CPU computes bfloat16 arithmetic in float32 (the float32 step needs
+    less temporary memory there, 9.9 GB), so the GPU check is the one that
+    sizes this choice on an accelerator.
     """
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -338,9 +347,9 @@ def cpu_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.
     T, T]`` probabilities). Here the operands are transposed to ``[B, heads, T,
     kv]`` once, and the gradient is written out the way fused attention kernels
     compute it: ``ds = p * (dp - rowsum(do * o))``, where the row sum is over
-    ``kv`` rather than over ``T``. Measured (one core, fwd + bwd, batch 8):
-    91 -> 54 ms at MAE's decoder (197 tokens, 16 heads of 32), 5.7 -> 3.8 ms at
-    the ViT-B encoder's 50 visible tokens (12 heads of 64).
+    ``kv`` rather than over ``T``. Measured side by side (one core, fwd + bwd,
+    batch 8): 127 -> 83 ms at MAE's decoder (197 tokens, 16 heads of 32),
+    5.6 -> 3.9 ms at the ViT-B encoder's 50 visible tokens (12 heads of 64).
     """
     return _cpu_attention_fwd(query, key, value, bias)[0]
 
@@ -350,18 +359,25 @@ def _to_heads_first(x):
 
 
 def _cpu_attention_fwd(query, key, value, bias):
+    # The scale goes on q ([B, heads, T, kv]) rather than on the logits: XLA CPU's fused matmul
+    # takes a scalar factor on the logits as a materialised [B, heads, T, T] operand.
+    scale = 1.0 / math.sqrt(query.shape[-1])
     q, k, v = (_to_heads_first(x) for x in (query, key, value))
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(q.shape[-1]))
+    q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    logits = jnp.einsum("bnth,bnsh->bnts", q_scaled, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
+    # The softmax written out: jax.nn.softmax's division also makes XLA CPU materialise a
+    # broadcast [B, heads, T, T] operand.
+    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = exp * (1.0 / jnp.sum(exp, axis=-1, keepdims=True))
     out = jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v)
-    return _to_heads_first(out), (q, k, v, probs, out, bias)
+    return _to_heads_first(out), (q_scaled, k, v, probs, out, bias)
 
 
 def _cpu_attention_bwd(residuals, cotangent):
-    q, k, v, probs, out, bias = residuals
+    q_scaled, k, v, probs, out, bias = residuals
+    scale = 1.0 / math.sqrt(q_scaled.shape[-1])
     d_out = _to_heads_first(cotangent)
     d_value = jnp.einsum("bnts,bnth->bnsh", probs.astype(v.dtype), d_out)
     d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v, preferred_element_type=jnp.float32)
@@ -369,10 +385,10 @@ def _cpu_attention_bwd(residuals, cotangent):
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_logits = probs * (d_probs - row)
     d_bias = None if bias is None else _sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
-    d_scaled = (d_logits * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
-    d_query = jnp.einsum("bnts,bnsh->bnth", d_scaled, k)
-    d_key = jnp.einsum("bnts,bnth->bnsh", d_scaled, q)
-    return _to_heads_first(d_query), _to_heads_first(d_key), _to_heads_first(d_value), d_bias
+    d_logits = d_logits.astype(q_scaled.dtype)
+    d_query = jnp.einsum("bnts,bnsh->bnth", d_logits, k, preferred_element_type=jnp.float32) * scale
+    d_key = jnp.einsum("bnts,bnth->bnsh", d_logits, q_scaled)
+    return _to_heads_first(d_query.astype(q_scaled.dtype)), _to_heads_first(d_key), _to_heads_first(d_value), d_bias
 
 
 def _sum_to_shape(x, shape):
