@@ -59,6 +59,7 @@ class Setup:
     rules: tuple
     global_batch: int
     local_batch: int
+    evaluators: dict = dataclasses.field(default_factory=dict)  # name -> evaluator, from config.evals
 
 
 def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -86,8 +87,8 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
         raise ValueError(f"total_steps={config.total_steps} must be positive.")
     optim.learning_rate_schedule(config.optimizer, batch, config.total_steps)  # checks warmup_steps
     setup = Setup(method, mesh, rules, batch, batch // jax.process_count())
-    build_evaluators(method, setup, config)  # checks every evaluator's section
-    return setup
+    # Building them checks every evaluator's section; the trainer then uses these.
+    return dataclasses.replace(setup, evaluators=build_evaluators(method, setup, config))
 
 
 def abstract_state(setup: Setup, config: ml_collections.ConfigDict, rng: jax.Array):
@@ -142,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     save_run_config(config, workdir)
     if start:
         writer.log(f"resumed from step {start} in {workdir}")
-    evaluators = build_evaluators(setup.method, setup, config)
+    evaluators = setup.evaluators
 
     def evaluate(step, state, names):
         results = {}

@@ -39,6 +39,26 @@ def _module(kind: str):
         ) from None
 
 
+def in_process(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``data`` for a short evaluation pass: read in this process, so no worker processes outlive it."""
+    return ml_collections.ConfigDict(data.to_dict() | {"num_workers": 0})
+
+
+def check_batch_size(label: str, batch_size: int, setup) -> None:
+    """``ValueError`` unless an evaluator's global ``batch_size`` splits over ``setup``'s batch devices and the
+    processes; ``label`` names the evaluator in the message."""
+    import jax
+
+    from prmim_jax import sharding
+
+    ways = sharding.batch_divisor(setup.mesh, setup.rules)
+    if batch_size % ways or batch_size % jax.process_count():
+        raise ValueError(
+            f"{label} batch_size={batch_size} must be divisible by the {ways} devices the batch is split over "
+            f"(mesh {dict(setup.mesh.shape)}) and the {jax.process_count()} processes; change that evaluator's batch_size in config.evals."
+        )
+
+
 def build_evaluators(method, setup, config: ml_collections.ConfigDict) -> dict:
     """``{name: Evaluator}`` for ``config.evals``; raises ``ValueError`` with the fix before anything compiles."""
     evaluators = {}

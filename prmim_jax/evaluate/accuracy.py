@@ -10,6 +10,7 @@ import optax
 
 from prmim_jax import sharding
 from prmim_jax.data import pipeline
+from prmim_jax.evaluate import check_batch_size, in_process
 
 
 def default_config() -> dict:
@@ -34,12 +35,7 @@ class Evaluator:
                 f"evaluator 'accuracy' needs a classifier but method {method.name!r} has no logits; "
                 "use it with method 'classify', or remove it from config.evals."
             )
-        ways = sharding.batch_divisor(setup.mesh, setup.rules)
-        if section.batch_size % ways or section.batch_size % jax.process_count():
-            raise ValueError(
-                f"accuracy batch_size={section.batch_size} must be divisible by the {ways} devices the batch is "
-                f"split over (mesh {dict(setup.mesh.shape)}) and the {jax.process_count()} processes; change it."
-            )
+        check_batch_size("accuracy", section.batch_size, setup)
         self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
         self.split = section.split or config.data.eval_split
         self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
@@ -51,9 +47,8 @@ class Evaluator:
         self._step = jax.jit(step)
 
     def run(self, state) -> dict:
-        data = ml_collections.ConfigDict(self.data.to_dict() | {"num_workers": 0})
         dataset = pipeline.eval_dataset(
-            data,
+            in_process(self.data),
             self.split,
             batch_size=self.section.batch_size,
             process_index=jax.process_index(),

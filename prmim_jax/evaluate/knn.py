@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from prmim_jax import sharding
 from prmim_jax.data import pipeline
+from prmim_jax.evaluate import check_batch_size, in_process
 
 
 def default_config() -> dict:
@@ -32,12 +33,7 @@ class Evaluator:
 
     def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
         self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
-        ways = sharding.batch_divisor(setup.mesh, setup.rules)
-        if section.batch_size % ways or section.batch_size % jax.process_count():
-            raise ValueError(
-                f"kNN batch_size={section.batch_size} must be divisible by the {ways} devices the batch is split "
-                f"over and the {jax.process_count()} processes; change evals.<knn>.batch_size."
-            )
+        check_batch_size("kNN", section.batch_size, setup)
         if section.k < 1 or section.k > section.train_examples:
             raise ValueError(
                 f"kNN k={section.k} must lie in [1, train_examples={section.train_examples}]; change k or train_examples."
@@ -51,9 +47,12 @@ class Evaluator:
 
     def _batches(self, split: str, limit: int):
         batch = self.section.batch_size
-        data = ml_collections.ConfigDict(self.data.to_dict() | {"num_workers": 0})  # no workers outlive the pass
         dataset = pipeline.eval_dataset(
-            data, split, batch_size=batch, process_index=jax.process_index(), process_count=jax.process_count()
+            in_process(self.data),
+            split,
+            batch_size=batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         return itertools.islice(iter(dataset), math.ceil(limit / batch))
 

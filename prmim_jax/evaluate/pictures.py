@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-import ml_collections
 import numpy as np
 
 from prmim_jax import train
 from prmim_jax.data import pipeline
-from prmim_jax.evaluate import reconstruction
+from prmim_jax.evaluate import in_process, reconstruction
 
 
 def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
@@ -32,7 +31,7 @@ def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
             first.model.channels,
         ):
             raise ValueError(f"{workdir} was trained on other images than {workdirs[0]}; compare runs on one dataset.")
-    eval_data = ml_collections.ConfigDict(first.data.to_dict() | {"num_workers": 0})
+    eval_data = in_process(first.data)
     images = next(iter(pipeline.eval_dataset(eval_data, batch_size=num_images)))["images"]
     rows, marks = [], []
     patch_size = None

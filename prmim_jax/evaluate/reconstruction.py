@@ -20,6 +20,7 @@ from PIL import Image
 
 from prmim_jax import masking
 from prmim_jax.data import pipeline
+from prmim_jax.evaluate import in_process
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import vit
 
@@ -133,8 +134,9 @@ class Evaluator:
 
     def run(self, state) -> dict:
         if self._images is None:
-            data = ml_collections.ConfigDict(self.data.to_dict() | {"num_workers": 0})
-            images = next(iter(pipeline.eval_dataset(data, batch_size=self.section.num_images)))["images"]
+            images = next(iter(pipeline.eval_dataset(in_process(self.data), batch_size=self.section.num_images)))[
+                "images"
+            ]
             self._images = np.asarray(self.method.normalize(images))
         params = multihost_utils.process_allgather(state.params, tiled=True)  # whole on every host
         rows, marks, patch_size = self.method.picture(params, self._images, self.section.seed)
