@@ -97,17 +97,16 @@ def run_to_end(command: list[str], log: pathlib.Path, timeout: float = 900) -> i
         return -1
 
 
-def children(pid: int) -> list[int]:
-    """The process ids whose parent is ``pid`` (from /proc, no psutil)."""
+def training_processes(workdir: pathlib.Path) -> list[int]:
+    """The process ids of ``python -m prmim_jax.main`` runs writing into ``workdir`` (from /proc, no psutil)."""
     found = []
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                # The command name may hold spaces and parentheses; the parent id follows the last ')'.
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if b"prmim_jax.main" in argv and str(workdir).encode() in argv:
                 found.append(int(entry.name))
     return found
 
@@ -269,7 +268,7 @@ def launcher_trial(workdir, reference, wall, rng, fault: str) -> dict:
     sent = time.perf_counter()
     if launcher.poll() is None:
         if fault == "kill_one":
-            victims = children(launcher.pid)
+            victims = training_processes(workdir)
             if victims:
                 os.kill(rng.choice(victims), signal.SIGKILL)
         else:

@@ -141,6 +141,7 @@ if [ "$dry_run" = 0 ]; then
   : >"$state/ended"
 fi
 pids=()
+watchers=()
 finished=()
 stopping=0 # 1 once the processes were told to stop: by a signal to this script, or after a failure
 deadline=0 # when they are killed if still running ($SECONDS)
@@ -203,6 +204,7 @@ for ((i = 0; i < processes; i++)); do
     wait "$child" || rc=$?
     echo "$i $rc" >>"$state/ended"
   ) 2>/dev/null & # bash's own "Killed" notice; the process's output goes to its log
+  watchers[i]=$!
 done
 if [ "$dry_run" = 1 ]; then
   echo "wait"
@@ -224,12 +226,25 @@ describe_status() {
   fi
 }
 
+# A watcher killed from outside (it ignores SIGTERM, not SIGKILL) can no longer record its process's
+# end: record it as killed, and kill the process, so that the wait below cannot hang on it.
+record_lost_watchers() {
+  local i
+  for ((i = 0; i < processes; i++)); do
+    kill -0 "${watchers[$i]}" 2>/dev/null && continue
+    grep -q "^$i " "$state/ended" && continue
+    kill -KILL "${pids[$i]}" 2>/dev/null || true
+    echo "$i 137" >>"$state/ended"
+  done
+}
+
 # Wait for every process, in the order they end; the first failure sets the exit status and stops
 # the others (they cannot go on without it, and would otherwise block in a collective).
 status=0
 first=""
 ended=0
 while [ "$ended" -lt "$processes" ]; do
+  record_lost_watchers
   mapfile -t records <"$state/ended"
   while [ "$ended" -lt "${#records[@]}" ]; do
     read -r i rc <<<"${records[$ended]}"

@@ -335,6 +335,29 @@ def test_local_gives_the_others_10_seconds_not_the_grace_period_after_one_failed
     assert "process 0 exited with status 137, killed by SIGKILL after process 1 failed" in stderr
 
 
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid``, from /proc."""
+    found = []
+    for stat_file in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = stat_file.read_text().rsplit(")", 1)[1].split()[1]  # the name may hold spaces and parentheses
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if parent == str(pid):
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def test_local_does_not_hang_when_a_watcher_of_its_processes_is_killed(repo):
+    launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "stuck"})
+    wait_until_started(repo, launcher)
+    # The launcher's children are the watcher subshells; each records its process's end.
+    os.kill(children_of(launcher.pid)[0], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 137, stderr  # the lost process counts as killed, and stops the others
+    assert "failed first (status 137, killed by SIGKILL)" in stderr
+
+
 def test_local_second_ctrl_c_kills_the_processes_at_once(repo):
     launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "stuck"})
     wait_until_started(repo, launcher)
