@@ -227,17 +227,24 @@ DAMAGES = {
 # --- scenarios -----------------------------------------------------------------------------------
 
 
-def signal_trial(workdir, reference, wall, rng, signum) -> dict:
-    command = single_process_command(workdir)
+def random_fault_trial(command, workdir, reference, wall, rng, inject) -> dict:
+    """Starts ``command``, calls ``inject(process)`` at a moment drawn uniformly over ``wall`` seconds (if it
+    still runs), times its exit, then reruns it to the end and compares with ``reference``."""
     process = start(command, workdir / "trial.log")
     delay = rng.uniform(0, wall)
     time.sleep(delay)
     sent = time.perf_counter()
     if process.poll() is None:
-        process.send_signal(signum)
+        inject(process)
     stopped = wait_exit(process, sent)
     restorable, exact = finish(command, workdir, reference)
     return dict(delay=delay, stop_seconds=stopped, restorable=restorable, bit_exact=exact)
+
+
+def signal_trial(workdir, reference, wall, rng, signum) -> dict:
+    """One process, ``signum`` at a random moment."""
+    command = single_process_command(workdir)
+    return random_fault_trial(command, workdir, reference, wall, rng, lambda process: process.send_signal(signum))
 
 
 def damage_trial(workdir, reference, damage: str) -> dict:
@@ -261,21 +268,14 @@ def damage_trial(workdir, reference, damage: str) -> dict:
 def launcher_trial(workdir, reference, wall, rng, fault: str) -> dict:
     """Two processes under ``launch/local.sh``; ``fault`` is ``kill_one`` (SIGKILL to one of them) or
     ``sigterm_launcher`` (SIGTERM to the launcher), at a random moment."""
-    command = launcher_command(workdir)
-    launcher = start(command, workdir / "trial.log")
-    delay = rng.uniform(0, wall)
-    time.sleep(delay)
-    sent = time.perf_counter()
-    if launcher.poll() is None:
-        if fault == "kill_one":
-            victims = training_processes(workdir)
-            if victims:
-                os.kill(rng.choice(victims), signal.SIGKILL)
-        else:
+
+    def inject(launcher):
+        if fault != "kill_one":
             launcher.send_signal(signal.SIGTERM)
-    stopped = wait_exit(launcher, sent)
-    restorable, exact = finish(command, workdir, reference)
-    return dict(delay=delay, stop_seconds=stopped, restorable=restorable, bit_exact=exact)
+        elif victims := training_processes(workdir):
+            os.kill(rng.choice(victims), signal.SIGKILL)
+
+    return random_fault_trial(launcher_command(workdir), workdir, reference, wall, rng, inject)
 
 
 def reference_run(workdir: pathlib.Path, command: list[str]) -> float:
