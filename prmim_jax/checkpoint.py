@@ -3,7 +3,9 @@ with checksums, so that a damaged step is noticed, set aside and replaced by the
 
 Layout of ``WORKDIR/checkpoints/<step>/``: ``state/`` (the sharded train state,
 written by every process for its shards), ``data/process_<i>-of-<n>.json`` (each
-process's grain iterator state) and ``checksums.json``::
+process's grain iterator state), for runs whose sampler keeps per-image state
+``host/process_<i>-of-<n>.npz`` (each process's share of it: AMT's attention
+maps, ``prmim_jax.attention_maps``) and ``checksums.json``::
 
     {"format": 1, "step": 6, "process_count": 2,
      "files": {"state/_METADATA": {"bytes": 60632, "sha256": "..."}, ...}}
@@ -67,6 +69,7 @@ import dataclasses
 import errno as errno_lib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -90,7 +93,6 @@ CHECKSUMS = "checksums.json"
 SET_ASIDE_SUFFIX = ".corrupt"
 # Written by orbax after the post-finalization callback has hashed the step (see the module docstring).
 _WRITTEN_AFTER_CHECKSUMS = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", CHECKSUMS})
-_ITERATOR_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 class CheckpointDamagedError(RuntimeError):
@@ -186,37 +188,48 @@ def _summary(problems: list[str], shown: int = 3) -> str:
 
 @dataclasses.dataclass
 class _RestoreProblem:
-    """Why a step did not restore. ``IteratorStateHandler.restore`` returns one instead of raising (see there)."""
+    """Why a step did not restore. ``_PerProcessHandler.restore`` returns one instead of raising (see there)."""
 
     message: str
     written_by: int | None = None  # the number of processes that wrote the step, when it is not ours
 
 
-def _iterator_file(process_index: int, process_count: int) -> str:
-    return f"process_{process_index}-of-{process_count}.json"
+def _process_file(suffix: str, process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.{suffix}"
 
 
-class IteratorStateHandler(ocp.CheckpointHandler):
-    """Saves a data-iterator state captured when ``save`` was called, one file per process."""
+class _PerProcessHandler(ocp.CheckpointHandler):
+    """An item that every process writes and reads as its own file, ``process_<i>-of-<n>.<suffix>``."""
 
-    def save(self, directory: epath.Path, args: IteratorStateSave):
-        (directory / _iterator_file(jax.process_index(), jax.process_count())).write_text(json.dumps(args.state))
+    suffix: str
 
-    def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None):
-        """The iterator state, or a ``_RestoreProblem``: never raises, because a process that raised
+    def encode(self, value) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes):
+        raise NotImplementedError
+
+    def save(self, directory: epath.Path, args):
+        (directory / _process_file(self.suffix, jax.process_index(), jax.process_count())).write_bytes(
+            self.encode(args.value)
+        )
+
+    def restore(self, directory: epath.Path, args=None):
+        """The item, or a ``_RestoreProblem``: never raises, because a process that raised
         here would skip the barrier orbax's restore ends with while the other processes wait in it."""
-        path = directory / _iterator_file(jax.process_index(), jax.process_count())
+        path = directory / _process_file(self.suffix, jax.process_index(), jax.process_count())
         try:
-            return json.loads(path.read_text())
+            return self.decode(path.read_bytes())
         except FileNotFoundError:
             counts = set()
             if directory.exists():
-                counts = {int(m.group(2)) for p in directory.iterdir() if (m := _ITERATOR_FILE.fullmatch(p.name))}
+                pattern = re.compile(rf"process_(\d+)-of-(\d+)\.{self.suffix}")
+                counts = {int(m.group(2)) for p in directory.iterdir() if (m := pattern.fullmatch(p.name))}
             if counts and jax.process_count() not in counts:
                 return _RestoreProblem(f"{path.name} is missing", written_by=max(counts))
-            return _RestoreProblem(f"data/{path.name} is missing")
+            return _RestoreProblem(f"{directory.name}/{path.name} is missing")
         except (OSError, ValueError) as error:
-            return _RestoreProblem(f"data/{path.name} is unreadable ({type(error).__name__}: {error})")
+            return _RestoreProblem(f"{directory.name}/{path.name} is unreadable ({type(error).__name__}: {error})")
 
     def structure(self, directory):
         return None
@@ -231,16 +244,44 @@ class IteratorStateHandler(ocp.CheckpointHandler):
         pass
 
 
-@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
-@dataclasses.dataclass
-class IteratorStateSave(ocp.args.CheckpointArgs):
-    state: Any
+class IteratorStateHandler(_PerProcessHandler):
+    """Saves a data-iterator state (JSON) captured when ``save`` was called, one file per process."""
+
+    suffix = "json"
+
+    def encode(self, value) -> bytes:
+        return json.dumps(value).encode()
+
+    def decode(self, data: bytes):
+        return json.loads(data)
 
 
-@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
-@dataclasses.dataclass
-class IteratorStateRestore(ocp.args.CheckpointArgs):
-    pass
+class HostArraysHandler(_PerProcessHandler):
+    """Saves a process's host-side arrays (``{name: numpy array}``, e.g. its share of AMT's attention maps)
+    as one ``.npz`` per process."""
+
+    suffix = "npz"
+
+    def encode(self, value) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, **value)
+        return buffer.getvalue()
+
+    def decode(self, data: bytes):
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in arrays.files}
+
+
+def _register_args(handler: type, name: str) -> tuple[type, type]:
+    """``(<name>Save(value), <name>Restore())``: the orbax arguments that select ``handler`` for an item."""
+    save = dataclasses.make_dataclass(f"{name}Save", [("value", Any)], bases=(ocp.args.CheckpointArgs,))
+    restore = dataclasses.make_dataclass(f"{name}Restore", [], bases=(ocp.args.CheckpointArgs,))
+    register = ocp.args.register_with_handler
+    return register(handler, for_save=True)(save), register(handler, for_restore=True)(restore)
+
+
+IteratorStateSave, IteratorStateRestore = _register_args(IteratorStateHandler, "IteratorState")
+HostArraysSave, HostArraysRestore = _register_args(HostArraysHandler, "HostArrays")
 
 
 # --- failed asynchronous saves -------------------------------------------------------------------
@@ -374,7 +415,7 @@ class Checkpointer:
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
         )
         with _without_read_only_warning():
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "host"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -384,8 +425,9 @@ class Checkpointer:
 
     # --- saving ---
 
-    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Starts saving ``state`` and the already captured ``data_state``; returns whether it saved.
+    def save(self, step: int, state, data_state: dict, force: bool = False, host_arrays: dict | None = None) -> bool:
+        """Starts saving ``state`` and the already captured ``data_state`` (and this process's
+        ``host_arrays``, ``{name: numpy array}``, when given); returns whether it saved.
 
         Raises ``CheckpointSaveError`` if the previous save failed (and, when not asynchronous, this one).
         """
@@ -396,7 +438,10 @@ class Checkpointer:
         except OSError:  # not a local file system
             free = None
         self._save = _Save(step, needed, free, len(_BACKGROUND_ERRORS.errors))
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=IteratorStateSave(data_state))
+        items = dict(state=ocp.args.StandardSave(state), data=IteratorStateSave(data_state))
+        if host_arrays is not None:
+            items["host"] = HostArraysSave(host_arrays)
+        args = ocp.args.Composite(**items)
         try:
             saved = self.manager.save(step, args=args, force=force)
         except Exception as error:
@@ -472,8 +517,9 @@ class Checkpointer:
 
     # --- restoring ---
 
-    def restore_latest(self, abstract_state, step: int | None = None, *, iterator: bool = True):
-        """``(step, state, data_state)`` of the newest good checkpoint (or of ``step``), or ``None`` without one.
+    def restore_latest(self, abstract_state, step: int | None = None, *, iterator: bool = True, host: bool = False):
+        """``(step, state, data_state)`` of the newest good checkpoint (or of ``step``), or ``None`` without one;
+        with ``host``, ``(step, state, data_state, host_arrays)`` (this process's arrays of ``save``).
 
         ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings: the state is restored
         directly onto the mesh, each process reading its shards. ``iterator=False`` skips the data
@@ -497,11 +543,12 @@ class Checkpointer:
             written_by = (manifest or {}).get("process_count")
             if iterator and written_by is not None and written_by != jax.process_count():
                 raise _process_count_mismatch(step_dir, written_by)
-            restored, problem = self._restore_step(candidate, abstract_state, iterator)
+            restored, problem = self._restore_step(candidate, abstract_state, iterator, host)
             if problem is None:
                 if damaged:
                     self._report_damaged(damaged, candidate)
-                return candidate, restored["state"], restored.get("data")
+                found = candidate, restored["state"], restored.get("data")
+                return (*found, restored["host"]) if host else found
             if problem.written_by is not None:
                 raise _process_count_mismatch(step_dir, problem.written_by)
             if manifest is None:  # unverified: orbax's error is the only sign of damage
@@ -520,16 +567,19 @@ class Checkpointer:
             )
         return None
 
-    def _restore_step(self, step: int, abstract_state, iterator: bool) -> tuple[dict | None, _RestoreProblem | None]:
+    def _restore_step(
+        self, step: int, abstract_state, iterator: bool, host: bool = False
+    ) -> tuple[dict | None, _RestoreProblem | None]:
         """``(restored items, None)``, or ``(None, problem)`` when any process failed (all processes agree)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator:
             items["data"] = IteratorStateRestore()
+        if host:
+            items["host"] = HostArraysRestore()
         restored, problem = None, None
         try:
             restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
-            if isinstance(restored.get("data"), _RestoreProblem):
-                problem = restored["data"]
+            problem = next((v for v in restored.values() if isinstance(v, _RestoreProblem)), None)
         except Exception as error:  # a process that fails inside orbax fails alike on the others
             problem = _RestoreProblem(f"orbax cannot restore it ({_first_line(error)})")
         failed = _from_first_failing(problem)

@@ -6,7 +6,9 @@ data iterator every ``checkpoint_every`` steps and at the end, the refusal to
 save non-finite parameters, and a clean stop (checkpoint saved) on SIGTERM
 (the trainer's ``preemption.PreemptionWatch``) or after ``stop_after`` steps.
 The trainer's own periodic work (pictures, evaluations) comes in as
-``periodic(step, state)``.
+``periodic(step, state)``; a method's per-image host state (``Method.host_state``:
+AMT's attention maps) as ``host_state``, which draws each batch's token sets, is
+refreshed after each step before that step's checkpoint, and is saved with it.
 """
 
 from __future__ import annotations
@@ -85,9 +87,17 @@ def jit_step(step: Callable, mesh, rules, state_shardings):
     return run, batch_sharding
 
 
-def restore_or_create(checkpointer: checkpoint.Checkpointer, boxed_state, state_shardings, iterator, create: Callable):
-    """``(state, start_step)``: the newest good checkpoint's state (and ``iterator`` moved to its position),
-    else ``create()`` at step 0. ``boxed_state`` is the ``jax.eval_shape`` of the state's init.
+def restore_or_create(
+    checkpointer: checkpoint.Checkpointer,
+    boxed_state,
+    state_shardings,
+    iterator,
+    create: Callable,
+    host_state=None,
+):
+    """``(state, start_step)``: the newest good checkpoint's state (and ``iterator`` moved to its position,
+    ``host_state`` loaded), else ``create()`` at step 0. ``boxed_state`` is the ``jax.eval_shape`` of the
+    state's init.
 
     Damaged newer steps are moved aside with a warning (see ``checkpoint``); a run whose every checkpoint
     is damaged raises ``checkpoint.CheckpointDamagedError`` rather than start again over them."""
@@ -96,11 +106,13 @@ def restore_or_create(checkpointer: checkpoint.Checkpointer, boxed_state, state_
         nn.unbox(boxed_state),
         state_shardings,
     )
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(abstract, host=host_state is not None)
     if restored is None:
         return create(), 0
-    start, state, data_state = restored
+    start, state, data_state, *host_arrays = restored
     iterator.set_state(data_state)
+    if host_state is not None:
+        host_state.load_state_dict(host_arrays[0])
     return state, start
 
 
@@ -120,6 +132,7 @@ def run(
     schedule: optax.Schedule,
     preemption_watch: preemption.PreemptionWatch,
     periodic: Callable | None = None,
+    host_state=None,
 ) -> LoopResult:
     """Runs ``state, metrics = step_fn(state, batch, fold_in(rng, step))`` from ``start`` to ``config.total_steps``.
 
@@ -127,14 +140,19 @@ def run(
     ``config.total_steps``, ``log_every``, ``checkpoint_every`` and ``stop_after``.
     ``preemption_watch`` (entered by the caller, which guards the whole run with it) says when a SIGTERM
     asks to save and stop. The final checkpoint (``total_steps``) is only started here: the caller waits
-    for it (``checkpointer.wait()``), and a SIGTERM meanwhile cannot cut it short.
+    for it (``checkpointer.wait()``), and a SIGTERM meanwhile cannot cut it short. ``host_state``
+    (``Method.host_state``, or None) turns each host batch into the training batch, is refreshed after
+    each step (its time left out of the images-per-second figure) and is saved with each checkpoint.
     """
     metrics_history, last_metrics = {}, None
     window_start, window_steps = time.perf_counter(), 0
     step = start
     while step < config.total_steps:
         checkpointer.check_save()  # a failed asynchronous save stops the run at once, not at the next save
-        batch = sharding.global_batch(next(iterator), batch_sharding)
+        batch = next(iterator)
+        if host_state is not None:
+            batch = host_state.sample(batch)
+        batch = sharding.global_batch(batch, batch_sharding)
         state, last_metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
         step += 1
         window_steps += 1
@@ -152,6 +170,13 @@ def run(
             )
             metrics_history = values
             window_start, window_steps = time.perf_counter(), 0
+        if host_state is not None:
+            refresh_start = time.perf_counter()
+            if message := host_state.refresh(step, state):
+                seconds = time.perf_counter() - refresh_start
+                writer.log(message)
+                writer.scalars(step, {"host_state_refresh_seconds": seconds})
+                window_start += seconds  # the next progress line counts training only
         preempted = preemption_watch.should_stop(step)
         stop = step < config.total_steps and (preempted or (config.stop_after and step - start >= config.stop_after))
         if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
@@ -160,7 +185,8 @@ def run(
                 raise NonFiniteLossError(
                     f"parameters are not finite after step {step}; not saving them. " + NON_FINITE_FIX
                 )
-            checkpointer.save(step, state, iterator.get_state(), force=stop)
+            host_arrays = None if host_state is None else host_state.state_dict()
+            checkpointer.save(step, state, iterator.get_state(), force=stop, host_arrays=host_arrays)
         if stop:
             checkpointer.wait()
             reason = "preempted" if preempted else f"stop_after={config.stop_after}"

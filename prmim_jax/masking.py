@@ -35,9 +35,56 @@ work on a whole batch of noise at once (``sample``), vectorised:
   to those already decoded; the rest are thrown. Ties break at random.
 - ``furthest_seeded``: as ``furthest`` with the visible tokens counted as
   already retained, so thrown tokens land far from every decoder input.
+- ``running_cell``: VideoMAE V2's running-cell decoder masking on one image
+  (``running_cell_patterns``): a 2x2 cell tiled over the grid marks the
+  positions the decoder skips; the masked tokens there are thrown first.
+- ``amt``: AMT's attention-driven masking and throwing (``multinomial_order``
+  over per-token weights from an attention map, ``prmim_jax.attention_maps``):
+  the first-drawn tokens are decoded, the next thrown, the last visible.
 
-In every sampler ``noise[:, 0]`` chooses the visible tokens exactly as MAE does,
-so two samplers given the same noise see the same visible tokens.
+In every sampler but ``amt`` ``noise[:, 0]`` chooses the visible tokens exactly
+as MAE does, so two samplers given the same noise see the same visible tokens;
+``amt`` does too while its weights are uniform (before its first map), and
+favours low-attention tokens for the visible set once they are not.
+
+**Running cell** (``running_cell``; VideoMAE V2, Wang et al. 2023,
+``OpenGVLab/VideoMAEv2`` ``dataset/masking_generator.py``: ``Cell``,
+``RunningCellMaskingGenerator``). VideoMAE V2 fills a 2x2 cell with ``k =
+int(4 r)`` ones (positions the decoder skips) then ``4 - k`` zeros, reads it
+from a pointer ``p`` (``cell[(arange(4) + p) % 4]``, row-major 2x2), tiles it
+over each frame and advances the pointer by one from frame to frame, starting
+from a random pointer per video. An image has no frames: here the pointer is
+drawn per image, ``p = floor(4 u)`` with ``u = noise[:, 1, 0]``, so the four
+shifts of the cell are equally likely and consecutive pointers are the
+published frame-to-frame sequence. Ratios: the cell throws 1, 2 or 3 of its 4
+tokens, so ``throw_ratio`` must be 0.25, 0.5 or 0.75 (anything else is refused
+with the fix), or 0, VideoMAE V2's decoder ratio 0: no decoder masking, nothing
+thrown. Static sizes: VideoMAE V2 feeds the decoder every position the
+cell keeps, visible ones included, and masks the loss; here the decoder sees
+masked tokens only (``N_dec = N_mask - N_thr`` as for every sampler), so the
+``N_thr`` thrown tokens are the masked ones the pattern skips, in random order
+(``frac(4 u)`` of ``noise[:, 1]``, independent of the pointer), topped up
+with random pattern-kept masked tokens when random visible tokens took some of
+the pattern's positions (on even grids the pattern skips exactly ``N_thr``
+positions, so every decoded token sits where the cell keeps one). Odd grids:
+the pattern is the cell's periodic extension cut at the border (the last row
+and column repeat the cell's first row and column), so it skips about, not
+exactly, ``N_thr`` positions; surplus pattern-skipped masked tokens are then
+decoded, in the same random order.
+
+**AMT** (``amt``; Liu, Gui and Luo, AAAI 2023, ``guijiejie/AMT``
+``mae-AMT/models_mae.py``: ``amt_masking_throwing``). AMT draws every token
+without replacement with probability proportional to its weight
+(``torch.multinomial(weights, L)``): the first ``int(L * mask_ratio)`` drawn are
+masked and reconstructed, the next ``int(L * throw_ratio)`` thrown, the rest
+visible, so high-attention tokens are reconstructed, low-attention ones seen.
+The weights are the attention map itself, with no temperature and no mixing
+with uniform noise. ``multinomial_order`` draws the same order from one
+uniform per token (``noise[:, 0]``): the exponential race, token ``i`` at key
+``-log(u_i) / w_i``, smallest first. Here ``N_dec`` decoded tokens come first,
+then ``N_thr`` thrown, then ``N_vis`` visible (the index convention's sizes;
+AMT's ``mask_ratio`` is our ``rho_e - rho_d``). With uniform weights the last
+``N_vis`` drawn are the ``N_vis`` smallest ``u``: MAE's visible tokens.
 
 **SimMIM's unit masks** (``TokenLayout(mask_unit=u)``): SimMIM masks square
 units of ``u x u`` tokens (``u = mask_patch_size // patch_size``: 32-pixel
@@ -202,9 +249,10 @@ def _squared_distances(grid: tuple[int, int]) -> np.ndarray:
     return table
 
 
-SAMPLERS = ("random", "random_throw", "furthest", "furthest_seeded")
+SAMPLERS = ("random", "random_throw", "furthest", "furthest_seeded", "running_cell", "amt")
 THROW_GRANULARITIES = ("token", "unit")
 NOISE_ROWS = 2  # row 0 picks the visible tokens, row 1 the thrown ones (or breaks ties)
+RUNNING_CELL_RATIOS = (0.25, 0.5, 0.75)  # 1, 2 or 3 of the 2x2 cell's tokens skipped by the decoder
 
 
 def draw_noise(rng: np.random.Generator, layout: TokenLayout) -> np.ndarray:
@@ -219,11 +267,22 @@ def check_sampler(name: str, layout: TokenLayout) -> None:
     if name == "random" and layout.num_thrown:
         raise ValueError(
             f"sampler 'random' (MAE) throws nothing but throw_ratio={layout.throw_ratio}; "
-            "use 'random_throw', 'furthest' or 'furthest_seeded', or set throw_ratio=0."
+            f"use one of {SAMPLERS[1:]}, or set throw_ratio=0."
         )
+    if name == "running_cell":
+        if layout.throw_ratio and not any(np.isclose(layout.throw_ratio, r) for r in RUNNING_CELL_RATIOS):
+            raise ValueError(
+                f"sampler 'running_cell' skips 1, 2 or 3 tokens of VideoMAE V2's 2x2 cell, so throw_ratio must be "
+                f"one of {RUNNING_CELL_RATIOS} (or 0: nothing thrown), not {layout.throw_ratio}; set "
+                "method.throw_ratio to one of them or choose another sampler."
+            )
+        if layout.throw_granularity != "token":
+            raise ValueError(
+                "sampler 'running_cell' throws single tokens of its 2x2 cell; set method.throw_granularity='token'."
+            )
 
 
-def sample(name: str, noise: np.ndarray, layout: TokenLayout) -> TokenIds:
+def sample(name: str, noise: np.ndarray, layout: TokenLayout, weights: np.ndarray | None = None) -> TokenIds:
     """Token sets of a batch from its per-image noise.
 
     Args:
@@ -231,12 +290,17 @@ def sample(name: str, noise: np.ndarray, layout: TokenLayout) -> TokenIds:
       noise: ``[B, 2, N] float`` from ``draw_noise`` per image (or ``[B, N]``
         for ``random``).
       layout: static token counts.
+      weights: ``amt`` only: ``[B, N] float >= 0``, each token's weight in the
+        multinomial draw (its attention); None is uniform (AMT before its first
+        map: random masking).
 
     Returns:
       ``TokenIds`` with the layout's static shapes. ``visible`` is in
-      ascending order of ``noise[:, 0]`` (MAE's ``ids_keep``); ``decoded`` is
-      in pick order for the furthest samplers; ``thrown`` is in ascending id.
-      Unit layouts (``mask_unit``) list whole units, see ``_sample_units``.
+      ascending order of ``noise[:, 0]`` (MAE's ``ids_keep``; ``amt``: last
+      drawn first, the same order for uniform weights); ``decoded`` is in pick
+      order for the furthest samplers and draw order for ``amt``; ``thrown``
+      is in ascending id. Unit layouts (``mask_unit``) list whole units, see
+      ``_sample_units``.
     """
     check_sampler(name, layout)
     noise = np.asarray(noise)
@@ -244,22 +308,89 @@ def sample(name: str, noise: np.ndarray, layout: TokenLayout) -> TokenIds:
         noise = noise[:, None]
     if noise.ndim != 3 or noise.shape[2] != layout.num_tokens:
         raise ValueError(f"noise has shape {noise.shape}; expected [batch, {NOISE_ROWS}, {layout.num_tokens}].")
+    if weights is not None and weights.shape != (noise.shape[0], layout.num_tokens):
+        raise ValueError(f"weights have shape {weights.shape}; expected [batch, {layout.num_tokens}].")
     if layout.mask_unit is not None:
-        return _sample_units(name, noise, layout)
+        return _sample_units(name, noise, layout, weights)
+    if name == "amt":
+        order = multinomial_order(_uniform_if_none(weights, noise), noise[:, 0])
+        num_masked = layout.num_masked
+        visible = order[:, num_masked:][:, ::-1]
+        thrown = np.sort(order[:, layout.num_decoded : num_masked], axis=1)
+        return TokenIds(np.ascontiguousarray(visible), order[:, : layout.num_decoded], thrown)
     order = np.argsort(noise[:, 0], axis=1, kind="stable").astype(np.int32)
     visible, masked = order[:, : layout.num_visible], order[:, layout.num_visible :]
     if name == "random":
         return TokenIds(visible, masked, np.zeros((noise.shape[0], 0), np.int32))
-    if name == "random_throw":
-        throw_order = np.argsort(np.take_along_axis(noise[:, 1], masked, axis=1), axis=1, kind="stable")
-        shuffled = np.take_along_axis(masked, throw_order, axis=1)
-        thrown = np.sort(shuffled[:, : layout.num_thrown], axis=1)
-        return TokenIds(visible, shuffled[:, layout.num_thrown :], thrown)
+    if name in ("random_throw", "running_cell"):
+        return TokenIds(visible, *_throw_first(masked, _throw_scores(name, noise, layout), layout.num_thrown))
     decoded = _furthest_points(visible, noise[:, 1], layout.grid, layout.num_decoded, seeded=name == "furthest_seeded")
     return TokenIds(visible, decoded, _remaining(layout.num_tokens, visible, decoded))
 
 
-def _sample_units(name: str, noise: np.ndarray, layout: TokenLayout) -> TokenIds:
+def _throw_scores(name: str, noise: np.ndarray, layout: TokenLayout) -> np.ndarray:
+    """``[B, N] float64``: masked tokens are thrown in ascending score. ``random_throw``: ``noise[:, 1]``.
+    ``running_cell``: 0 plus a random tie-break where the image's cell skips the position, 1 plus it where
+    the cell keeps it (the module docstring)."""
+    if name == "random_throw":
+        return noise[:, 1].astype(np.float64)
+    scaled = 4.0 * noise[:, 1].astype(np.float64)
+    pointers = np.minimum(np.floor(scaled[:, 0]).astype(np.int64), 3)
+    skipped = running_cell_patterns(layout.grid, layout.throw_ratio)[pointers]
+    return np.where(skipped, 0.0, 1.0) + (scaled - np.floor(scaled))
+
+
+def _throw_first(masked: np.ndarray, scores: np.ndarray, num_thrown: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(decoded, thrown)`` of ``masked [B, M]``: the ``num_thrown`` with the lowest ``scores [B, N]`` are
+    thrown (ascending id), the others decoded (ascending score)."""
+    throw_order = np.argsort(np.take_along_axis(scores, masked, axis=1), axis=1, kind="stable")
+    shuffled = np.take_along_axis(masked, throw_order, axis=1)
+    return shuffled[:, num_thrown:], np.sort(shuffled[:, :num_thrown], axis=1)
+
+
+@functools.cache
+def running_cell_patterns(grid: tuple[int, int], throw_ratio: float) -> np.ndarray:
+    """VideoMAE V2's running cell on ``grid``: ``[4, N] bool``, row ``p`` True where the cell read from
+    pointer ``p`` skips the position (the module docstring; token ids row-major).
+
+    The cell holds ``k = round(4 * throw_ratio)`` skipped positions then ``4 - k`` kept ones; pointer ``p``
+    reads it as ``cell[(arange(4) + p) % 4]`` reshaped row-major to 2x2, tiled over the grid and cut at
+    odd borders.
+    """
+    skipped = round(4 * throw_ratio)
+    cell = np.array([True] * skipped + [False] * (4 - skipped))
+    rows, cols = (grid[0] + 1) // 2, (grid[1] + 1) // 2
+    patterns = [
+        np.tile(cell[(np.arange(4) + p) % 4].reshape(2, 2), (rows, cols))[: grid[0], : grid[1]] for p in range(4)
+    ]
+    table = np.stack(patterns).reshape(4, -1)
+    table.flags.writeable = False
+    return table
+
+
+def multinomial_order(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """The order of drawing every item without replacement, each draw proportional to the weights left
+    (``torch.multinomial(weights, M)``, AMT's draw): ``[B, M] int32``, first drawn first.
+
+    ``weights [B, M] >= 0``; ``uniforms [B, M]`` in [0, 1), one per item. Item ``i``'s key is
+    ``-log(u_i) / w_i`` (an exponential clock of rate ``w_i``; the smallest key is drawn first with
+    probability ``w_i / sum(w)``, and by memorylessness each later draw too). Zero weights are drawn last,
+    among themselves by ``-log(u_i)``, as if uniform (where torch refuses to draw them).
+    """
+    weights = np.asarray(weights, np.float64)
+    if not np.all(np.isfinite(weights)) or (weights < 0).any():
+        raise ValueError("multinomial weights must be finite and >= 0.")
+    with np.errstate(divide="ignore"):
+        clocks = -np.log(np.asarray(uniforms, np.float64))
+        keys = clocks / weights
+    return np.lexsort((clocks, keys), axis=-1).astype(np.int32)
+
+
+def _uniform_if_none(weights: np.ndarray | None, noise: np.ndarray) -> np.ndarray:
+    return np.ones(noise.shape[::2], np.float64) if weights is None else weights
+
+
+def _sample_units(name: str, noise: np.ndarray, layout: TokenLayout, weights: np.ndarray | None = None) -> TokenIds:
     """``sample`` for SimMIM's unit masks: ``noise [B, 2, N]`` -> ``TokenIds`` in token ids.
 
     The ``U`` units are numbered row-major over ``layout.unit_grid``; unit
@@ -270,11 +401,23 @@ def _sample_units(name: str, noise: np.ndarray, layout: TokenLayout) -> TokenIds
     entries). ``visible`` lists its units in ascending noise; ``decoded``
     lists its tokens (or units) in pick order for the furthest samplers;
     ``thrown`` is in ascending token id.
+
+    ``amt`` (SimMIM-AMT's ``maskgenerate``) draws the units by their summed
+    token weights with ``noise[:, 0, :U]``: the last drawn are visible; the
+    masked tokens are then drawn by their own weights with ``noise[:, 1]``
+    (``'token'``: the first ``N_dec`` decoded) or the masked units in their
+    draw order (``'unit'``: the first decoded, the rest thrown).
     """
     batch = noise.shape[0]
     unit_tokens = _unit_tokens(layout.grid, layout.mask_unit)  # [U, u * u]
     units_visible = layout.num_visible // layout.tokens_per_unit
-    unit_order = np.argsort(noise[:, 0, : layout.num_units], axis=1, kind="stable").astype(np.int32)
+    units_masked = layout.num_units - units_visible
+    if name == "amt":
+        weights = _uniform_if_none(weights, noise)
+        unit_draw = multinomial_order(weights[:, unit_tokens].sum(-1), noise[:, 0, : layout.num_units])
+        unit_order = np.concatenate([unit_draw[:, units_masked:][:, ::-1], unit_draw[:, :units_masked]], axis=1)
+    else:
+        unit_order = np.argsort(noise[:, 0, : layout.num_units], axis=1, kind="stable").astype(np.int32)
     visible = unit_tokens[unit_order[:, :units_visible]].reshape(batch, -1)
     masked_units = unit_order[:, units_visible:]
     masked = unit_tokens[masked_units].reshape(batch, -1)
@@ -282,16 +425,19 @@ def _sample_units(name: str, noise: np.ndarray, layout: TokenLayout) -> TokenIds
         return TokenIds(visible, masked, np.zeros((batch, 0), np.int32))
     seeded = name == "furthest_seeded"
     if layout.throw_granularity == "token":
-        if name == "random_throw":
-            throw_order = np.argsort(np.take_along_axis(noise[:, 1], masked, axis=1), axis=1, kind="stable")
-            shuffled = np.take_along_axis(masked, throw_order, axis=1)
-            return TokenIds(
-                visible, shuffled[:, layout.num_thrown :], np.sort(shuffled[:, : layout.num_thrown], axis=1)
-            )
+        if name in ("random_throw", "running_cell"):
+            return TokenIds(visible, *_throw_first(masked, _throw_scores(name, noise, layout), layout.num_thrown))
+        if name == "amt":
+            rows = np.arange(batch)[:, None]
+            draw = multinomial_order(weights[rows, masked], noise[rows, 1, masked])
+            drawn = np.take_along_axis(masked, draw, axis=1)
+            return TokenIds(visible, drawn[:, : layout.num_decoded], np.sort(drawn[:, layout.num_decoded :], axis=1))
         decoded = _furthest_points(visible, noise[:, 1], layout.grid, layout.num_decoded, seeded)
         return TokenIds(visible, decoded, _remaining(layout.num_tokens, visible, decoded))
     units_decoded = layout.num_decoded // layout.tokens_per_unit
-    if name == "random_throw":
+    if name == "amt":
+        decoded_units = masked_units[:, :units_decoded]
+    elif name == "random_throw":
         unit_noise = np.take_along_axis(noise[:, 1, : layout.num_units], masked_units, axis=1)
         shuffled = np.take_along_axis(masked_units, np.argsort(unit_noise, axis=1, kind="stable"), axis=1)
         decoded_units = shuffled[:, shuffled.shape[1] - units_decoded :]

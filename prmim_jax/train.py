@@ -144,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     seed=config.seed,
                 )
                 iterator = iter(dataset)
+                host_state = setup.method.host_state(setup)  # per-image sampler state (AMT's maps), or None
                 checkpointer = checkpoint.Checkpointer(
                     os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
                 )
@@ -153,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     state_shardings,
                     iterator,
                     lambda: create_state(setup, init_fn, state_shardings, init_rng),
+                    host_state,
                 )
             save_run_config(config, workdir)
             if start:
@@ -193,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
                 preemption_watch=watch,
                 periodic=periodic,
+                host_state=host_state,
             )
             if result.stopped:
                 return {"step": result.step, "stopped": True, "preempted": result.preempted, **result.metrics}

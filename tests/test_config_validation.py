@@ -194,6 +194,34 @@ MALFORMED = {
         "only masked tokens can be thrown",
     ),
     "unknown_sampler": ("pretrain", lambda c, _: c.method.update(sampler="nearest"), "unknown token sampler 'nearest'"),
+    "running_cell_ratio": (
+        "pretrain",
+        lambda c, _: c.method.update(sampler="running_cell", throw_ratio=0.3),
+        r"sampler 'running_cell' .* throw_ratio must be one of \(0.25, 0.5, 0.75\) \(or 0: nothing thrown\), not 0.3; set method.throw_ratio",
+    ),
+    "running_cell_on_units": (
+        "simmim",
+        lambda c, _: c.method.update(
+            reconstruction="progressive", sampler="running_cell", throw_ratio=0.25, throw_granularity="unit"
+        ),
+        r"sampler 'running_cell' throws single tokens .*; set method.throw_granularity='token'",
+    ),
+    "amt_interval_of_zero": (
+        "pretrain",
+        lambda c, _: c.method.update(sampler="amt", amt_interval=0),
+        r"^method.amt_interval=0 must be an integer >= 1 \(epochs between two attention-map passes; AMT's 40\); "
+        r"set --config.method.amt_interval",
+    ),
+    "amt_negative_warmup": (
+        "pretrain",
+        lambda c, _: c.method.update(sampler="amt", amt_warmup_epochs=-1),
+        r"^method.amt_warmup_epochs=-1 must be an integer >= 0",
+    ),
+    "amt_fractional_interval": (
+        "pretrain",
+        lambda c, _: retyped(c, "method.amt_interval", 2.5),
+        r"^method.amt_interval=2.5 must be an integer",
+    ),
     "simmim_mask_unit": (
         "simmim",
         lambda c, _: c.method.update(mask_patch_size=3),

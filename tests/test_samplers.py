@@ -6,6 +6,8 @@ import pytest
 from prmim_jax import masking
 
 THROWING = ("random_throw", "furthest", "furthest_seeded")
+# Samplers that serve only some throw ratios (running_cell) or read weights (amt: uniform without them).
+EVERY_THROWING = (*THROWING, "running_cell", "amt")
 
 
 def noise_for(batch, layout, seed=0):
@@ -24,7 +26,7 @@ def test_samplers_partition_every_grid_with_static_shapes(sampler, grid, mask_ra
     assert all(a.dtype == np.int32 for a in ids)
 
 
-@pytest.mark.parametrize("sampler", THROWING)
+@pytest.mark.parametrize("sampler", EVERY_THROWING)
 def test_visible_tokens_are_maes_for_the_same_noise(sampler):
     layout = masking.TokenLayout((14, 14), 0.75, 0.5)
     noise = noise_for(8, layout)
@@ -34,7 +36,7 @@ def test_visible_tokens_are_maes_for_the_same_noise(sampler):
     np.testing.assert_array_equal(np.sort(np.concatenate([ids.decoded, ids.thrown], 1)), np.sort(mae_ids.decoded))
 
 
-@pytest.mark.parametrize("sampler", THROWING)
+@pytest.mark.parametrize("sampler", EVERY_THROWING)
 def test_an_images_tokens_depend_only_on_its_own_noise(sampler):
     layout = masking.TokenLayout((14, 14), 0.75, 0.5)
     noise = noise_for(6, layout)
@@ -134,3 +136,144 @@ def test_bad_sampler_choices_fail_with_the_fix(sampler, throw_ratio, message):
     layout = masking.TokenLayout((14, 14), 0.75, throw_ratio)
     with pytest.raises(ValueError, match=message):
         masking.sample(sampler, noise_for(1, layout), layout)
+
+
+# --- running cell (VideoMAE V2) -----------------------------------------------------------------------
+
+# The published cells: OpenGVLab/VideoMAEv2 (commit 29eab1e), dataset/masking_generator.py. ``Cell(num_masks,
+# num_patches)`` holds ``queue = [1] * num_masks + [0] * num_patches`` with ``num_masks = int(4 * decoder ratio)``;
+# ``get_cell()`` reads ``queue[(arange(4) + queue_ptr) % 4]`` as a row-major 2x2 cell (1: the decoder skips the
+# position, ``decode_masked_pos``), tiled over the frame by ``RunningCellMaskingGenerator``, which starts each
+# video at a random pointer and calls ``run_cell()`` (pointer + 1) before every frame. Written out, per pointer:
+PUBLISHED_CELLS = {
+    0.25: ("10/00", "00/01", "00/10", "01/00"),
+    0.5: ("11/00", "10/01", "00/11", "01/10"),
+    0.75: ("11/10", "11/01", "10/11", "01/11"),
+}
+# A video starting at pointer 0 runs through pointers 1, 2, 3, 0: at ratio 0.5 its frames are
+PUBLISHED_VIDEO_FRAMES = ("10/01", "00/11", "01/10", "11/00")
+
+
+def cell(text):
+    return np.array([[c == "1" for c in row] for row in text.split("/")])
+
+
+@pytest.mark.parametrize("ratio", sorted(PUBLISHED_CELLS))
+def test_running_cell_patterns_are_videomae_v2s_cells_tiled(ratio):
+    grid = (4, 6)
+    patterns = masking.running_cell_patterns(grid, ratio)
+    for pointer, published in enumerate(PUBLISHED_CELLS[ratio]):
+        np.testing.assert_array_equal(patterns[pointer].reshape(grid), np.tile(cell(published), (2, 3)))
+    # One image per frame: consecutive pointers are the published frame-to-frame run of the cell.
+    if ratio == 0.5:
+        for frame, published in enumerate(PUBLISHED_VIDEO_FRAMES):
+            np.testing.assert_array_equal(patterns[(frame + 1) % 4].reshape(grid)[:2, :2], cell(published))
+
+
+def test_running_cell_pattern_continues_periodically_across_an_odd_border():
+    patterns = masking.running_cell_patterns((5, 7), 0.25).reshape(4, 5, 7)
+    for pointer, published in enumerate(PUBLISHED_CELLS[0.25]):
+        np.testing.assert_array_equal(patterns[pointer], np.tile(cell(published), (3, 4))[:5, :7])
+
+
+def pointers_of(noise):
+    return np.minimum(np.floor(4 * noise[:, 1, 0]).astype(int), 3)
+
+
+@pytest.mark.parametrize("ratio, mask_ratio", [(0.25, 0.75), (0.5, 0.75), (0.75, 0.9)])
+def test_running_cell_decodes_only_where_the_images_cell_keeps_a_token(ratio, mask_ratio):
+    layout = masking.TokenLayout((6, 8), mask_ratio, ratio)
+    noise = noise_for(400, layout)
+    ids = masking.sample("running_cell", noise, layout)
+    masking.check_token_ids(ids, layout)
+    skipped = masking.running_cell_patterns((6, 8), ratio)[pointers_of(noise)]  # [B, N]
+    thrown = np.zeros_like(skipped)
+    np.put_along_axis(thrown, ids.thrown, True, 1)
+    masked = thrown.copy()
+    np.put_along_axis(masked, ids.decoded, True, 1)
+    # Even grid: the cell skips exactly N_thr positions, so every masked token there is thrown and the
+    # decoder reconstructs only tokens where the cell keeps one; the random visible tokens took the rest.
+    assert not np.take_along_axis(skipped, ids.decoded, 1).any()
+    assert (thrown >= (masked & skipped)).all()
+    # Each image draws its own pointer: the four shifts of the cell are about equally likely.
+    counts = np.bincount(pointers_of(noise), minlength=4)
+    assert counts.min() > 70, counts
+
+
+def test_running_cell_on_an_odd_grid_throws_the_cells_positions_first_and_keeps_static_sizes():
+    layout = masking.TokenLayout((7, 7), 0.75, 0.5)  # the cell skips 21 to 28 of 49 positions; N_thr = 24
+    noise = noise_for(300, layout, seed=3)
+    ids = masking.sample("running_cell", noise, layout)
+    masking.check_token_ids(ids, layout)
+    skipped = masking.running_cell_patterns((7, 7), 0.5)[pointers_of(noise)]
+    thrown_skipped = np.take_along_axis(skipped, ids.thrown, 1)
+    decoded_skipped = np.take_along_axis(skipped, ids.decoded, 1)
+    # Either every thrown token is one the cell skips, or every masked token the cell skips is thrown.
+    assert (thrown_skipped.all(1) | ~decoded_skipped.any(1)).all()
+
+
+def test_running_cell_refuses_ratios_the_cell_cannot_make():
+    layout = masking.TokenLayout((14, 14), 0.75, 0.3)
+    with pytest.raises(
+        ValueError,
+        match=r"throw_ratio must be one of \(0.25, 0.5, 0.75\) \(or 0: nothing thrown\), not 0.3; set method",
+    ):
+        masking.sample("running_cell", noise_for(1, layout), layout)
+
+
+# --- AMT ----------------------------------------------------------------------------------------------
+
+
+def exact_draw_probabilities(weights):
+    """Reference: every order of a sequential draw without replacement (torch.multinomial), enumerated."""
+    import itertools
+
+    orders = {}
+    for order in itertools.permutations(range(len(weights))):
+        left, probability = float(sum(weights)), 1.0
+        for item in order:
+            probability *= weights[item] / left
+            left -= weights[item]
+        orders[order] = probability
+    return orders
+
+
+def test_amt_draws_in_proportion_to_the_attention_first_drawn_decoded_last_drawn_visible():
+    # 2x2 grid, mask 0.5, throw 0.25: AMT's order gives 1 decoded (first drawn), 1 thrown, 2 visible (last).
+    layout = masking.TokenLayout((2, 2), 0.5, 0.25)
+    weights = np.array([4.0, 2.0, 1.0, 0.5])
+    noise = noise_for(40000, layout)
+    ids = masking.sample("amt", noise, layout, np.broadcast_to(weights, (40000, 4)))
+    masking.check_token_ids(ids, layout)
+    expected = {"decoded": np.zeros(4), "thrown": np.zeros(4), "visible": np.zeros(4)}
+    for order, probability in exact_draw_probabilities(weights).items():
+        expected["decoded"][order[0]] += probability
+        expected["thrown"][order[1]] += probability
+        expected["visible"][list(order[2:])] += probability
+    for name, probability in expected.items():
+        frequency = np.bincount(getattr(ids, name).reshape(-1), minlength=4) / 40000
+        np.testing.assert_allclose(frequency, probability, atol=0.01, err_msg=name)
+    # High attention is reconstructed, low attention seen.
+    assert expected["decoded"][0] > 0.5 and expected["visible"][3] > 0.8
+
+
+def test_amt_draws_zero_weight_tokens_last():
+    layout = masking.TokenLayout((2, 4), 0.75, 0.25)  # 2 visible
+    weights = np.broadcast_to(np.array([1.0, 3.0, 2.0, 0.0, 1.0, 0.0, 5.0, 1.0]), (500, 8))
+    ids = masking.sample("amt", noise_for(500, layout), layout, weights)
+    np.testing.assert_array_equal(np.sort(ids.visible, 1), np.broadcast_to([3, 5], (500, 2)))
+
+
+@pytest.mark.parametrize("granularity", ["token", "unit"])
+def test_amt_on_simmim_units_keeps_simmims_visible_units_for_uniform_weights(granularity):
+    layout = masking.TokenLayout((8, 8), 0.6, 0.25, mask_unit=2, throw_granularity=granularity)
+    noise = noise_for(32, layout)
+    ids = masking.sample("amt", noise, layout)
+    masking.check_token_ids(ids, layout)
+    simmim = masking.sample("random", noise, masking.TokenLayout((8, 8), 0.6, mask_unit=2))
+    np.testing.assert_array_equal(ids.visible, simmim.visible)
+    weights = np.zeros((32, 64))
+    weights[:, :8] = 1.0  # attention on the top two token rows: units 0-3
+    ids = masking.sample("amt", noise, layout, weights)
+    masking.check_token_ids(ids, layout)
+    assert not np.isin(ids.visible, np.arange(16)).any()  # units drawn first are masked, never visible

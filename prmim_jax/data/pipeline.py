@@ -336,7 +336,9 @@ def _to_iter_dataset(ds: grain.MapDataset, config: ml_collections.ConfigDict) ->
     return ds
 
 
-def _augmented_stream(config: ml_collections.ConfigDict, seeds: dict[str, int]) -> grain.MapDataset:
+def _augmented_stream(
+    config: ml_collections.ConfigDict, seeds: dict[str, int], element_info: bool = False
+) -> grain.MapDataset:
     """The endless training stream of elements ``{'image': [S, S, C], 'label': int}``, ``S = image_size``.
 
     ``'image'`` is uint8 pixels, or float32 normalised when the host normalises
@@ -344,12 +346,21 @@ def _augmented_stream(config: ml_collections.ConfigDict, seeds: dict[str, int]) 
     resized crop + flip -> [RandAugment] -> [normalize] -> [random erasing]. The random maps act before
     any per-process split, so their element index (and hence their randomness)
     is the position in the global stream. Configs saved before
-    ``rand_augment`` / ``random_erase_prob`` existed read as both off.
+    ``rand_augment`` / ``random_erase_prob`` existed read as both off. ``element_info`` adds
+    ``'index'`` (the source position, ``transforms.AttachIndex``) and ``'crop'``
+    (``RandomResizedCropFlip``'s box and flip); the images are the same either way.
     """
     crop = transforms.RandomResizedCropFlip(
-        config.image_size, tuple(config.crop_scale), tuple(config.crop_ratio), config.flip, _crop_resampler(config)
+        config.image_size,
+        tuple(config.crop_scale),
+        tuple(config.crop_ratio),
+        config.flip,
+        _crop_resampler(config),
+        record=element_info,
     )
     ds = grain.MapDataset.source(make_source(config, config.split))
+    if element_info:
+        ds = ds.map_with_index(transforms.AttachIndex(len(ds)))
     ds = ds.shuffle(seed=seeds["shuffle"]).repeat()
     ds = ds.map(transforms.DecodeImage(config.channels, _jpeg_decoder(config)))
     ds = ds.random_map(crop, seed=seeds["crop"])
@@ -376,10 +387,15 @@ class HostTransforms:
     global stream only), or None. ``per_batch``: a grain ``Map`` on the batch
     ``{'images': [B, H, W, C], 'labels': [B] int32, <per_example's arrays,
     stacked>}`` returning the training batch (named arrays), or None.
+    ``element_info``: every element also carries ``'index'`` (its position in
+    the source) and ``'crop'`` (``[5] float32``, its crop box and flip), so
+    the batch has ``'index' [B]`` and ``'crop' [B, 5]`` (per-image state that
+    follows the augmentation: AMT's attention maps).
     """
 
     per_example: grain.transforms.RandomMap | None = None
     per_batch: grain.transforms.Map | None = None
+    element_info: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,7 +436,7 @@ def train_dataset(
     """
     local_batch = local_batch_size(global_batch, process_index, process_count)
     seeds = _stream_seeds(config.seed if seed is None else seed)
-    ds = _augmented_stream(config, seeds)
+    ds = _augmented_stream(config, seeds, host.element_info)
     if host.per_example is not None:
         ds = ds.random_map(host.per_example, seed=seeds["tokens"])
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
@@ -495,6 +511,7 @@ def eval_dataset(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    whole_image: bool = False,
 ) -> grain.IterDataset:
     """One deterministic pass over ``split`` (default ``config.eval_split``), unshuffled and unaugmented.
 
@@ -506,6 +523,9 @@ def eval_dataset(
     ``mask [b] bool``. The data is padded to a whole number of
     global batches with copies of its first image, ``mask`` False, so every
     batch has one shape and every process the same number of batches.
+    ``whole_image`` squashes each whole image to ``image_size`` instead
+    (``transforms.ResizeWhole``, AMT's map pass). Image ``i`` of the split is
+    row ``i % b`` of process ``(i % batch_size) // b``'s batch ``i // batch_size``.
     """
     local_batch = local_batch_size(batch_size, process_index, process_count)
     split = config.eval_split if split is None else split
@@ -518,7 +538,10 @@ def eval_dataset(
     if padding:
         ds = grain.MapDataset.concatenate([ds, ds[:1].repeat(padding).map(_WithMask(False))])
     ds = ds.map(transforms.DecodeImage(config.channels, _jpeg_decoder(config)))
-    ds = ds.map(transforms.ResizeCenterCrop(config.image_size, config.eval_crop_pct))
+    if whole_image:
+        ds = ds.map(transforms.ResizeWhole(config.image_size))
+    else:
+        ds = ds.map(transforms.ResizeCenterCrop(config.image_size, config.eval_crop_pct))
     if _normalize_on_host(config):
         ds = ds.map(transforms.Normalize(tuple(config.mean), tuple(config.std)))
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]

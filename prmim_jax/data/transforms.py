@@ -373,6 +373,9 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
     ``'image'``: ``[H, W, C] uint8`` -> ``[size, size, C] uint8``. The crop is
     cut, then resized (``resized_crop``, with ``resampler`` ``'pillow'`` or
     ``'opencv'``; the crop boxes and flips drawn from a seed are the same for both).
+    ``record`` adds ``'crop'``: ``[5] float32`` ``(top / H, left / W, height / H,
+    width / W, flip)``, the box as fractions of the decoded image and 1.0 when
+    mirrored, so per-image maps can follow the augmentation (``attention_maps.crop_maps``).
     """
 
     size: int
@@ -380,6 +383,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     resampler: str = "pillow"
+    record: bool = False
 
     def __post_init__(self):
         if self.resampler not in CROP_RESAMPLERS:
@@ -387,10 +391,16 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image = element["image"]
-        box = random_resized_crop_box(rng, image.shape[0], image.shape[1], self.scale, self.ratio)
+        height, width = image.shape[:2]
+        box = random_resized_crop_box(rng, height, width, self.scale, self.ratio)
         # Drawn even when flipping is off, so the same seed gives the same crops either way.
         flip = rng.random() < 0.5 and self.flip
-        return element | {"image": resized_crop(image, box, self.size, self.resampler, flip)}
+        element = element | {"image": resized_crop(image, box, self.size, self.resampler, flip)}
+        if self.record:
+            top, left, crop_h, crop_w = box
+            crop = (top / height, left / width, crop_h / height, crop_w / width, float(flip))
+            element["crop"] = np.array(crop, np.float32)
+        return element
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +434,32 @@ class ResizeCenterCrop(grain.transforms.Map):
         top, left = round((new_h - self.size) / 2), round((new_w - self.size) / 2)
         pil = pil.crop((left, top, left + self.size, top + self.size))
         return element | {"image": _from_pil(pil, channels)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeWhole(grain.transforms.Map):
+    """The whole image squashed to ``[size, size, C] uint8`` (Pillow bicubic, aspect ratio not kept;
+    torchvision's ``Resize((size, size))``, what AMT's map pass sees); deterministic."""
+
+    size: int
+
+    def map(self, element: dict) -> dict:
+        image = element["image"]
+        if image.shape[:2] != (self.size, self.size):
+            image = _from_pil(_pil(image).resize((self.size, self.size), _BICUBIC), image.shape[-1])
+        return element | {"image": image}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachIndex(grain.transforms.MapWithIndex):
+    """Adds ``'index'``: the element's position in its source of ``size`` elements (before shuffling), an
+    int. (Through a shuffled, repeated dataset grain hands the source the index plus the epoch times
+    ``size``, hence the remainder.)"""
+
+    size: int
+
+    def map_with_index(self, index: int, element: dict) -> dict:
+        return element | {"index": index % self.size}
 
 
 def _normalization(mean, std) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,13 @@ The protocol (``Method``), both halves of a method's work:
   parameters (a classifier loads its pretrained encoder); default: as initialised.
 - optional capabilities, ``None`` when the method has none: ``picture``
   (reconstruction pictures), ``logits`` (classifiers).
+- ``host_state(setup)``: per-image host state that a sampler keeps across steps
+  (AMT's attention maps, ``prmim_jax.attention_maps``), or None (the default).
+  The trainer calls its ``sample(host batch) -> training batch`` on every batch,
+  ``refresh(step, state) -> log line | None`` after every step (before that
+  step's checkpoint), and saves ``state_dict()`` / restores
+  ``load_state_dict(arrays)`` (``{name: numpy array}``, this process's share)
+  with every checkpoint.
 
 Adding a framework: write ``prmim_jax/methods/<name>.py`` with
 ``default_config(**overrides)`` (its method section), ``experiment_config()``
@@ -106,6 +113,11 @@ class Method(abc.ABC):
         """A fresh run's starting parameters (laid out as ``shardings``); default: ``params`` as initialised."""
         del shardings
         return params
+
+    def host_state(self, setup):
+        """The per-image host state of the module docstring for the trainer's ``setup``; default: None."""
+        del setup
+        return None
 
     # Optional capabilities (None when the method has none):
     # picture(params, images [b, H, W, C] normalised, seed) -> (rows [3, b, H, W, 3] in [0, 1], marks [b, N], patch)

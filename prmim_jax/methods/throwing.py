@@ -10,7 +10,11 @@ key                         meaning
                             skipped and get no loss) or ``progressive`` (PR-MIM: the
                             aggregator reconstructs the thrown tokens from the others)
 ``sampler``                 token sampler of ``prmim_jax.masking`` (``random`` throws nothing;
-                            ``random_throw``, ``furthest`` (Alg. 1), ``furthest_seeded``)
+                            ``random_throw``, ``furthest`` (Alg. 1), ``furthest_seeded``,
+                            ``running_cell`` (VideoMAE V2), ``amt`` (AMT's attention maps))
+``amt_interval``            ``amt``: epochs between two passes of the attention maps (AMT's 40)
+``amt_warmup_epochs``       ``amt``: the first pass follows epoch ``amt_warmup_epochs`` (from 0;
+                            AMT's 40); before it, ``amt`` masks at random
 ``mask_ratio``              rho_e, fraction of the N tokens masked
 ``throw_ratio``             rho_d, fraction of the N tokens thrown (0 for ``full``)
 ``aggregator``              progressive reconstruction's design: ``dwconv`` (the paper's),
@@ -51,6 +55,8 @@ def throwing_config(reconstruction: str = "progressive", **overrides) -> dict:
             aggregator="dwconv",
             kernel_size=7,
             thrown_loss_weight=1.0,
+            amt_interval=40,  # AMT's main_pretrain.py: --loc_interval 40
+            amt_warmup_epochs=40,  # and --warmup_epochs 40
         )
         | overrides
     )
@@ -83,6 +89,16 @@ class Throwing:
             )
         if section.thrown_loss_weight < 0:
             raise ValueError(f"method.thrown_loss_weight={section.thrown_loss_weight} must be >= 0.")
+        for key, minimum, meaning in (
+            ("amt_interval", 1, "epochs between two attention-map passes"),
+            ("amt_warmup_epochs", 0, "epochs of random masking before the first pass"),
+        ):
+            value = section.get(key, minimum)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(
+                    f"method.{key}={value!r} must be an integer >= {minimum} ({meaning}; AMT's 40); "
+                    f"set --config.method.{key}."
+                )
         if section.aggregator not in aggregate.AGGREGATORS:
             raise ValueError(f"method.aggregator={section.aggregator!r}; choose one of {aggregate.AGGREGATORS}.")
         kernel = section.kernel_size
@@ -114,7 +130,11 @@ class Throwing:
 
     @property
     def host(self) -> HostTransforms:
-        """Per-image noise, then the batch's token sets ``ids_visible / ids_decoded / ids_thrown``."""
+        """Per-image noise, then the batch's token sets ``ids_visible / ids_decoded / ids_thrown``; ``amt``
+        draws them in the trainer from its attention maps (``host_state``), so its batches carry the noise,
+        each image's source index and its crop instead."""
+        if self.sampler == "amt":
+            return HostTransforms(transforms.DrawTokenNoise(self.layout), element_info=True)
         return HostTransforms(
             transforms.DrawTokenNoise(self.layout), transforms.SampleTokens(self.sampler, self.layout)
         )
@@ -188,6 +208,14 @@ class ThrowingMethod(Method):
     @property
     def host(self):
         return self.throwing.host
+
+    def host_state(self, setup):
+        """``amt``'s attention maps (``prmim_jax.attention_maps.AttentionMaps``); None for the other samplers."""
+        if self.throwing.sampler != "amt":
+            return None
+        from prmim_jax import attention_maps
+
+        return attention_maps.AttentionMaps(self, setup)
 
     def batch_spec(self, batch_size: int) -> dict:
         images = ((batch_size, *self.model.image_size, self.model.channels), np.float32)

@@ -67,6 +67,7 @@ import dataclasses
 import math
 import re
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -400,12 +401,55 @@ def _sum_to_shape(x, shape):
 cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
+# The collection in which every ``Attention`` stores its first token's attention probabilities when (and only
+# when) an ``apply`` makes it mutable: ``last_block_cls_attention``.
+CLS_ATTENTION = "cls_attention"
+
+
+def cls_attention_probs(query: jax.Array, key: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The first (cls) token's attention probabilities: ``[B, heads, T] float32``, each row summing to 1.
+
+    ``query``, ``key`` ``[B, T, heads, kv]``; ``bias`` ``[heads, T, T]`` or ``[B, heads, T, T]`` (or None).
+    ``softmax(q_0 k^T / sqrt(kv) + bias_0)`` in float32, the cls row of what the attention computes,
+    computed on its own so that the attention itself is untouched.
+    """
+    logits = jnp.einsum(
+        "bhk,bthk->bht", query[:, 0].astype(jnp.float32), key.astype(jnp.float32), preferred_element_type=jnp.float32
+    ) / math.sqrt(query.shape[-1])
+    if bias is not None:
+        logits = logits + bias[..., 0, :].astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def last_block_cls_attention(module: nn.Module, variables, *args, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """``(module.apply(variables, *args, **kwargs), attention)``: an encoder's output and its last block's
+    cls-to-patch attention ``[B, heads, T - 1] float32`` (the cls query over every other key, probabilities
+    normalised over all ``T`` keys, the cls key included: DINO's and AMT's map).
+
+    ``module`` is any encoder built on ``Transformer`` (MAE's ``Encoder``, SimMIM's); its outputs and
+    numerics are those of a plain ``apply``: the attention layers only add their cls row to the
+    ``CLS_ATTENTION`` collection, which this call makes mutable.
+    """
+    output, collections = module.apply(variables, *args, mutable=[CLS_ATTENTION], **kwargs)
+    sown = flax.traverse_util.flatten_dict(flax.core.unfreeze(collections[CLS_ATTENTION]))
+    if not sown:
+        raise ValueError(f"{type(module).__name__} has no attention layer that records the cls attention.")
+
+    def block_number(path) -> int:
+        match = re.search(r"block_(\d+)", "/".join(path))
+        return int(match.group(1)) if match else -1
+
+    return output, sown[max(sown, key=block_number)][-1][:, :, 1:]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v projections (with bias).
 
     ``[B, T, D] -> [B, T, D]``. Kernels are ``[D, heads, kv]`` (q, k, v) and
     ``[heads, kv, D]`` (out); the checkpoint tools fuse them into the official
-    ``qkv`` / ``proj`` matrices.
+    ``qkv`` / ``proj`` matrices. When an ``apply`` makes ``CLS_ATTENTION``
+    mutable, each call also stores ``cls_attention_probs`` there (``probs``,
+    ``[B, heads, T]``); see ``last_block_cls_attention``.
     """
 
     num_heads: int
@@ -430,6 +474,8 @@ class Attention(nn.Module):
         )
         if bias is not None:
             bias = bias.astype(query.dtype)
+        if self.is_mutable_collection(CLS_ATTENTION) and not self.is_initializing():
+            self.sow(CLS_ATTENTION, "probs", cls_attention_probs(query, key, bias))
         backend = jax.default_backend()
         implementation = attention_implementation(
             query.dtype,
