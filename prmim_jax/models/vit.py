@@ -186,9 +186,10 @@ def logical(init, *names):
     return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype, name: str | None = None, epsilon: float = LAYER_NORM_EPS) -> nn.LayerNorm:
+    """LayerNorm over the last axis (logical ``embed``), eps ``epsilon`` (MAE's 1e-6; PyTorch's default 1e-5)."""
     return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPS,
+        epsilon=epsilon,
         dtype=dtype,
         use_fast_variance=False,
         scale_init=logical(nn.initializers.ones, "embed"),
@@ -285,12 +286,21 @@ def check_model_options(dtype, head_dims: tuple[int, ...], attention_impl: str |
         attention_implementation(dtype, head_dim, backend, attention_impl, capability)
 
 
-def dense(features: int, fan_in: int, axes: tuple[str, str], dtype, name: str, fan_out: int | None = None) -> nn.Dense:
-    """A linear layer initialised as the official MAE's ``nn.Linear`` (xavier-uniform weight, zero bias)."""
+def dense(
+    features: int,
+    fan_in: int,
+    axes: tuple[str, str],
+    dtype,
+    name: str,
+    fan_out: int | None = None,
+    kernel_init: nn.initializers.Initializer | None = None,
+) -> nn.Dense:
+    """A linear layer initialised as the official MAE's ``nn.Linear`` (xavier-uniform weight, zero bias);
+    ``kernel_init`` replaces the xavier-uniform weight init (Swin's normal(0.02))."""
     return nn.Dense(
         features,
         dtype=dtype,
-        kernel_init=logical(xavier_uniform(fan_in, fan_out or features), *axes),
+        kernel_init=logical(kernel_init or xavier_uniform(fan_in, fan_out or features), *axes),
         bias_init=logical(nn.initializers.zeros, axes[1]),
         name=name,
     )
@@ -405,12 +415,14 @@ class Attention(nn.Module):
 
     ``[B, T, D] -> [B, T, D]``. Kernels are ``[D, heads, kv]`` (q, k, v) and
     ``[heads, kv, D]`` (out); the checkpoint tools fuse them into the official
-    ``qkv`` / ``proj`` matrices.
+    ``qkv`` / ``proj`` matrices. ``kernel_init`` (None: MAE's xavier-uniform
+    with the fused ``qkv``'s fans) initialises all four kernels.
     """
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None  # None / 'auto', 'xla', 'cudnn': see attention_implementation
+    kernel_init: nn.initializers.Initializer | None = None
 
     @nn.compact
     def __call__(self, x, bias=None):
@@ -420,7 +432,7 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
         head_dim = width // self.num_heads
         # The official MAE initialises q, k, v as one [3D, D] linear.
-        qkv_init = xavier_uniform(width, 3 * width)
+        qkv_init = self.kernel_init or xavier_uniform(width, 3 * width)
         qkv_axes = ("batch", "tokens", "heads", "kv")
         query, key, value = (
             nn.with_logical_constraint(
@@ -444,7 +456,7 @@ class Attention(nn.Module):
         else:
             attended = jax.nn.dot_product_attention(query, key, value, bias, implementation=implementation)
         attended = nn.with_logical_constraint(attended, qkv_axes)
-        out = HeadMerge(width, xavier_uniform(width, width), self.dtype, name="out")(attended)
+        out = HeadMerge(width, self.kernel_init or xavier_uniform(width, width), self.dtype, name="out")(attended)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
 
 
@@ -463,17 +475,20 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class MlpBlock(nn.Module):
-    """``[B, T, D] -> [B, T, D]``: linear to ``mlp_dim``, exact (erf) GELU, linear back."""
+    """``[B, T, D] -> [B, T, D]``: linear to ``mlp_dim``, exact (erf) GELU, linear back.
+
+    ``kernel_init``: None for MAE's xavier-uniform, else both kernels' init."""
 
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer | None = None
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        h = dense(self.mlp_dim, width, ("embed", "mlp"), self.dtype, "fc1")(x)
+        h = dense(self.mlp_dim, width, ("embed", "mlp"), self.dtype, "fc1", kernel_init=self.kernel_init)(x)
         h = nn.with_logical_constraint(gelu(h), ("batch", "tokens", "mlp"))
-        out = dense(width, self.mlp_dim, ("mlp", "embed"), self.dtype, "fc2")(h)
+        out = dense(width, self.mlp_dim, ("mlp", "embed"), self.dtype, "fc2", kernel_init=self.kernel_init)(h)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
 
 
