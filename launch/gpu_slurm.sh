@@ -2,7 +2,7 @@
 # Submits the training command as a SLURM batch job on GPU nodes.
 #
 #   bash launch/gpu_slurm.sh --nodes N --gpus_per_node G [--per gpu|node]
-#       [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME]
+#       [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME] [--grace S]
 #       [--sbatch_arg ARG]... [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]
 #
 # Writes an sbatch script to WORKDIR/slurm/ (or workdirs/slurm/ in this repository
@@ -16,6 +16,12 @@
 #    GPU I (CUDA_VISIBLE_DEVICES from SLURM_LOCALID); --per node: one task per
 #    node that sees all G GPUs. XLA_FLAGS starts with launch/lib.sh's GPU flags.
 # jax.distributed.initialize() reads SLURM's variables, so no coordinator flags.
+# Stopping: SLURM sends the tasks SIGTERM --grace S seconds (default 120) before the
+# time limit (#SBATCH --signal=TERM@S), and so does `scancel --signal=TERM JOBID`:
+# they save a checkpoint at a step they agree on and exit 0. When one task fails,
+# srun kills the others at once (--kill-on-bad-exit=1), so the job's output ends
+# with that task's own error ("process I of N failed: ..."); when one ends, the
+# others get S seconds to end too (--wait=S).
 # The repository and the environment ($PRMIM_VENV, default .venv here) must be on a
 # filesystem every node mounts at the same path; with a shared environment, run
 # `bash launch/setup_env.sh cuda` once before the first multi-node job, or pass
@@ -25,7 +31,7 @@
 set -euo pipefail
 
 prog="launch/gpu_slurm.sh"
-usage="usage: bash launch/gpu_slurm.sh --nodes N --gpus_per_node G [--per gpu|node] [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME] [--sbatch_arg ARG]... [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
+usage="usage: bash launch/gpu_slurm.sh --nodes N --gpus_per_node G [--per gpu|node] [--partition P] [--time T] [--cpus_per_task C] [--job_name NAME] [--grace S] [--sbatch_arg ARG]... [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -48,6 +54,7 @@ partition=""
 time_limit=""
 cpus_per_task=""
 job_name="prmim_jax"
+grace=120
 sbatch_args=()
 skip_setup=0
 positional=()
@@ -57,7 +64,7 @@ while [ $# -gt 0 ]; do
     -h | --help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
     --dry_run | --dry-run) dry_run=1 ;;
     --skip_setup) skip_setup=1 ;;
-    --nodes | --gpus_per_node | --per | --partition | --time | --cpus_per_task | --job_name | --sbatch_arg)
+    --nodes | --gpus_per_node | --per | --partition | --time | --cpus_per_task | --job_name | --grace | --sbatch_arg)
       [ $# -ge 2 ] || die "$1 needs a value"
       set -- "$1=$2" "${@:3}"
       continue ;;
@@ -68,6 +75,7 @@ while [ $# -gt 0 ]; do
     --time=*) time_limit="${1#*=}" ;;
     --cpus_per_task=*) cpus_per_task="${1#*=}" ;;
     --job_name=*) job_name="${1#*=}" ;;
+    --grace=*) grace="${1#*=}" ;;
     --sbatch_arg=*) sbatch_args+=("${1#*=}") ;;
     --)
       shift
@@ -87,6 +95,7 @@ case "$per" in gpu | node) ;; *) die "--per must be gpu or node, got '$per'" ;; 
 [ -z "$cpus_per_task" ] || positive "$cpus_per_task" \
   || die "--cpus_per_task must be a positive integer, got '$cpus_per_task'"
 case "$job_name" in "" | *[!A-Za-z0-9_.-]*) die "--job_name must be letters, digits, '_', '.' or '-', got '$job_name'" ;; esac
+seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
 take_config_and_workdir
 config="$(absolute "$config")"
 workdir="$(absolute "$workdir")"
@@ -113,7 +122,8 @@ else
   for ((i = 1; i < gpus; i++)); do device_ids+=",$i"; done
   bind="export JAX_LOCAL_DEVICE_IDS=$device_ids; exec \"\$@\""
 fi
-train=(srun --kill-on-bad-exit=1)
+# A failing task takes the others down at once; after a task ends, the rest get the grace period.
+train=(srun --kill-on-bad-exit=1 --wait="$grace")
 # srun no longer inherits sbatch's --cpus-per-task (SLURM 22.05).
 [ -z "$cpus_per_task" ] || train+=(--cpus-per-task="$cpus_per_task")
 train+=(bash -c "$bind" bash
@@ -128,6 +138,7 @@ sbatch_script() {
   [ -z "$cpus_per_task" ] || echo "#SBATCH --cpus-per-task=$cpus_per_task"
   [ -z "$partition" ] || echo "#SBATCH --partition=$partition"
   [ -z "$time_limit" ] || echo "#SBATCH --time=$time_limit"
+  echo "#SBATCH --signal=TERM@$grace"
   echo "#SBATCH --output=$job_dir/%x-%j.out"
   for arg in ${sbatch_args[@]+"${sbatch_args[@]}"}; do echo "#SBATCH $arg"; done
   echo "# Written by launch/gpu_slurm.sh: one process per $per."

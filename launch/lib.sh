@@ -76,3 +76,25 @@ xla_gpu_flags() {
   )
   printf '%s\n' "${flags[*]}"
 }
+
+# Whether $1 is a positive whole number of seconds (--grace S).
+seconds() {
+  case "$1" in "" | *[!0-9]* | 0*) return 1 ;; esac
+}
+
+# The line a failing process prints first (prmim_jax.preemption.FAILURE_LINE):
+# "process I of N failed: Type: message", then its traceback.
+FAILURE_PATTERN='^process [0-9]+ of [0-9]+ failed: '
+
+# Prints a process's own error from its log: its failure line and the end of the traceback after it.
+# A log without one (a process killed by a signal, or that died in native code) ends the way it ends.
+show_error() {
+  local log="$1" at
+  at="$(grep -n -E -m 1 "$FAILURE_PATTERN" "$log" 2>/dev/null | cut -d: -f1)" || true
+  if [ -n "$at" ]; then
+    sed -n "${at}p" "$log"
+    tail -n +"$((at + 1))" "$log" | tail -n 15
+  else
+    tail -n 20 "$log" 2>/dev/null || true
+  fi
+}

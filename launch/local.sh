@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the training command on this machine.
 #
-#   bash launch/local.sh [--processes N] [--port P] [--skip_setup] [--dry_run]
+#   bash launch/local.sh [--processes N] [--port P] [--grace S] [--skip_setup] [--dry_run]
 #       CONFIG WORKDIR [main.py flags...]
 #
 # Creates the environment (bash launch/setup_env.sh PLATFORM; PLATFORM is
@@ -11,14 +11,20 @@
 # each with --coordinator_address localhost:PORT --num_processes N --process_id I
 # (a free port unless --port) and its log in WORKDIR/logs/process_I.log; on cuda,
 # process I sees only GPU I. On cuda, XLA_FLAGS starts with launch/lib.sh's GPU
-# flags. The script waits for all of them, stops the others
-# when one fails, and exits non-zero if any failed. --dry_run (or DRY_RUN=1)
+# flags. The script waits for all of them. When one fails it prints that
+# process's own error (from its log), stops the others and exits with the
+# failed process's status. SIGTERM or Ctrl-C is passed on to every process as
+# SIGTERM (they save a checkpoint and exit 0); the script waits up to --grace S
+# seconds (default 120) for them, then kills them (SIGKILL), and exits 0 if all
+# stopped cleanly (after a failure, the others get 10 s at most: they can save
+# nothing more). A second Ctrl-C kills them at once. One process replaces the
+# script (exec), so signals reach it directly. --dry_run (or DRY_RUN=1)
 # prints the commands and runs nothing. Launch options may appear anywhere before
 # `--`; everything after CONFIG WORKDIR that is not one goes to main.py.
 set -euo pipefail
 
 prog="launch/local.sh"
-usage="usage: bash launch/local.sh [--processes N] [--port P] [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
+usage="usage: bash launch/local.sh [--processes N] [--port P] [--grace S] [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -28,6 +34,7 @@ dry_run=0
 case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
 processes=1
 port=""
+grace=120
 skip_setup=0
 positional=()
 extra=()
@@ -38,8 +45,10 @@ while [ $# -gt 0 ]; do
     --skip_setup) skip_setup=1 ;;
     --processes) [ $# -ge 2 ] || die "$1 needs a value"; processes="$2"; shift ;;
     --port) [ $# -ge 2 ] || die "$1 needs a value"; port="$2"; shift ;;
+    --grace) [ $# -ge 2 ] || die "$1 needs a value"; grace="$2"; shift ;;
     --processes=*) processes="${1#*=}" ;;
     --port=*) port="${1#*=}" ;;
+    --grace=*) grace="${1#*=}" ;;
     --)
       shift
       for arg in "$@"; do add_argument "$arg" after_dashes; done
@@ -52,6 +61,7 @@ done
 take_config_and_workdir
 case "$processes" in "" | *[!0-9]* | 0*) die "--processes must be a positive integer, got '$processes'" ;; esac
 case "$port" in *[!0-9]* | 0*) die "--port must be a port number, got '$port'" ;; esac
+seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
 [ "$processes" = 1 ] || [[ "$workdir" != *://* ]] \
   || die "--processes writes its logs under WORKDIR, which must be a local path"
 
@@ -124,12 +134,52 @@ fi
 
 logs="$workdir/logs"
 run mkdir -p "$logs"
+if [ "$dry_run" = 0 ]; then
+  # Each process's pid, and one line "I STATUS" per process in the order they end (see below).
+  state="$(mktemp -d)"
+  trap 'rm -rf "$state"' EXIT
+  : >"$state/ended"
+fi
 pids=()
-stop_all() {
-  local pid
-  for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+watchers=()
+finished=()
+stopping=0 # 1 once the processes were told to stop: by a signal to this script, or after a failure
+deadline=0 # when they are killed if still running ($SECONDS)
+failure_grace=$((grace < 10 ? grace : 10))
+killed=0
+
+signal_processes() { # SIGNAL: to every process started and still running
+  local i
+  for i in ${pids[@]+"${!pids[@]}"}; do
+    [ "${finished[$i]:-0}" = 1 ] || kill -s "$1" "${pids[$i]}" 2>/dev/null || true
+  done
 }
-trap 'stop_all; exit 130' INT TERM
+
+stop_processes() { # SECONDS: SIGTERM to every process (once), SIGKILL to those still running after SECONDS
+  local until=$((SECONDS + $1 + 1)) # $SECONDS counts whole seconds: at least that long
+  if [ "$stopping" = 0 ] || [ "$until" -lt "$deadline" ]; then deadline="$until"; fi
+  if [ "$stopping" = 0 ]; then
+    stopping=1
+    signal_processes TERM
+  fi
+}
+
+on_signal() { # NAME
+  if [ "$1" = INT ] && [ "$stopping" = 1 ]; then
+    echo "$prog: SIGINT again: killing the processes now" >&2
+    killed=1
+    signal_processes KILL
+    return
+  fi
+  echo "$prog: got SIG$1: passing SIGTERM on to the processes; waiting up to ${grace}s for them to save" \
+    "a checkpoint (at a step they agree on) and end, then killing them" >&2
+  stop_processes "$grace"
+}
+if [ "$dry_run" = 0 ]; then # before the first process starts: a signal from then on reaches them all
+  trap 'on_signal TERM' TERM
+  trap 'on_signal INT' INT
+fi
+
 for ((i = 0; i < processes; i++)); do
   cmd=()
   [ ${#gpus[@]} = 0 ] || cmd=(env "CUDA_VISIBLE_DEVICES=${gpus[$i]}")
@@ -139,38 +189,97 @@ for ((i = 0; i < processes; i++)); do
   line="$(join "${cmd[@]}") > $(quote "$log") 2>&1 &"
   if [ "$dry_run" = 1 ]; then
     echo "$line"
-  else
-    echo "+ $line" >&2
-    "${cmd[@]}" >"$log" 2>&1 &
-    pids+=("$!")
+    continue
   fi
+  echo "+ $line" >&2
+  # A watcher subshell starts process I and appends "I STATUS" to $state/ended when it ends, so that
+  # the file lists the processes in the order they ended: the first failure is the cause, and the
+  # peers that failed a moment later because of it are not mistaken for it.
+  (
+    "${cmd[@]}" >"$log" 2>&1 &
+    child=$!
+    trap '' INT TERM HUP # the watcher outlives signals sent to the whole group, to record the end
+    echo "$child" >"$state/pid_$i"
+    rc=0
+    wait "$child" || rc=$?
+    echo "$i $rc" >>"$state/ended"
+  ) 2>/dev/null & # bash's own "Killed" notice; the process's output goes to its log
+  watchers[i]=$!
 done
 if [ "$dry_run" = 1 ]; then
   echo "wait"
   exit 0
 fi
-
-# Wait for every process; the first failure stops the others (they would block
-# in the coordinator) and sets the exit status.
-status=0
-finished=()
-remaining="$processes"
-while [ "$remaining" -gt 0 ]; do
-  for ((i = 0; i < processes; i++)); do
-    [ "${finished[$i]:-0}" = 0 ] || continue
-    kill -0 "${pids[$i]}" 2>/dev/null && continue
-    rc=0
-    wait "${pids[$i]}" || rc=$?
-    finished[i]=1
-    remaining=$((remaining - 1))
-    if [ "$rc" != 0 ] && [ "$status" = 0 ]; then
-      status="$rc"
-      echo "$prog: process $i exited with status $rc; its log, $logs/process_$i.log, ends:" >&2
-      tail -n 20 "$logs/process_$i.log" >&2 || true
-      stop_all
-    fi
-  done
-  [ "$remaining" = 0 ] || sleep 0.2
+for ((i = 0; i < processes; i++)); do
+  while [ ! -s "$state/pid_$i" ]; do sleep 0.05; done
+  pids[i]="$(<"$state/pid_$i")"
 done
-[ "$status" = 0 ] && echo "$prog: all $processes processes finished; logs in $logs" >&2
+[ "$stopping" = 0 ] || signal_processes TERM # a signal that came while they were starting
+
+# How a status reads: "status 1", "status 137, killed by SIGKILL".
+describe_status() {
+  local name
+  if [ "$1" -gt 128 ] && name="$(kill -l "$(($1 - 128))" 2>/dev/null)"; then
+    echo "status $1, killed by SIG$name"
+  else
+    echo "status $1"
+  fi
+}
+
+# A watcher killed from outside (it ignores SIGTERM, not SIGKILL) can no longer record its process's
+# end: record it as killed, and kill the process, so that the wait below cannot hang on it.
+record_lost_watchers() {
+  local i
+  for ((i = 0; i < processes; i++)); do
+    kill -0 "${watchers[$i]}" 2>/dev/null && continue
+    grep -q "^$i " "$state/ended" && continue
+    kill -KILL "${pids[$i]}" 2>/dev/null || true
+    echo "$i 137" >>"$state/ended"
+  done
+}
+
+# Wait for every process, in the order they end; the first failure sets the exit status and stops
+# the others (they cannot go on without it, and would otherwise block in a collective).
+status=0
+first=""
+ended=0
+while [ "$ended" -lt "$processes" ]; do
+  record_lost_watchers
+  mapfile -t records <"$state/ended"
+  while [ "$ended" -lt "${#records[@]}" ]; do
+    read -r i rc <<<"${records[$ended]}"
+    ended=$((ended + 1))
+    finished[i]=1
+    [ "$rc" != 0 ] || continue
+    if [ -n "$first" ]; then
+      echo "$prog: process $i exited with $(describe_status "$rc") after process $first failed" >&2
+      continue
+    fi
+    first="$i"
+    status="$rc"
+    how="$(describe_status "$rc")"
+    [ "$killed" = 0 ] || how+=", sent by this script"
+    echo "$prog: process $i failed first ($how); its own error, from $logs/process_$i.log:" >&2
+    show_error "$logs/process_$i.log" >&2
+    # Without process $i the others can save nothing more: time to print their own errors is all they need.
+    [ "$ended" = "$processes" ] || echo "$prog: stopping the others (SIGTERM, and SIGKILL after ${failure_grace}s)" >&2
+    stop_processes "$failure_grace"
+  done
+  if [ "$ended" -lt "$processes" ]; then
+    if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
+      echo "$prog: processes still running at the end of the grace period; killing them (SIGKILL)" >&2
+      killed=1
+      signal_processes KILL
+    fi
+    sleep 0.1
+  fi
+done
+wait # the watchers, which end right after their processes
+if [ "$status" = 0 ]; then
+  if [ "$stopping" = 1 ]; then
+    echo "$prog: all $processes processes stopped cleanly; rerun the same command to resume; logs in $logs" >&2
+  else
+    echo "$prog: all $processes processes finished; logs in $logs" >&2
+  fi
+fi
 exit "$status"

@@ -2,7 +2,7 @@
 # Runs the training command on every worker of a Cloud TPU VM (a pod slice or a
 # single host).
 #
-#   bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--skip_setup]
+#   bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--grace S] [--skip_setup]
 #       [--dry_run] CONFIG WORKDIR [main.py flags...]
 #
 # 1. packs this repository (without .venv, .git, caches and workdirs/) and copies
@@ -11,8 +11,14 @@
 # 2. creates the environment on every worker (bash launch/setup_env.sh tpu);
 #    --skip_setup leaves the environment as it is;
 # 3. runs, on every worker at once (gcloud compute tpus tpu-vm ssh --worker=all),
-#      cd prmim_jax && .venv/bin/python -m prmim_jax.main --config CONFIG --workdir WORKDIR [flags...]
+#      cd prmim_jax && echo $$ >.train.pid && exec .venv/bin/python -m prmim_jax.main \
+#          --config CONFIG --workdir WORKDIR [flags...]
 #    jax.distributed.initialize() finds the other workers itself.
+# SIGTERM or Ctrl-C to this script sends SIGTERM to the training process on every
+# worker (by its .train.pid, over ssh): they save a checkpoint at a step they agree
+# on and exit 0. The script waits up to --grace S seconds (default 120) for them,
+# then kills them (SIGKILL); a second Ctrl-C kills them at once. A failing worker
+# prints "process I of N failed: ..." and the others stop within seconds.
 # CONFIG must be inside this repository (it is named relative to the repository
 # root on the workers). WORKDIR is typically gs://BUCKET/PATH: every worker must
 # reach the same checkpoints. The run stays attached to this terminal; start
@@ -21,7 +27,7 @@
 set -euo pipefail
 
 prog="launch/tpu_pod.sh"
-usage="usage: bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
+usage="usage: bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--grace S] [--skip_setup] [--dry_run] CONFIG WORKDIR [main.py flags...]"
 remote_dir="prmim_jax" # on each worker, relative to the home directory
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -33,6 +39,7 @@ case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
 tpu=""
 zone=""
 project=""
+grace=120
 skip_setup=0
 positional=()
 extra=()
@@ -44,9 +51,11 @@ while [ $# -gt 0 ]; do
     --tpu) [ $# -ge 2 ] || die "$1 needs a value"; tpu="$2"; shift ;;
     --zone) [ $# -ge 2 ] || die "$1 needs a value"; zone="$2"; shift ;;
     --project) [ $# -ge 2 ] || die "$1 needs a value"; project="$2"; shift ;;
+    --grace) [ $# -ge 2 ] || die "$1 needs a value"; grace="$2"; shift ;;
     --tpu=*) tpu="${1#*=}" ;;
     --zone=*) zone="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
+    --grace=*) grace="${1#*=}" ;;
     --)
       shift
       for arg in "$@"; do add_argument "$arg" after_dashes; done
@@ -58,6 +67,7 @@ done
 
 [ -n "$tpu" ] || die "missing --tpu NAME"
 [ -n "$zone" ] || die "missing --zone ZONE"
+seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
 take_config_and_workdir
 config_abs="$(cd "$(dirname "$config_file")" && pwd -P)/$(basename "$config_file")"
 case "$config_abs" in
@@ -86,12 +96,64 @@ unpack="mkdir -p $remote_dir && find $remote_dir -mindepth 1 -maxdepth 1 ! -name
 unpack+=" && tar -xzf $remote_dir.tar.gz -C $remote_dir && rm $remote_dir.tar.gz"
 [ "$skip_setup" = 1 ] || unpack+=" && bash $remote_dir/launch/setup_env.sh tpu"
 main=(.venv/bin/python -m prmim_jax.main --config "$config_rel$config_arg" --workdir "$workdir")
-train="cd $remote_dir && $(join "${main[@]}" ${extra[@]+"${extra[@]}"})"
+# The training process keeps the shell's pid (exec), which .train.pid holds for signal_workers.
+train="cd $remote_dir && echo \$\$ >.train.pid && exec $(join "${main[@]}" ${extra[@]+"${extra[@]}"})"
 
 [ "$dry_run" = 1 ] || trap 'rm -f "$tarball"' EXIT
 run tar -C "$repo" --exclude=./.venv --exclude=./.git --exclude=./workdirs --exclude=./tmp \
   --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache --exclude='*.egg-info' -czf "$tarball" .
 run gcloud compute tpus tpu-vm scp "$tarball" "$tpu:$remote_dir.tar.gz" "${where[@]}"
 run gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command="$unpack"
-run gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command="$train"
-[ "$dry_run" = 0 ] || join rm -f "$tarball"
+train_command=(gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command="$train")
+if [ "$dry_run" = 1 ]; then
+  join "${train_command[@]}"
+  join rm -f "$tarball"
+  exit 0
+fi
+
+# SIGNAL to the training process on every worker; a worker whose process has ended (its pid may since
+# name another process) is left alone.
+signal_workers() {
+  local pid="pid=\$(cat $remote_dir/.train.pid) && grep -qa prmim_jax.main /proc/\$pid/cmdline"
+  run gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command="$pid && kill -s $1 \$pid || true" || true
+}
+
+stopping=0 # 1 once the workers were sent SIGTERM
+deadline=0 # when they are killed if still running ($SECONDS)
+killed=0
+on_signal() { # NAME
+  if [ "$stopping" = 1 ]; then
+    if [ "$1" = INT ] && [ "$killed" = 0 ]; then
+      echo "$prog: SIGINT again: killing the training processes now" >&2
+      killed=1
+      signal_workers KILL
+    fi
+    return
+  fi
+  stopping=1
+  deadline=$((SECONDS + grace + 1)) # $SECONDS counts whole seconds: at least the grace period
+  echo "$prog: got SIG$1: sending SIGTERM to the training process on every worker; waiting up to ${grace}s" \
+    "for them (a checkpoint is saved at a step they agree on) before killing them" >&2
+  signal_workers TERM
+}
+
+# In the background (which also keeps a Ctrl-C on the terminal from reaching gcloud and cutting the workers'
+# output short), so that the traps run at once.
+echo "+ $(join "${train_command[@]}")" >&2
+"${train_command[@]}" &
+training=$!
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+while kill -0 "$training" 2>/dev/null; do
+  if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
+    echo "$prog: the workers still run after the ${grace}s grace period; killing them (SIGKILL)" >&2
+    killed=1
+    signal_workers KILL
+  fi
+  sleep 0.5
+done
+status=0
+wait "$training" || status=$?
+[ "$status" = 0 ] || echo "$prog: the training command failed (status $status); a failing worker's own error" \
+  "is its line 'process I of N failed: ...' above" >&2
+exit "$status"

@@ -4,8 +4,9 @@
 line and scalars every ``log_every`` steps, a checkpoint of the state and the
 data iterator every ``checkpoint_every`` steps and at the end, the refusal to
 save non-finite parameters, and a clean stop (checkpoint saved) on SIGTERM
-or after ``stop_after`` steps. The trainer's own periodic work (pictures,
-evaluations) comes in as ``periodic(step, state)``.
+(the trainer's ``preemption.PreemptionWatch``) or after ``stop_after`` steps.
+The trainer's own periodic work (pictures, evaluations) comes in as
+``periodic(step, state)``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from prmim_jax import checkpoint, sharding
+from prmim_jax import checkpoint, preemption, sharding
 from prmim_jax.metrics import MetricWriter
 
 
@@ -85,8 +86,11 @@ def jit_step(step: Callable, mesh, rules, state_shardings):
 
 
 def restore_or_create(checkpointer: checkpoint.Checkpointer, boxed_state, state_shardings, iterator, create: Callable):
-    """``(state, start_step)``: the latest checkpoint's state (and ``iterator`` moved to its position),
-    else ``create()`` at step 0. ``boxed_state`` is the ``jax.eval_shape`` of the state's init."""
+    """``(state, start_step)``: the newest good checkpoint's state (and ``iterator`` moved to its position),
+    else ``create()`` at step 0. ``boxed_state`` is the ``jax.eval_shape`` of the state's init.
+
+    Damaged newer steps are moved aside with a warning (see ``checkpoint``); a run whose every checkpoint
+    is damaged raises ``checkpoint.CheckpointDamagedError`` rather than start again over them."""
     abstract = jax.tree_util.tree_map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         nn.unbox(boxed_state),
@@ -114,52 +118,54 @@ def run(
     writer: MetricWriter,
     global_batch: int,
     schedule: optax.Schedule,
+    preemption_watch: preemption.PreemptionWatch,
     periodic: Callable | None = None,
 ) -> LoopResult:
     """Runs ``state, metrics = step_fn(state, batch, fold_in(rng, step))`` from ``start`` to ``config.total_steps``.
 
     ``metrics`` holds scalars including ``loss`` and ``grad_norm``. Reads
     ``config.total_steps``, ``log_every``, ``checkpoint_every`` and ``stop_after``.
+    ``preemption_watch`` (entered by the caller, which guards the whole run with it) says when a SIGTERM
+    asks to save and stop. The final checkpoint (``total_steps``) is only started here: the caller waits
+    for it (``checkpointer.wait()``), and a SIGTERM meanwhile cannot cut it short.
     """
     metrics_history, last_metrics = {}, None
     window_start, window_steps = time.perf_counter(), 0
     step = start
-    with checkpoint.PreemptionWatch() as preemption:
-        while step < config.total_steps:
-            batch = sharding.global_batch(next(iterator), batch_sharding)
-            state, last_metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
-            step += 1
-            window_steps += 1
-            if step % config.log_every == 0 or step == config.total_steps:
-                values = check_finite(jax.device_get(last_metrics), step)
-                elapsed = time.perf_counter() - window_start
-                images_per_second = window_steps * global_batch / elapsed
-                eta = (config.total_steps - step) * elapsed / window_steps
-                writer.scalars(
-                    step, {**values, "learning_rate": float(schedule(step)), "images_per_second": images_per_second}
-                )
-                writer.log(
-                    f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
-                    f"| {images_per_second:,.0f} img/s | ETA {format_duration(eta)}"
-                )
-                metrics_history = values
-                window_start, window_steps = time.perf_counter(), 0
-            preempted = preemption.should_stop(step)
-            stop = step < config.total_steps and (
-                preempted or (config.stop_after and step - start >= config.stop_after)
+    while step < config.total_steps:
+        checkpointer.check_save()  # a failed asynchronous save stops the run at once, not at the next save
+        batch = sharding.global_batch(next(iterator), batch_sharding)
+        state, last_metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+        step += 1
+        window_steps += 1
+        if step % config.log_every == 0 or step == config.total_steps:
+            values = check_finite(jax.device_get(last_metrics), step)
+            elapsed = time.perf_counter() - window_start
+            images_per_second = window_steps * global_batch / elapsed
+            eta = (config.total_steps - step) * elapsed / window_steps
+            writer.scalars(
+                step, {**values, "learning_rate": float(schedule(step)), "images_per_second": images_per_second}
             )
-            if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-                check_finite(jax.device_get(last_metrics), step)
-                if not np.isfinite(float(params_norm(state.params))):
-                    raise NonFiniteLossError(
-                        f"parameters are not finite after step {step}; not saving them. " + NON_FINITE_FIX
-                    )
-                checkpointer.save(step, state, iterator.get_state(), force=stop)
-            if stop:
-                checkpointer.wait()
-                reason = "preempted" if preempted else f"stop_after={config.stop_after}"
-                writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
-                return LoopResult(state, step, metrics_history, stopped=True, preempted=preempted)
-            if periodic is not None:
-                periodic(step, state)
+            writer.log(
+                f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
+                f"| {images_per_second:,.0f} img/s | ETA {format_duration(eta)}"
+            )
+            metrics_history = values
+            window_start, window_steps = time.perf_counter(), 0
+        preempted = preemption_watch.should_stop(step)
+        stop = step < config.total_steps and (preempted or (config.stop_after and step - start >= config.stop_after))
+        if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+            check_finite(jax.device_get(last_metrics), step)
+            if not np.isfinite(float(params_norm(state.params))):
+                raise NonFiniteLossError(
+                    f"parameters are not finite after step {step}; not saving them. " + NON_FINITE_FIX
+                )
+            checkpointer.save(step, state, iterator.get_state(), force=stop)
+        if stop:
+            checkpointer.wait()
+            reason = "preempted" if preempted else f"stop_after={config.stop_after}"
+            writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
+            return LoopResult(state, step, metrics_history, stopped=True, preempted=preempted)
+        if periodic is not None:
+            periodic(step, state)
     return LoopResult(state, step, metrics_history, stopped=False, preempted=False)

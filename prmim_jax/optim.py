@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import optax
+from ml_collections import config_dict
 
 from prmim_jax.models import classifier, vit
 
@@ -37,7 +38,7 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
             b1=0.9,
             b2=0.95,
             weight_decay=0.05,
-            grad_clip_norm=None,
+            grad_clip_norm=config_dict.placeholder(float),  # None (or 0): no clipping
         )
     )
     config.update(overrides)
@@ -52,7 +53,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, global_batch: int,
     """Linear warmup over ``warmup_steps`` to the scaled peak, then cosine decay to ``min_lr`` at ``total_steps``."""
     peak = peak_learning_rate(config, global_batch)
     if not 0 <= config.warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps={config.warmup_steps} must lie in [0, total_steps={total_steps}].")
+        raise ValueError(
+            f"optimizer.warmup_steps={config.warmup_steps} must lie in [0, total_steps={total_steps}]; "
+            "lower --config.optimizer.warmup_steps or raise --config.total_steps."
+        )
+    if config.warmup_steps == total_steps:  # a smoke run that is all warmup: nothing left to decay over
+        return optax.linear_schedule(0.0, peak, max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from prmim_jax import checkpoint, loop, methods, optim, sharding, train_step
+from prmim_jax import checkpoint, config_validation, loop, methods, optim, preemption, sharding, train_step
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import build_evaluators, eval_config
 from prmim_jax.metrics import MetricWriter
@@ -63,7 +63,10 @@ class Setup:
 
 
 def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Builds method, mesh and evaluators from ``config``; raises ``ValueError`` with the fix on any impossibility."""
+    """Checks every key of ``config`` (``config_validation``), then builds method, mesh and evaluators from it;
+    raises a one-line ``ValueError`` naming the key and the fix on any impossibility, before anything is
+    created, written or compiled. ``devices``: the mesh's (default ``jax.devices()``)."""
+    config_validation.check_config(config)
     method = methods.build(config)
     mesh = sharding.make_mesh(config.sharding, devices)
     rules = sharding.rules(config.sharding)
@@ -83,9 +86,6 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
             f"data gives {config.data.image_size}px x {config.data.channels} channels but the model expects "
             f"{config.model.image_size}px x {config.model.channels}; make data.image_size/channels match model."
         )
-    if config.total_steps < 1:
-        raise ValueError(f"total_steps={config.total_steps} must be positive.")
-    optim.learning_rate_schedule(config.optimizer, batch, config.total_steps)  # checks warmup_steps
     setup = Setup(method, mesh, rules, batch, batch // jax.process_count())
     # Building them checks every evaluator's section; the trainer then uses these.
     return dataclasses.replace(setup, evaluators=build_evaluators(method, setup, config))
@@ -118,80 +118,120 @@ def compile_train_step(setup: Setup, state_shardings):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains per ``config`` in ``workdir``, resuming from its latest checkpoint; returns final metrics."""
+    """Trains per ``config`` in ``workdir``, resuming from its latest checkpoint; returns final metrics.
+
+    One SIGTERM guard (``preemption.PreemptionWatch``) covers the whole run after ``validate``: a
+    SIGTERM during set-up or the final evaluation stops at once (nothing is lost), during training
+    the loop saves the next step and stops, during the final save that save completes and the final
+    evaluation is skipped. Each prints why it stopped and returns ``{'step', 'stopped': True,
+    'preempted': True, ...}``; the rerun of the same command resumes (after the final step it only
+    evaluates).
+    """
     setup = validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    init_fn, boxed_state, state_shardings = abstract_state(setup, config, init_rng)
-    step_fn, batch_sharding = compile_train_step(setup, state_shardings)
-    dataset = pipeline.train_dataset(
-        config.data,
-        setup.method.host,
-        global_batch=setup.global_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=config.seed,
-    )
-    iterator = iter(dataset)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    state, start = loop.restore_or_create(
-        checkpointer,
-        boxed_state,
-        state_shardings,
-        iterator,
-        lambda: create_state(setup, init_fn, state_shardings, init_rng),
-    )
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    save_run_config(config, workdir)
-    if start:
-        writer.log(f"resumed from step {start} in {workdir}")
-    evaluators = setup.evaluators
+    checkpointer, failed = None, False
+    with preemption.PreemptionWatch() as watch:
+        try:
+            with watch.interruptible("set-up"):  # no work to lose yet: a SIGTERM stops it at once
+                init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+                init_fn, boxed_state, state_shardings = abstract_state(setup, config, init_rng)
+                step_fn, batch_sharding = compile_train_step(setup, state_shardings)
+                dataset = pipeline.train_dataset(
+                    config.data,
+                    setup.method.host,
+                    global_batch=setup.global_batch,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                    seed=config.seed,
+                )
+                iterator = iter(dataset)
+                checkpointer = checkpoint.Checkpointer(
+                    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+                )
+                state, start = loop.restore_or_create(
+                    checkpointer,
+                    boxed_state,
+                    state_shardings,
+                    iterator,
+                    lambda: create_state(setup, init_fn, state_shardings, init_rng),
+                )
+            save_run_config(config, workdir)
+            if start:
+                writer.log(f"resumed from step {start} in {workdir}")
+            evaluators = setup.evaluators
 
-    def evaluate(step, state, names):
-        results = {}
-        for name in names:
-            values = evaluators[name].run(state)
-            scalars = {k: v for k, v in values.items() if not hasattr(v, "shape")}
-            for key, image in values.items():
-                if key not in scalars:
-                    writer.image(step, key, image, os.path.join(workdir, f"{key}.png"))
-            if scalars:
-                writer.scalars(step, scalars)
-            results[name] = values
-        return results
+            def evaluate(step, state, names):
+                results = {}
+                for name in names:
+                    values = evaluators[name].run(state)
+                    scalars = {k: v for k, v in values.items() if not hasattr(v, "shape")}
+                    for key, image in values.items():
+                        if key not in scalars:
+                            writer.image(step, key, image, os.path.join(workdir, f"{key}.png"))
+                    if scalars:
+                        writer.scalars(step, scalars)
+                    results[name] = values
+                return results
 
-    def periodic(step, state):
-        due = [n for n, e in evaluators.items() if e.every and step % e.every == 0 and step != config.total_steps]
-        evaluate(step, state, due)
+            def periodic(step, state):
+                due = [
+                    n for n, e in evaluators.items() if e.every and step % e.every == 0 and step != config.total_steps
+                ]
+                evaluate(step, state, due)
 
-    try:
-        result = loop.run(
-            config,
-            workdir,
-            state=state,
-            start=start,
-            rng=step_rng,
-            step_fn=step_fn,
-            iterator=iterator,
-            batch_sharding=batch_sharding,
-            checkpointer=checkpointer,
-            writer=writer,
-            global_batch=setup.global_batch,
-            schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
-            periodic=periodic,
-        )
-        if result.stopped:
-            return {"step": result.step, "stopped": True, "preempted": result.preempted, **result.metrics}
-        final = evaluate(result.step, result.state, list(evaluators))
-        metrics = {"step": result.step, **result.metrics}
-        for name, values in final.items():
-            writer.log(evaluators[name].summary(values))
-            metrics |= {k: v for k, v in values.items() if not hasattr(v, "shape")}
-        return metrics
-    finally:
-        checkpointer.close()
-        writer.close()
+            result = loop.run(
+                config,
+                workdir,
+                state=state,
+                start=start,
+                rng=step_rng,
+                step_fn=step_fn,
+                iterator=iterator,
+                batch_sharding=batch_sharding,
+                checkpointer=checkpointer,
+                writer=writer,
+                global_batch=setup.global_batch,
+                schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
+                preemption_watch=watch,
+                periodic=periodic,
+            )
+            if result.stopped:
+                return {"step": result.step, "stopped": True, "preempted": result.preempted, **result.metrics}
+            checkpointer.wait()  # the final checkpoint is complete (a SIGTERM meanwhile only set the flag)
+            if watch.signalled:
+                writer.log(
+                    f"preempted after the final step: step {result.step} is saved in {workdir} and training is "
+                    "complete; rerun the same command to run the final evaluation"
+                )
+                return {"step": result.step, "stopped": True, "preempted": True, **result.metrics}
+            with watch.interruptible("the final evaluation"):
+                final = evaluate(result.step, result.state, list(evaluators))
+            metrics = {"step": result.step, **result.metrics}
+            for name, values in final.items():
+                writer.log(evaluators[name].summary(values))
+                metrics |= {k: v for k, v in values.items() if not hasattr(v, "shape")}
+            return metrics
+        except preemption.Preempted as stop:
+            if stop.phase == "set-up":
+                writer.log("preempted during set-up, before training: nothing new to save; rerun the same command")
+                return {"step": 0, "stopped": True, "preempted": True}
+            writer.log(
+                f"preempted during {stop.phase}: the final step {config.total_steps} is saved in {workdir}; "
+                "rerun the same command to evaluate it"
+            )
+            return {"step": config.total_steps, "stopped": True, "preempted": True}
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            # After a failure with several processes, saves in flight are left unfinished: finishing one needs
+            # every process, and the failing one may never arrive (a barrier waits minutes). The step
+            # directory of an unfinished save never appears, so the newest complete checkpoint stays.
+            if checkpointer is not None and not (failed and jax.process_count() > 1):
+                checkpointer.close()
+            writer.close()
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:

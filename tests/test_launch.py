@@ -1,7 +1,9 @@
-"""The launch scripts print (--dry_run) and run exactly the set-up and training commands.
+"""The launch scripts print (--dry_run) and run exactly the set-up and training commands, pass stop
+signals on, wait for their processes to save, and show the error of the process that failed first.
 
 Each test copies launch/ into a bare repository tree with one config, so nothing here
-needs gcloud, sbatch, a GPU or an environment, and nothing touches the real checkout.
+needs gcloud, sbatch, a GPU or an environment, and nothing touches the real checkout; the
+training processes are small bash scripts that fail, save or hang on cue (``STAGED_PYTHON``).
 Dry-run output is one shell command a line; ``shlex.split`` turns it back into argv.
 """
 
@@ -10,8 +12,10 @@ import pathlib
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -232,7 +236,139 @@ def test_local_processes_all_run_and_one_failure_fails_the_launch(repo, fail_id,
         log = (repo / "wd" / "logs" / f"process_{i}.log").read_text()
         assert f"--num_processes 3 --process_id {i}" in log
     if fail_id:
-        assert "process 1 exited with status 3" in result.stderr
+        assert "process 1 failed first (status 3)" in result.stderr
+
+
+# A training process as the launcher sees it: $BEHAVIOUR_<process id> says what it does.
+#   fail:  prints its own failure line and traceback after 0.3 s, exits 1
+#   abort: ignores SIGTERM (as JAX's preemption handler does) and aborts with a C++ stack after 0.6 s
+#   save:  saves for 1 s on SIGTERM, then exits 0
+#   stuck: ignores SIGTERM forever
+STAGED_PYTHON = """#!/usr/bin/env bash
+for arg in "$@"; do [ "${previous:-}" = --process_id ] && id="$arg"; previous="$arg"; done
+behaviour="BEHAVIOUR_$id"
+echo started
+case "${!behaviour}" in
+  fail)
+    sleep 0.3
+    echo "process $id of 2 failed: OSError: image file is truncated: /data/train/bad.jpg"
+    echo "Traceback (most recent call last):"
+    echo "  File \"prmim_jax/data/transforms.py\", line 259, in map"
+    echo "OSError: image file is truncated: /data/train/bad.jpg"
+    exit 1 ;;
+  abort)
+    trap '' TERM
+    sleep 0.6
+    echo "F0000 coordination_service_agent.cc] Terminating process: a peer died"
+    echo "Fatal Python error: Aborted"
+    exit 134 ;;
+  save)
+    trap 'sleep 1; echo saved; exit 0' TERM
+    while :; do sleep 0.05; done ;;
+  stuck)
+    trap '' TERM
+    exec sleep 60 ;;
+esac
+"""
+
+
+def start_local(repo, *args, env=None):
+    """``launch/local.sh --skip_setup --processes 2`` in the background, with ``STAGED_PYTHON`` as python."""
+    executable(repo / ".venv" / "bin" / "python", STAGED_PYTHON)
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ.update(env or {})
+    command = [BASH, "launch/local.sh", "--skip_setup", "--processes", "2", *args, "configs/tiny.py", "wd"]
+    return subprocess.Popen(command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_started(repo, launcher):
+    logs = [repo / "wd" / "logs" / f"process_{i}.log" for i in (0, 1)]
+    deadline = time.monotonic() + 20
+    while not all(log.exists() and "started" in log.read_text() for log in logs):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.02)
+
+
+def test_local_shows_the_first_failing_process_own_error_not_the_abort_of_the_peer_it_took_down(repo):
+    launcher = start_local(repo, env={"BEHAVIOUR_0": "abort", "BEHAVIOUR_1": "fail"})
+    _, stderr = launcher.communicate(timeout=30)
+    assert launcher.returncode == 1, stderr  # the first failure's status
+    assert "process 1 failed first (status 1)" in stderr
+    assert "process 1 of 2 failed: OSError: image file is truncated: /data/train/bad.jpg" in stderr
+    assert stderr.rstrip().count("OSError: image file is truncated") == 2  # the line, and the traceback's end
+    assert "Fatal Python error" not in stderr
+    assert "process 0 exited with status 134, killed by SIGABRT after process 1 failed" in stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_local_passes_a_stop_signal_on_as_sigterm_and_waits_for_the_processes_to_save(repo, signum):
+    launcher = start_local(repo, env={"BEHAVIOUR_0": "save", "BEHAVIOUR_1": "save"})
+    wait_until_started(repo, launcher)
+    sent = time.monotonic()
+    launcher.send_signal(signum)
+    _, stderr = launcher.communicate(timeout=30)
+    assert time.monotonic() - sent >= 1  # it waited for the processes' one-second save
+    assert launcher.returncode == 0, stderr
+    assert "stopped cleanly" in stderr
+    for i in (0, 1):
+        assert (repo / "wd" / "logs" / f"process_{i}.log").read_text().splitlines()[-1] == "saved"
+
+
+def test_local_kills_processes_still_running_after_the_grace_period(repo):
+    launcher = start_local(repo, "--grace", "1", env={"BEHAVIOUR_0": "save", "BEHAVIOUR_1": "stuck"})
+    wait_until_started(repo, launcher)
+    sent = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=30)
+    assert 1 <= time.monotonic() - sent < 10
+    assert launcher.returncode == 128 + signal.SIGKILL, stderr
+    assert "at the end of the grace period; killing them (SIGKILL)" in stderr
+    assert "process 1 failed first (status 137, killed by SIGKILL, sent by this script)" in stderr
+
+
+def test_local_gives_the_others_10_seconds_not_the_grace_period_after_one_failed(repo):
+    launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "fail"})  # --grace stays 120
+    started = time.monotonic()
+    _, stderr = launcher.communicate(timeout=60)
+    assert 10 <= time.monotonic() - started < 20  # with a process gone, the others can save nothing more
+    assert launcher.returncode == 1, stderr
+    assert "process 0 exited with status 137, killed by SIGKILL after process 1 failed" in stderr
+
+
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid``, from /proc."""
+    found = []
+    for stat_file in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = stat_file.read_text().rsplit(")", 1)[1].split()[1]  # the name may hold spaces and parentheses
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if parent == str(pid):
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def test_local_does_not_hang_when_a_watcher_of_its_processes_is_killed(repo):
+    launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "stuck"})
+    wait_until_started(repo, launcher)
+    # The launcher's children are the watcher subshells; each records its process's end.
+    os.kill(children_of(launcher.pid)[0], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 137, stderr  # the lost process counts as killed, and stops the others
+    assert "failed first (status 137, killed by SIGKILL)" in stderr
+
+
+def test_local_second_ctrl_c_kills_the_processes_at_once(repo):
+    launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "stuck"})
+    wait_until_started(repo, launcher)
+    sent = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=30)
+    assert time.monotonic() - sent < 10  # not the 120 s grace period
+    assert launcher.returncode == 128 + signal.SIGKILL, stderr
+    assert "SIGINT again: killing the processes now" in stderr
 
 
 # launch/tpu_pod.sh
@@ -268,6 +404,11 @@ def test_tpu_copies_the_repository_sets_up_tpu_and_runs_main_on_every_worker(rep
         "cd",
         "prmim_jax",
         "&&",
+        "echo",
+        "$$",
+        ">.train.pid",  # the training process's pid (exec keeps it), for stopping it
+        "&&",
+        "exec",
         *main_command(".venv/bin/python", "configs/tiny.py:runlocal", "gs://bucket/run", "--config.name=a b"),
     ]
     assert cleanup == ["rm", "-f", tarball]
@@ -314,6 +455,56 @@ def test_tpu_copy_leaves_out_venv_and_git_and_keeps_the_workers_venv(repo, tmp_p
     assert not (worker / ".git").exists()
     assert not (worker / "stale.py").exists()
     assert not (home / "prmim_jax.tar.gz").exists()
+
+
+# A gcloud that plays two TPU workers on this machine: scp copies into $WORKERS/w0 and w1, ssh runs the
+# command in both (as --worker=all does) and fails if one does.
+FAKE_GCLOUD = """#!/usr/bin/env bash
+echo "$*" >>"$GCLOUD_LOG"
+case "$4" in
+  scp) for worker in "$WORKERS"/w*; do cp "$5" "$worker/${6#*:}"; done ;;
+  ssh)
+    for arg in "$@"; do case "$arg" in --command=*) command="${arg#--command=}" ;; esac; done
+    pids=()
+    for worker in "$WORKERS"/w*; do (cd "$worker" && exec bash -c "$command") & pids+=("$!"); done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    exit "$status" ;;
+esac
+"""
+
+# The workers' training process: saves for half a second on SIGTERM, then exits 0.
+WORKER_PYTHON = """#!/usr/bin/env bash
+trap 'sleep 0.5; echo saved >saved; exit 0' TERM
+echo started >started
+while :; do sleep 0.05; done
+"""
+
+
+def test_tpu_sigterm_reaches_the_training_process_on_every_worker_which_saves_before_the_script_exits(repo, tmp_path):
+    executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
+    workers = [tmp_path / "workers" / f"w{i}" for i in (0, 1)]
+    for worker in workers:
+        executable(worker / "prmim_jax" / ".venv" / "bin" / "python", WORKER_PYTHON)
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ |= {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "WORKERS": str(tmp_path / "workers"),
+        "GCLOUD_LOG": str(tmp_path / "gcloud.log"),
+    }
+    command = [BASH, "launch/tpu_pod.sh", "--tpu=t", "--zone=z", "--skip_setup", "configs/tiny.py", "gs://b/r"]
+    launcher = subprocess.Popen(
+        command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 20
+    while not all((worker / "prmim_jax" / "started").exists() for worker in workers):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=30)
+    assert launcher.returncode == 0, stderr
+    assert all((worker / "prmim_jax" / "saved").exists() for worker in workers)
+    assert "kill -s TERM $pid" in (tmp_path / "gcloud.log").read_text()
 
 
 # launch/gpu_slurm.sh
@@ -443,6 +634,17 @@ def test_slurm_job_exports_the_gpu_flags_before_the_jobs_own_xla_flags(repo, job
     assert shown.stdout.strip() == xla_gpu_flags() + expected_tail
 
 
+@pytest.mark.parametrize(("grace", "expected"), [(None, "120"), ("300", "300")])
+def test_slurm_job_sends_sigterm_a_grace_period_before_the_time_limit_and_one_failure_ends_all_tasks(
+    repo, grace, expected
+):
+    args = ["--nodes", "2", "--gpus_per_node", "4", "--time", "1:00:00", *(["--grace", grace] if grace else [])]
+    _, script, _ = sbatch_dry_run(launch(repo, "gpu_slurm.sh", *args, "--dry_run", "configs/tiny.py", "wd"))
+    assert f"#SBATCH --signal=TERM@{expected}" in script.splitlines()
+    _, train = srun_lines(script)
+    assert {"--kill-on-bad-exit=1", f"--wait={expected}"} <= set(train[: train.index("bash")])
+
+
 def test_slurm_writes_the_script_and_submits_it(repo, tmp_path):
     executable(tmp_path / "bin" / "sbatch", '#!/bin/sh\necho "$@" > "$SBATCH_CALL"\necho "Submitted batch job 7"\n')
     env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SBATCH_CALL": str(tmp_path / "call")}
@@ -490,6 +692,9 @@ SLURM = ("--nodes", "1", "--gpus_per_node", "1")
         ("local.sh", ("configs/tiny.py", "wd", "--processes"), "--processes needs a value"),
         ("local.sh", ("--config.x=1", "configs/tiny.py", "wd"), "unknown option '--config.x=1'"),
         ("local.sh", ("--processes", "2", "configs/tiny.py", "gs://b/r"), "must be a local path"),
+        ("local.sh", ("--grace", "0", "configs/tiny.py", "wd"), "--grace must be a positive number of seconds"),
+        ("tpu_pod.sh", (*TPU, "--grace", "soon", "configs/tiny.py", "gs://b/r"), "--grace must be a positive"),
+        ("gpu_slurm.sh", (*SLURM, "--grace=-1", "configs/tiny.py", "wd"), "--grace must be a positive"),
         ("tpu_pod.sh", ("--zone", "z", "configs/tiny.py", "gs://b/r"), "missing --tpu NAME"),
         ("tpu_pod.sh", ("--tpu", "t", "configs/tiny.py", "gs://b/r"), "missing --zone ZONE"),
         ("tpu_pod.sh", (*TPU, "configs/tiny.py"), "missing WORKDIR"),

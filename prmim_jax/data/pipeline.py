@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 
 import grain
 import ml_collections
@@ -124,14 +125,30 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       prefetch_buffer_size: batches buffered per process (and per worker).
       seed: the pipeline seed: shuffling, augmentation and token sets.
     """
-    source = overrides.get("source", "fashion_mnist")
+    values = data_defaults(overrides.get("source", "fashion_mnist"))
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(values)}.")
+    # An override of None keeps a placeholder's type (so the command line can still set it).
+    kept = {
+        k: v for k, v in overrides.items() if v is not None or not isinstance(values[k], config_dict.FieldReference)
+    }
+    config = ml_collections.ConfigDict(values | kept)
+    check_config(config)
+    return config
+
+
+def data_defaults(source: str = "fashion_mnist") -> dict:
+    """Every key of ``source``'s data section with its default, unchecked (``data_config`` adds the overrides
+    and checks them); ``config_validation`` compares data sections with these keys."""
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}.")
     values = dict(
         source=source,
-        name=None,
-        path=None,
-        data_dir=None,
+        # None unless the source sets them; typed placeholders, so --config.data.path=... can set them.
+        name=config_dict.placeholder(str),
+        path=config_dict.placeholder(str),
+        data_dir=config_dict.placeholder(str),
         split="train",
         eval_split="test",
         crop_scale=(0.2, 1.0),
@@ -147,45 +164,111 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         prefetch_buffer_size=2,
         seed=0,
     )
-    values |= _SOURCE_DEFAULTS[source]
-    unknown = sorted(set(overrides) - set(values))
-    if unknown:
-        raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(values)}.")
-    config = ml_collections.ConfigDict(values | overrides)
-    check_config(config)
-    return config
+    return values | _SOURCE_DEFAULTS[source]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ``ValueError`` for a data config that cannot work, saying what to change."""
+    """Raises ``ValueError`` for a data config that cannot work: one line naming the key, its value and the fix.
+
+    Checks values only, never the disk (a config may be built where its data is not); ``check_split`` checks a
+    split's files.
+    """
     if config.source not in SOURCES:
-        raise ValueError(f"unknown data source {config.source!r}; choose one of {SOURCES}.")
+        raise ValueError(f"unknown data source {config.source!r}; choose one of {SOURCES} for --config.data.source.")
     if config.source == "tfds" and not config.name:
-        raise ValueError("source='tfds' needs data.name, the TFDS dataset name (e.g. 'imagenet2012').")
+        raise ValueError("source='tfds' needs data.name, the TFDS dataset name; set --config.data.name=imagenet2012.")
     if config.source == "image_folder" and not config.path:
-        raise ValueError("source='image_folder' needs data.path, the directory holding <split>/<class_name>/*.jpg.")
+        raise ValueError(
+            "source='image_folder' needs data.path, the directory holding <split>/<class_name>/*.jpg; "
+            "set --config.data.path."
+        )
     if config.channels not in (1, 3):
-        raise ValueError(f"channels={config.channels}; images are read as grayscale (1) or RGB (3).")
+        raise ValueError(
+            f"data.channels={config.channels!r}: images are read as grayscale (1) or RGB (3); set --config.data.channels."
+        )
     if not len(config.mean) == len(config.std) == config.channels:
-        raise ValueError(f"mean {config.mean} and std {config.std} need one entry per channel ({config.channels}).")
+        raise ValueError(
+            f"data.mean={tuple(config.mean)} and data.std={tuple(config.std)} need one entry per channel "
+            f"(data.channels={config.channels}); set --config.data.mean and --config.data.std "
+            f"(ImageNet's: '{IMAGENET_MEAN}' and '{IMAGENET_STD}')."
+        )
+    if not all(s > 0 for s in config.std):
+        raise ValueError(f"data.std={tuple(config.std)} must be positive; set --config.data.std.")
+    if not (isinstance(config.image_size, int) and config.image_size >= 1):
+        raise ValueError(
+            f"data.image_size={config.image_size!r} must be a positive integer; set --config.data.image_size."
+        )
     low, high = config.crop_scale
     if not 0.0 < low <= high <= 1.0:
-        raise ValueError(f"crop_scale={config.crop_scale} must satisfy 0 < low <= high <= 1.")
+        raise ValueError(
+            f"data.crop_scale={tuple(config.crop_scale)} must satisfy 0 < low <= high <= 1; set --config.data.crop_scale."
+        )
+    low, high = config.crop_ratio
+    if not 0.0 < low <= high:
+        raise ValueError(
+            f"data.crop_ratio={tuple(config.crop_ratio)} must satisfy 0 < low <= high; set --config.data.crop_ratio."
+        )
     if not 0.0 < config.eval_crop_pct <= 1.0:
-        raise ValueError(f"eval_crop_pct={config.eval_crop_pct} must lie in (0, 1].")
+        raise ValueError(
+            f"data.eval_crop_pct={config.eval_crop_pct} must lie in (0, 1]; set --config.data.eval_crop_pct."
+        )
     if config.get("rand_augment") is not None:
         try:
             augment.rand_augment_from_string(config.rand_augment)
         except ValueError as error:
             raise ValueError(f"data.rand_augment: {error} None turns RandAugment off.") from error
     if not 0.0 <= config.get("random_erase_prob", 0.0) <= 1.0:
-        raise ValueError(f"random_erase_prob={config.random_erase_prob} must lie in [0, 1] (0 turns erasing off).")
-    if config.num_workers < 0 or config.num_threads < 0 or config.prefetch_buffer_size < 1:
-        raise ValueError("num_workers and num_threads must be >= 0 and prefetch_buffer_size >= 1.")
+        raise ValueError(
+            f"data.random_erase_prob={config.random_erase_prob} must lie in [0, 1] (0 turns erasing off); "
+            "set --config.data.random_erase_prob."
+        )
+    for key, minimum in (("num_workers", 0), ("num_threads", 0), ("prefetch_buffer_size", 1), ("seed", 0)):
+        value = config.get(key, minimum)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(
+                f"data.{key}={value!r} must be an integer >= {minimum}; set --config.data.{key}"
+                + (" (0: read in this process)." if key == "num_workers" else ".")
+            )
     if _crop_resampler(config) not in transforms.CROP_RESAMPLERS:
-        raise ValueError(f"crop_resampler={config.crop_resampler!r}; choose one of {transforms.CROP_RESAMPLERS}.")
+        raise ValueError(f"data.crop_resampler={config.crop_resampler!r}; choose one of {transforms.CROP_RESAMPLERS}.")
     if _jpeg_decoder(config) not in transforms.JPEG_DECODERS:
-        raise ValueError(f"jpeg_decoder={config.jpeg_decoder!r}; choose one of {transforms.JPEG_DECODERS}.")
+        raise ValueError(f"data.jpeg_decoder={config.jpeg_decoder!r}; choose one of {transforms.JPEG_DECODERS}.")
+
+
+def check_split(config: ml_collections.ConfigDict, split: str, key: str = "data.split") -> None:
+    """Raises ``ValueError`` naming ``key`` (the config key that chose ``split``) when ``split`` cannot be read.
+
+    Without reading any image: Fashion-MNIST has ``train`` and ``test``; an image
+    folder needs ``<path>/<split>/`` (the error lists the folders it has); a TFDS
+    split is checked when the dataset is opened. A ``key`` without a dot is a key of
+    the evaluator section whose error names it.
+    """
+    where = f"--config.{key}" if "." in key else f"the evaluator's {key}"
+    if config.source == "fashion_mnist" and split not in sources.FASHION_MNIST_SPLITS:
+        raise ValueError(f"{key}={split!r} is not a Fashion-MNIST split; set {where} to 'train' or 'test'.")
+    if config.source == "image_folder":
+        root = pathlib.Path(config.path)
+        if not root.is_dir():
+            raise ValueError(
+                f"data.path={config.path!r} is not a folder; set --config.data.path to the folder holding "
+                "<split>/<class_name>/ images (MAE's layout: train/ and val/)."
+            )
+        if not (root / split).is_dir():
+            folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+            raise ValueError(
+                f"{key}={split!r}: the image folder has no {root / split}/; set {where} to one of its "
+                f"folders {folders}, or add that folder."
+            )
+
+
+def split_size(config: ml_collections.ConfigDict, split: str, at_most: int | None = None) -> int | None:
+    """How many images ``split`` holds, counting no further than ``at_most``; None where that needs the data
+    opened (TFDS). Reads Fashion-MNIST's IDX header and lists an image folder, without decoding anything."""
+    if config.source == "fashion_mnist":
+        return sources.FashionMnistSource(config.path, split).num_examples()
+    if config.source == "image_folder":
+        return sources.count_images(pathlib.Path(config.path) / split, at_most)
+    return None
 
 
 # Configs saved before these keys existed: Pillow's crops (what those runs used), simplejpeg (the same

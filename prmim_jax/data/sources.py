@@ -24,7 +24,8 @@ import numpy as np
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
 FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# torchvision's ImageFolder extensions (MAE's loader): TIFF carries the 16-bit, 32-bit and float images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # IDX type codes (the third byte of the magic number) -> big-endian numpy dtypes.
 _IDX_DTYPES = {
@@ -78,6 +79,17 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return values.astype(dtype.newbyteorder("="), copy=False)
 
 
+def idx_length(path: str | os.PathLike) -> int:
+    """The first size in an IDX file's header (its number of items), reading only the 8 header bytes."""
+    with open(path, "rb") as file:
+        gzipped = file.read(2) == _GZIP_MAGIC
+    with (gzip.open if gzipped else open)(path, "rb") as file:
+        header = file.read(8)
+    if len(header) < 8 or header[3] == 0:
+        raise ValueError(f"{path}: not an IDX file (its header is {header.hex()}).")
+    return int.from_bytes(header[4:8], "big")
+
+
 def _idx_file(directory: pathlib.Path, stem: str) -> pathlib.Path:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.exists():
@@ -128,6 +140,10 @@ class FashionMnistSource:
     def __len__(self) -> int:
         return len(self._load()[1])
 
+    def num_examples(self) -> int:
+        """``len(self)`` from the labels file's header alone, without loading (or checking) the data."""
+        return idx_length(self.labels_path)
+
     def __getitem__(self, index: int) -> dict:
         images, labels = self._load()
         return {"image": images[index], "label": int(labels[index])}
@@ -140,8 +156,27 @@ class FashionMnistSource:
         return f"FashionMnistSource({str(self.directory)!r}, split={self.split!r})"
 
 
+def _image_files(class_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The image files of one class directory, sorted (extensions ``IMAGE_EXTENSIONS``, any case)."""
+    return [f for f in sorted(class_dir.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+
+
+def count_images(root: str | os.PathLike, at_most: int | None = None) -> int:
+    """How many images ``ImageFolderSource(root)`` would hold, listing class directories only until ``at_most``
+    are found (a quick check that a split is big enough); 0 when ``root`` does not exist."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        return 0
+    count = 0
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir()):
+        count += len(_image_files(class_dir))
+        if at_most is not None and count >= at_most:
+            break
+    return count
+
+
 class ImageFolderSource:
-    """``root/<class_name>/*.{jpg,jpeg,png}``: ``{'image': path str, 'label': int}``.
+    """``root/<class_name>/*.{jpg,jpeg,png,...}`` (``IMAGE_EXTENSIONS``): ``{'image': path str, 'label': int}``.
 
     Class ids follow the sorted class-directory names (as torchvision's
     ``ImageFolder``); files are sorted within a class, extensions matched
@@ -154,10 +189,7 @@ class ImageFolderSource:
             raise FileNotFoundError(f"image folder {self.root} does not exist; expected root/<class_name>/*.jpg.")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         self.samples = [
-            (str(file), label)
-            for label, name in enumerate(self.classes)
-            for file in sorted((self.root / name).iterdir())
-            if file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file()
+            (str(file), label) for label, name in enumerate(self.classes) for file in _image_files(self.root / name)
         ]
         if not self.samples:
             raise ValueError(

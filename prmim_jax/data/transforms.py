@@ -19,12 +19,17 @@ Image decoding (``DecodeImage``), with ``channels`` the model's input channels:
   Everything else goes through Pillow: other formats, grayscale / CMYK / YCCK
   JPEGs, ``channels=1``, and any JPEG that simplejpeg refuses (Pillow then
   decodes it or words the error).
-- Non-RGB images are converted, never rejected. ``channels=3``: grayscale
-  (``L``, 16-bit ``I;16`` scaled to 8 bits), palette (``P``, through RGBA when
-  it has transparency), ``CMYK`` and ``LA`` / ``RGBA`` (alpha dropped, as
-  torchvision's ``ImageFolder`` loader does) go through Pillow's
+- Images of every Pillow mode are converted. ``channels=3``: bilevel (``1``),
+  grayscale (``L``), palette (``P``, through RGBA when it has transparency;
+  ``PA``), ``CMYK``, ``YCbCr``, ``LAB`` and ``LA`` / ``RGBA`` (alpha dropped,
+  as torchvision's ``ImageFolder`` loader does) go through Pillow's
   ``convert('RGB')``. ``channels=1``: Pillow's ``convert('L')`` (ITU-R 601-2
-  luma). Already decoded arrays (IDX) follow the same rules.
+  luma). High-depth grayscale is scaled to 8 bits by its type's range, not
+  clipped: 16-bit (``I;16``, ``I;16B``, ...) and 32-bit integer (``I``) images
+  by 65535, float (``F``) images by 1; 32-bit values outside 16 bits and floats
+  outside [0, 1] are refused (``CorruptImageError``) rather than wrapped or
+  zeroed (``_high_depth_to_uint8`` says why). Already decoded arrays (IDX)
+  follow the same rules.
 - A corrupt or undecodable image raises ``CorruptImageError`` (a
   ``ValueError``) naming the file, and stops the pipeline: skipping would
   change which images make up every later batch, which breaks exact resume
@@ -97,17 +102,64 @@ class CorruptImageError(ValueError):
     """An image file or byte string that Pillow cannot decode."""
 
 
+# Largest value of 16-bit samples: I;16 images, and 32-bit ('I') images holding 16-bit data.
+_UINT16_MAX = 65535
+
+
+def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """A 16-bit (``I;16``, ``I;16B``, ...), 32-bit integer (``I``) or float (``F``) grayscale image -> ``[H, W] uint8``.
+
+    Each kind is scaled by its type's nominal range, never by the image's own
+    min/max (which would give every picture its own contrast: a dark photograph
+    would come out as bright as a light one):
+
+    - integers, 16-bit or 32-bit: ``round(v * 255 / 65535)``. A 32-bit image is
+      read as 16-bit data in a wider container (16-bit TIFFs from many tools;
+      16-bit PNGs in older Pillow versions), since its own range (2^31 - 1) would make
+      every real picture black;
+    - floats: ``round(v * 255)`` for values in ``[0, 1]``, the convention of
+      float images (scikit-image, OpenCV, TIFF writers).
+
+    Raises ``ValueError`` (which ``decode_image`` reports as ``CorruptImageError``
+    naming the file) for values outside that range, negative or non-finite ones:
+    converting them anyway would wrap, clip or zero the picture silently.
+    """
+    values = np.asarray(image)
+    if image.mode == "F":
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(
+                f"a float ('F') image with values in [{np.nanmin(values):g}, {np.nanmax(values):g}]"
+                f"{'' if np.isfinite(values).all() else ' and NaN/inf'}: only floats in [0, 1] are read "
+                "(scaled by 255); save it rescaled to [0, 1], or as an 8- or 16-bit image"
+            )
+        return np.round(values.astype(np.float64) * 255.0).astype(np.uint8)
+    if values.size and (values.min() < 0 or values.max() > _UINT16_MAX):
+        raise ValueError(
+            f"a 32-bit integer ({image.mode!r}) image with values in [{values.min()}, {values.max()}], outside the "
+            f"16-bit range [0, {_UINT16_MAX}] that integer images are scaled by; save it as an 8- or 16-bit image"
+        )
+    # round(v / 257) in integers: v * 255 / 65535 == v / 257.
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """``image`` converted to ``'RGB'`` (channels=3) or ``'L'`` (channels=1); see the module docstring."""
+    """``image`` in any Pillow mode -> ``'RGB'`` (channels=3) or ``'L'`` (channels=1); see the module docstring.
+
+    Raises ``ValueError`` for 32-bit / float values outside their range (``_high_depth_to_uint8``) and for
+    modes Pillow cannot convert.
+    """
     target = "RGB" if channels == 3 else "L"
     if image.mode == target:
         return image
-    if image.mode.startswith("I"):
-        # 16-bit grayscale: convert() would clip at 255 instead of rescaling.
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) // 257).astype(np.uint8), "L")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # Pillow's convert() clips these at 255 (16- and 32-bit) or truncates [0, 1] floats to 0.
+        image = Image.fromarray(_high_depth_to_uint8(image), "L")
     elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert(target)
+        image = image.convert("RGBA")  # a palette with a transparent entry converts through its alpha
+    try:
+        return image.convert(target)
+    except ValueError:
+        return image.convert("RGB").convert(target)  # modes with no direct route to L (LAB)
 
 
 def _array_to_channels(array: np.ndarray, channels: int) -> np.ndarray:

@@ -34,9 +34,12 @@ def _module(kind: str):
     except ModuleNotFoundError as error:
         if error.name != f"{__name__}.{kind}":
             raise
-        raise ValueError(
-            f"unknown evaluator type {kind!r}; choose one of knn, accuracy, reconstruction, robustness."
-        ) from None
+        import difflib
+
+        kinds = ("knn", "accuracy", "reconstruction", "robustness")
+        match = difflib.get_close_matches(str(kind), kinds, n=1)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        raise ValueError(f"unknown evaluator type {kind!r}; choose one of {', '.join(kinds)}{hint}.") from None
 
 
 def in_process(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -60,13 +63,21 @@ def check_batch_size(label: str, batch_size: int, setup) -> None:
 
 
 def build_evaluators(method, setup, config: ml_collections.ConfigDict) -> dict:
-    """``{name: Evaluator}`` for ``config.evals``; raises ``ValueError`` with the fix before anything compiles."""
+    """``{name: Evaluator}`` for ``config.evals``; raises ``ValueError`` with the fix before anything compiles.
+
+    An evaluator's own error is prefixed with ``evals.<name>:``, so its keys are found in the config."""
     evaluators = {}
     for name, section in config.get("evals", {}).items():
         if "type" not in section:
             raise ValueError(f"evals.{name} has no type; set evals.{name}.type (e.g. 'knn').")
         section = eval_config(section.type, **section.to_dict())
-        if section.every < 0:
-            raise ValueError(f"evals.{name}.every={section.every} must be >= 0 (0: only at the end).")
-        evaluators[name] = _module(section.type).Evaluator(method, setup, config, section)
+        if not isinstance(section.every, int) or section.every < 0:
+            raise ValueError(
+                f"evals.{name}.every={section.every!r} must be an integer >= 0 (0: only at the end); "
+                f"set --config.evals.{name}.every."
+            )
+        try:
+            evaluators[name] = _module(section.type).Evaluator(method, setup, config, section)
+        except ValueError as error:
+            raise ValueError(f"evals.{name}: {error}") from None
     return evaluators

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from ml_collections import config_dict
 
 from prmim_jax import sharding
 from prmim_jax.data import pipeline
@@ -15,7 +16,7 @@ from prmim_jax.evaluate import check_batch_size, in_process
 
 def default_config() -> dict:
     """``evals.<name>`` keys: ``split`` (None: ``data.eval_split``) and the global ``batch_size``."""
-    return dict(every=0, batch_size=256, split=None)
+    return dict(every=0, batch_size=256, split=config_dict.placeholder(str))  # typed: --config...split=x works
 
 
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
@@ -38,6 +39,7 @@ class Evaluator:
         check_batch_size("accuracy", section.batch_size, setup)
         self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
         self.split = section.split or config.data.eval_split
+        pipeline.check_split(config.data, self.split, "split" if section.split else "data.eval_split")
         self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
 
         def step(variables, batch):

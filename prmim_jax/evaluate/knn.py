@@ -34,9 +34,24 @@ class Evaluator:
     def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
         self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
         check_batch_size("kNN", section.batch_size, setup)
+        for key in ("train_examples", "test_examples"):
+            if not isinstance(section[key], int) or section[key] < 1:
+                raise ValueError(f"kNN {key}={section[key]!r} must be a positive integer; change {key}.")
+        if not section.temperature > 0:
+            raise ValueError(f"kNN temperature={section.temperature!r} must be positive (DINO's 0.07); change it.")
         if section.k < 1 or section.k > section.train_examples:
             raise ValueError(
                 f"kNN k={section.k} must lie in [1, train_examples={section.train_examples}]; change k or train_examples."
+            )
+        # The memory bank comes from data.split and the queries from data.eval_split: both must exist, and the
+        # bank hold k images (known without reading them, except for TFDS).
+        pipeline.check_split(config.data, config.data.split, "data.split")
+        pipeline.check_split(config.data, config.data.eval_split, "data.eval_split")
+        bank = pipeline.split_size(config.data, config.data.split, at_most=section.k)
+        if bank is not None and bank < section.k:
+            raise ValueError(
+                f"kNN k={section.k} exceeds the {bank} images of data.split={config.data.split!r}, its memory bank; "
+                f"set k to at most {bank}."
             )
         self.encoder, _ = method.encoder()
         self._method = method

@@ -129,6 +129,9 @@ class Evaluator:
                 "Remove it from config.evals."
             )
         self.method, self.data, self.section, self.every = method, config.data, section, section.every
+        pipeline.check_split(config.data, config.data.eval_split, "data.eval_split")  # its pictures come from there
+        if not isinstance(section.num_images, int) or section.num_images < 1:
+            raise ValueError(f"num_images={section.num_images!r} must be a positive integer; change num_images.")
         self.image_size = config.model.image_size
         self._images = None  # read on first use: runs without pictures never open the eval split for them
 

@@ -57,6 +57,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
+from ml_collections import config_dict
 
 from prmim_jax.data import pipeline
 
@@ -438,7 +439,9 @@ def format_table(results: Mapping[str, dict]) -> str:
 def default_config() -> dict:
     """``evals.<name>`` keys: comma-separated TFDS ``datasets`` (``NAME[:SPLIT]``), global ``batch_size``,
     TFDS ``data_dir`` (None: the run's)."""
-    return dict(every=0, datasets="imagenet_a,imagenet_r,imagenet_v2", batch_size=256, data_dir=None)
+    return dict(
+        every=0, datasets="imagenet_a,imagenet_r,imagenet_v2", batch_size=256, data_dir=config_dict.placeholder(str)
+    )
 
 
 class Evaluator:

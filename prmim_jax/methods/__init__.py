@@ -30,7 +30,9 @@ The protocol (``Method``), both halves of a method's work:
   (reconstruction pictures), ``logits`` (classifiers).
 
 Adding a framework: write ``prmim_jax/methods/<name>.py`` with
-``default_config(**overrides)`` (its method section) and ``build(config)``; a
+``default_config(**overrides)`` (its method section), ``experiment_config()``
+(every key its runs read, with defaults: the reference ``config_validation``
+holds configs to) and ``build(config)``; a
 config sets ``config.method = <name>.default_config(...)``. Methods with a thrown
 set share ``prmim_jax.methods.throwing`` (sampler, rho_d, the three
 reconstructions and the aggregator).
@@ -142,14 +144,22 @@ def canonical_section(method: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def module(name: str):
     """The method module ``prmim_jax.methods.<name>``; ``ValueError`` (listing the choices) when there is none."""
-    if not name.isidentifier():
-        raise ValueError(f"method.name={name!r} is not a module name; choose one of {available()}.")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(
+            f"method.name={name!r} is not a module name; set --config.method.name to one of {available()}."
+        )
     try:
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as error:
         if error.name != f"{__name__}.{name}":
             raise
-        raise ValueError(f"unknown method {name!r}; choose one of {available()}.") from None
+        import difflib
+
+        match = difflib.get_close_matches(name, available(), n=1)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        raise ValueError(
+            f"unknown method {name!r}; choose one of {available()} for --config.method.name{hint}."
+        ) from None
 
 
 def available() -> list[str]:

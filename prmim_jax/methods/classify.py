@@ -44,7 +44,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def experiment_config() -> ml_collections.ConfigDict:
-    """``train.default_config()`` made a fine-tuning experiment: MAE's fine-tuning defaults (ViT-B, Table 14)."""
+    """``train.default_config()`` made a fine-tuning experiment: MAE's fine-tuning defaults (ViT-B, Table 14);
+    every key a fine-tuning run reads (``config_validation`` compares configs with it)."""
     from prmim_jax import train
     from prmim_jax.data import pipeline
     from prmim_jax.evaluate import eval_config

@@ -52,6 +52,17 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """Every key a LocalMIM-family run reads, with its defaults (the trainer's, LocalMIM's ViT-B/16 model and
+    method); ``config_validation`` compares configs with it."""
+    from prmim_jax import train
+
+    config = train.default_config()
+    config.model = localmim_lib.model_config("B/16")
+    config.method = default_config()
+    return config
+
+
 class LocalMultiScaleReconstruction(throwing.ThrowingMethod):
     """``Method`` of the module docstring; ``model`` is the ``models.localmim.LocalMIM`` it trains."""
 

@@ -40,6 +40,16 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """Every key an MAE-family run reads, with its defaults (``train.default_config()``: MAE's Table 13);
+    ``config_validation`` compares configs with it."""
+    from prmim_jax import train
+
+    config = train.default_config()
+    config.method = default_config()
+    return config
+
+
 class MaskedAutoencoding(throwing.ThrowingMethod):
     """``Method`` of the module docstring; ``model`` is the ``MaskedAutoencoder`` it trains.
 

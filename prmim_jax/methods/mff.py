@@ -41,6 +41,14 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """Every key an MFF-family run reads, with its defaults (MAE's experiment with MFF's method section);
+    ``config_validation`` compares configs with it."""
+    config = mae.experiment_config()
+    config.method = default_config()
+    return config
+
+
 class MultiLevelFeatureFusion(mae.MaskedAutoencoding):
     """``Method`` of the module docstring; ``model`` is a ``MaskedAutoencoder`` with ``fused_blocks``."""
 

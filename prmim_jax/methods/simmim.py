@@ -43,6 +43,17 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """Every key a SimMIM-family run reads, with its defaults (the trainer's, SimMIM's ViT-B/16 model and method);
+    ``config_validation`` compares configs with it."""
+    from prmim_jax import train
+
+    config = train.default_config()
+    config.model = simmim_lib.model_config("B/16")
+    config.method = default_config()
+    return config
+
+
 class MaskedImageModeling(throwing.ThrowingMethod):
     """``Method`` of the module docstring; ``model`` is the ``SimMIM`` module it trains."""
 

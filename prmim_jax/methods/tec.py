@@ -80,6 +80,17 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """Every key a TEC-family run reads, with its defaults (the trainer's, TEC's ViT-B/16 student and method);
+    ``config_validation`` compares configs with it."""
+    from prmim_jax import train
+
+    config = train.default_config()
+    config.model = tec_lib.model_config("B/16")
+    config.method = default_config()
+    return config
+
+
 class TargetEnhancedConditional(throwing.ThrowingMethod):
     """``Method`` of the module docstring: ``model`` is the ``TecStudent`` it trains, ``teacher`` the frozen
     ``vit.Encoder``."""

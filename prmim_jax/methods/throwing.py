@@ -154,8 +154,12 @@ def complete_section(given: ml_collections.ConfigDict, default_config) -> ml_col
     section = default_config(reconstruction=given.get("reconstruction", "full"))
     unknown = set(given) - set(section)
     if unknown:
+        from prmim_jax.config_validation import closest_key
+
+        match = closest_key(min(unknown), section)
+        hint = f" (did you mean --config.method.{match}?)" if match else ""
         raise ValueError(
-            f"method section has unknown keys {sorted(unknown)}; the {section.name} method reads {sorted(section)}."
+            f"method section has unknown keys {sorted(unknown)}{hint}; the {section.name} method reads {sorted(section)}."
         )
     section.update(given)
     return section

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from prmim_jax.models import vit
 
@@ -79,10 +80,11 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
     config = ml_collections.ConfigDict(
         dict(
             variant=variant,
-            width=None,
-            depth=None,
-            num_heads=None,
-            patch_size=None,
+            # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
+            width=config_dict.placeholder(int),
+            depth=config_dict.placeholder(int),
+            num_heads=config_dict.placeholder(int),
+            patch_size=config_dict.placeholder(int),
             mlp_ratio=4.0,
             image_size=224,
             channels=3,
@@ -91,9 +93,9 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
             head="linear",
             head_init_std=2e-5,
             drop_path_rate=0.1,
-            trainable_blocks=None,
+            trainable_blocks=config_dict.placeholder(int),
             dtype="float32",
-            attention_impl=None,
+            attention_impl=config_dict.placeholder(str),
             remat="none",
         )
     )

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from prmim_jax.models import aggregate, mff, tokens, vit
 
@@ -250,10 +251,11 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
     config = ml_collections.ConfigDict(
         dict(
             variant=variant,
-            width=None,
-            depth=None,
-            num_heads=None,
-            patch_size=None,
+            # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
+            width=config_dict.placeholder(int),
+            depth=config_dict.placeholder(int),
+            num_heads=config_dict.placeholder(int),
+            patch_size=config_dict.placeholder(int),
             mlp_ratio=4.0,
             image_size=224,
             channels=3,
@@ -264,7 +266,7 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
             aggregation_kernel=0,
             aggregator="dwconv",
             dtype="float32",
-            attention_impl=None,  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
+            attention_impl=config_dict.placeholder(str),  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
             remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
         )
     )

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from prmim_jax.models import tokens, vit
 
@@ -424,10 +425,11 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
     config = ml_collections.ConfigDict(
         dict(
             variant=variant,
-            width=None,
-            depth=None,
-            num_heads=None,
-            patch_size=None,
+            # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
+            width=config_dict.placeholder(int),
+            depth=config_dict.placeholder(int),
+            num_heads=config_dict.placeholder(int),
+            patch_size=config_dict.placeholder(int),
             mlp_ratio=4.0,
             image_size=224,
             channels=3,
@@ -436,7 +438,7 @@ def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDic
             position_embedding="none",
             drop_path_rate=0.1,
             dtype="float32",
-            attention_impl=None,  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
+            attention_impl=config_dict.placeholder(str),  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
             remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
         )
     )
