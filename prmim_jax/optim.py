@@ -59,6 +59,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, global_batch: int,
             f"optimizer.warmup_steps={config.warmup_steps} must lie in [0, total_steps={total_steps}]; "
             "lower --config.optimizer.warmup_steps or raise --config.total_steps."
         )
+    if config.warmup_steps == total_steps:  # a smoke run that is all warmup: nothing left to decay over
+        return optax.linear_schedule(0.0, peak, max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorstore as ts
+from conftest import xla_flags
 from test_train import losses_by_step, read_metrics, tiny_config
 
 from prmim_jax import checkpoint, loop, train
@@ -315,7 +316,7 @@ def free_port() -> int:
 
 def test_all_processes_fall_back_to_the_same_step_and_one_moves_the_damaged_aside(tmp_path):
     address = f"localhost:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     procs = [
         subprocess.Popen(
             [
@@ -372,7 +373,7 @@ def saving_worker(directory, file_size_limit=0):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        env=dict(os.environ, XLA_FLAGS=xla_flags(1)),
     )
 
 

@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from prmim_jax import methods, train
+from prmim_jax import methods, optim, train
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import eval_config
 from prmim_jax.models import mae
@@ -68,6 +68,8 @@ BASES = {
     "simmim": lambda: split_over_8(load_config("pretrain_simmim_fmnist", "runlocal")),
     "finetune": lambda: split_over_8(load_config("finetune_fmnist", "runlocal")),
     "swin": lambda: split_over_8(load_config("finetune_swin_fmnist", "runlocal")),
+    "localmim": lambda: split_over_8(load_config("pretrain_localmim_fmnist", "runlocal")),
+    "mff": lambda: split_over_8(load_config("pretrain_mff_fmnist", "runlocal")),
 }
 
 
@@ -431,6 +433,15 @@ def test_each_malformed_config_is_refused_in_one_line_naming_the_key_and_the_fix
     with pytest.raises(ValueError, match=message) as error:
         train.validate(config)
     assert "\n" not in str(error.value)
+
+
+def test_a_run_that_is_all_warmup_validates_and_ends_at_the_peak_rate():
+    config = pretrain_config()
+    config.optimizer.warmup_steps = config.total_steps  # runlocal's warmup with a shortened --config.total_steps
+    train.validate(config)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, config.total_steps)
+    peak = optim.peak_learning_rate(config.optimizer, config.batch_size)
+    assert float(schedule(0)) == 0.0 and math.isclose(float(schedule(config.total_steps)), peak, rel_tol=1e-6)
 
 
 def test_a_refused_config_leaves_no_workdir(tmp_path):

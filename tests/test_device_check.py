@@ -16,6 +16,7 @@ import subprocess
 import zipfile
 
 import pytest
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).parent.parent
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
@@ -32,8 +33,10 @@ device_check = _load("device_check")
 
 
 def run_script(*args, env=None, timeout=900):
-    """``bash benchmarks/device_check.sh ARGS`` as CI would run it: the .venv interpreter, no XLA_FLAGS."""
-    environ = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "PYTHON", "PRMIM_WHEELS")}
+    """``bash benchmarks/device_check.sh ARGS`` as CI would run it: the .venv interpreter, one CPU device (compiled
+    without LLVM's optimisations, as every test process is)."""
+    environ = {key: value for key, value in os.environ.items() if key not in ("PYTHON", "PRMIM_WHEELS")}
+    environ["XLA_FLAGS"] = xla_flags(1)
     environ.update(env or {})
     return subprocess.run(
         ["bash", str(SCRIPT), *args], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from PIL import Image
 from test_train import tiny_config
 
@@ -87,7 +88,7 @@ def environment(tmp_path_factory):
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(directory / "without_torch"), os.environ.get("PYTHONPATH")])),
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
         PRMIM_PLATFORM="cpu",
         PRMIM_VENV=sys.prefix,
         JAX_COMPILATION_CACHE_DIR=str(directory / "compilation_cache"),

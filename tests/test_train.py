@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import xla_flags
 
 from prmim_jax import masking, methods, sharding, train
 from prmim_jax.data import pipeline
@@ -209,7 +210,7 @@ print("RESULT", json.dumps(result))
 
 def run_processes(workdir, processes, devices_per_process):
     port = 20000 + os.getpid() % 20000
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices_per_process))
     procs = [
         subprocess.Popen(
             [

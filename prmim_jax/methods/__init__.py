@@ -24,6 +24,8 @@ The protocol (``Method``), both halves of a method's work:
   images)`` gives ``[B, 1 + N, D]`` tokens, cls first); params None without them.
 - ``load_pretrained(params, shardings) -> params``: a fresh run's starting
   parameters (a classifier loads its pretrained encoder); default: as initialised.
+- ``load_frozen(frozen, shardings) -> frozen``: a fresh run's frozen
+  parameters (a teacher's weights, read from disk); default: as initialised.
 - optional capabilities, ``None`` when the method has none: ``picture``
   (reconstruction pictures), ``logits`` (classifiers).
 
@@ -106,6 +108,11 @@ class Method(abc.ABC):
         """A fresh run's starting parameters (laid out as ``shardings``); default: ``params`` as initialised."""
         del shardings
         return params
+
+    def load_frozen(self, frozen, shardings):
+        """A fresh run's frozen parameters (laid out as ``shardings``); default: ``frozen`` as initialised."""
+        del shardings
+        return frozen
 
     # Optional capabilities (None when the method has none):
     # picture(params, images [b, H, W, C] normalised, seed) -> (rows [3, b, H, W, 3] in [0, 1], marks [b, N], patch)

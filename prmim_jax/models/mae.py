@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from prmim_jax.models import aggregate, tokens, vit
+from prmim_jax.models import aggregate, mff, tokens, vit
 
 NORM_PIX_EPS = 1e-6
 
@@ -87,7 +87,9 @@ class MaskedAutoencoder(nn.Module):
     With ``aggregation_kernel = 0`` the thrown ids are ignored (MAE, partial
     reconstruction); with ``k > 0`` a ``k x k`` depth-wise aggregation of the
     decoder outputs gives the thrown tokens' features and the same head
-    predicts their pixels (PR-MIM).
+    predicts their pixels (PR-MIM). With ``fused_blocks`` (block numbers
+    counted from 1) the encoder's output is MFF's multi-level fusion of those
+    blocks and the last (``models.mff``); the fusion holds the final norm.
     """
 
     patch_size: int
@@ -106,6 +108,7 @@ class MaskedAutoencoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
+    fused_blocks: tuple[int, ...] = ()  # MFF: blocks (counted from 1) fused with the last; () for MAE
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -116,7 +119,12 @@ class MaskedAutoencoder(nn.Module):
         return self.patch_size * self.patch_size * self.channels
 
     def setup(self):
-        self.encoder = encoder_of(self)
+        if self.fused_blocks:
+            taps = (*(b - 1 for b in self.fused_blocks), self.depth - 1)  # counted from 0
+            self.encoder = encoder_of(self, final_norm=False, taps=taps)
+            self.fusion = mff.MultiLevelFusion(self.dtype)
+        else:
+            self.encoder = encoder_of(self)
         self.decoder = Decoder(
             self.grid,
             self.decoder_width,
@@ -151,7 +159,7 @@ class MaskedAutoencoder(nn.Module):
     ) -> MAEOutput:
         if images.shape[-1] != self.channels:
             raise ValueError(f"images have {images.shape[-1]} channels; the model was built for {self.channels}.")
-        latent = self.encoder(images, ids_visible)
+        latent = self.encode(images, ids_visible)
         features = self.decoder(latent, ids_visible, ids_decoded)[:, 1:]  # the cls token predicts nothing
         num_visible = ids_visible.shape[1]
         pred_decoded = self.predict_pixels(features[:, num_visible:])
@@ -164,9 +172,17 @@ class MaskedAutoencoder(nn.Module):
         pred_visible = self.predict_pixels(features[:, :num_visible]) if predict_visible else None
         return MAEOutput(latent, pred_decoded, pred_thrown, pred_visible)
 
+    def encode(self, images, ids_visible):
+        """``[B, 1 + N_vis, width]``: the encoder's output, or MFF's fused blocks with ``fused_blocks``."""
+        if not self.fused_blocks:
+            return self.encoder(images, ids_visible)
+        _, blocks = self.encoder(images, ids_visible)
+        return self.fusion(blocks)
 
-def encoder_of(model: MaskedAutoencoder) -> vit.Encoder:
-    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation."""
+
+def encoder_of(model: MaskedAutoencoder, **overrides) -> vit.Encoder:
+    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation;
+    ``overrides``: ``vit.Encoder`` fields to change (MFF's pretraining encoder: no final norm, taps)."""
     return vit.Encoder(
         model.patch_size,
         model.image_size,
@@ -177,6 +193,7 @@ def encoder_of(model: MaskedAutoencoder) -> vit.Encoder:
         model.dtype,
         model.attention_impl,
         remat=model.remat,
+        **overrides,
     )
 
 
@@ -298,6 +315,7 @@ def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
         decoder_mlp_dim=int(config.decoder_width * config.decoder_mlp_ratio),
         aggregation_kernel=config.get("aggregation_kernel", 0),
         aggregator=config.get("aggregator", "dwconv"),
+        fused_blocks=mff.check_fused_blocks(config.fused_blocks, depth) if config.get("fused_blocks") else (),
         dtype=jnp.dtype(config.dtype),
         attention_impl=config.get("attention_impl"),
         remat=remat,

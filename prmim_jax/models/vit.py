@@ -544,6 +544,11 @@ class Transformer(nn.Module):
     array shared by all blocks (SimMIM's shared relative position bias).
     The blocks carry the residual stream in ``residual_dtype(dtype)`` (float32
     under bfloat16) and are rematerialised by ``remat`` (``remat_block``).
+
+    ``taps`` (block indices counted from 0): when not None, the call returns
+    ``(output, tapped)``, ``tapped`` the residual stream after each of those
+    blocks in the order given, before any norm (frameworks that read
+    intermediate blocks: LocalMIM's levels, MFF's fusion).
     """
 
     depth: int
@@ -556,11 +561,15 @@ class Transformer(nn.Module):
     frozen_blocks: int = 0
     layer_scale_init: float | None = None
     remat: str = "none"
+    taps: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, attention_bias=None):
         x = x.astype(residual_dtype(self.dtype))
         block_class = remat_block(self.remat)
+        if self.taps is not None and not all(0 <= i < self.depth for i in self.taps):
+            raise ValueError(f"taps={self.taps} must be block indices in [0, {self.depth}).")
+        tapped = {}
         for i in range(self.depth):
             if i == self.frozen_blocks and i:
                 x = jax.lax.stop_gradient(x)
@@ -576,9 +585,11 @@ class Transformer(nn.Module):
             )
             x = block(x, deterministic, attention_bias)
             x = residual_boundary(x)
+            tapped[i] = x
         if self.frozen_blocks >= self.depth:
             x = jax.lax.stop_gradient(x)
-        return layer_norm(self.dtype, "norm")(x) if self.final_norm else x
+        out = layer_norm(self.dtype, "norm")(x) if self.final_norm else x
+        return out if self.taps is None else (out, tuple(tapped[i] for i in self.taps))
 
 
 # ``deterministic`` (argument 2, counting the module as 0) decides drop path at trace time.
@@ -674,6 +685,12 @@ class Encoder(nn.Module):
     Under bfloat16 the patch embedding's matmul is bfloat16 and the position
     table is added in the float32 residual stream; the output is the final
     LayerNorm's, bfloat16 (float32 residual stream when ``final_norm`` is False).
+    ``taps`` is ``Transformer``'s: with it the call returns ``(output, tapped)``.
+    ``cls_token_mlp`` (TEC's input adaptor): the cls token passes through an
+    MLP (``D -> 4D -> D``, parameters ``cls_token_mlp``) before its position
+    is added; its output depends on the parameters only, so an encoder without
+    it computes the same with the MLP's output as its cls token
+    (``models.tec.fold_cls_token_mlp``).
     """
 
     patch_size: int
@@ -689,6 +706,8 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     frozen_blocks: int = 0
     remat: str = "none"
+    taps: tuple[int, ...] | None = None
+    cls_token_mlp: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -722,6 +741,10 @@ class Encoder(nn.Module):
         cls_token = self.param(
             "cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
         )
+        if self.cls_token_mlp:
+            # Per example, so that the MLP's activations carry the batch axis like every other.
+            cls_token = jnp.broadcast_to(cls_token, (x.shape[0], 1, self.width))
+            cls_token = MlpBlock(4 * self.width, self.dtype, name="cls_token_mlp")(cls_token)
         cls_token = jnp.broadcast_to(cls_token + pos_cls, (x.shape[0], 1, self.width)).astype(stream)
         x = nn.with_logical_constraint(jnp.concatenate([cls_token, x], axis=1), ("batch", "tokens", "embed"))
         return Transformer(
@@ -734,6 +757,7 @@ class Encoder(nn.Module):
             self.drop_path_rate,
             self.frozen_blocks,
             remat=self.remat,
+            taps=self.taps,
             name="transformer",
         )(x, deterministic)
 
