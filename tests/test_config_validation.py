@@ -70,6 +70,7 @@ BASES = {
     "swin": lambda: split_over_8(load_config("finetune_swin_fmnist", "runlocal")),
     "localmim": lambda: split_over_8(load_config("pretrain_localmim_fmnist", "runlocal")),
     "mff": lambda: split_over_8(load_config("pretrain_mff_fmnist", "runlocal")),
+    "greenmim": lambda: split_over_8(load_config("pretrain_greenmim_fmnist", "runlocal")),
 }
 
 

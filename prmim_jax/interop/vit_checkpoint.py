@@ -36,10 +36,10 @@ import numpy as np
 from prmim_jax.interop import weight_files
 from prmim_jax.interop.mae_checkpoint import (
     CheckpointMismatchError,
-    _block_from_torch,
-    _norm_from_torch,
-    _patch_kernel_from_torch,
+    block_from_torch,
     expected_shapes,
+    norm_from_torch,
+    patch_kernel_from_torch,
 )
 from prmim_jax.models import vit
 
@@ -101,13 +101,13 @@ def from_state_dict(state_dict: dict[str, np.ndarray], encoder: vit.Encoder, cha
         "cls_token": sd["cls_token"],
         "pos_embedding": table,
         "patch_embed": {
-            "kernel": _patch_kernel_from_torch(sd["patch_embed.proj.weight"]),
+            "kernel": patch_kernel_from_torch(sd["patch_embed.proj.weight"]),
             "bias": sd["patch_embed.proj.bias"],
         },
         "transformer": {
-            f"block_{i}": _block_from_torch(sd, f"blocks.{i}", encoder.num_heads) for i in range(encoder.depth)
+            f"block_{i}": block_from_torch(sd, f"blocks.{i}", encoder.num_heads) for i in range(encoder.depth)
         }
-        | {"norm": _norm_from_torch(sd, "norm")},
+        | {"norm": norm_from_torch(sd, "norm")},
     }
 
 

@@ -21,7 +21,7 @@ The protocol (``Method``), both halves of a method's work:
 - ``optimizer(global_batch, total_steps)``: the optax transformation.
 - ``encoder(params=None) -> (module, encoder params)``: the encoder the method
   leaves for evaluation, fine-tuning and export (``module.apply({'params': p},
-  images)`` gives ``[B, 1 + N, D]`` tokens, cls first); params None without them.
+  images)`` gives ``[B, 1 + N, D]`` tokens, cls first, or a Swin's ``SwinOutput``); params None without them.
 - ``load_pretrained(params, shardings) -> params``: a fresh run's starting
   parameters (a classifier loads its pretrained encoder); default: as initialised.
 - ``load_frozen(frozen, shardings) -> frozen``: a fresh run's frozen

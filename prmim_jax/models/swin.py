@@ -454,13 +454,19 @@ class SwinStage(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, *, windows_of=None, blocks_shape=None):
+        """``windows_of(shift)``: the grouping of block ``j`` (shift ``layout.shift`` when ``j`` is odd, else 0);
+        default ``ShiftedWindows`` on ``layout.grid``. ``blocks_shape``: how the tokens ``[B, T, width]`` read as
+        ``[B, *blocks_shape, width]`` with the 2x2 blocks to merge on the last two axes; default ``layout.grid``
+        (a masked encoder passes ``(units, s, s)``)."""
         layout = self.layout
         if self.remat not in _REMAT_BLOCKS:
             raise ValueError(f"remat={self.remat!r}; choose one of {vit.REMAT_POLICIES}.")
+        if windows_of is None:
+            windows_of = functools.partial(ShiftedWindows, layout.grid, layout.window)
         block_class = _REMAT_BLOCKS[self.remat]
         for j in range(layout.depth):
-            windows = ShiftedWindows(layout.grid, layout.window, layout.shift if j % 2 else 0)
+            windows = windows_of(layout.shift if j % 2 else 0)
             block = block_class(
                 layout.num_heads,
                 layout.window,
@@ -472,7 +478,7 @@ class SwinStage(nn.Module):
             )
             x = vit.residual_boundary(block(x, windows, deterministic))
         if self.downsample:
-            grid = x.reshape(x.shape[0], *layout.grid, x.shape[-1])
+            grid = x.reshape(x.shape[0], *(blocks_shape or layout.grid), x.shape[-1])
             merged = PatchMerging(self.dtype, name="downsample")(grid)
             x = merged.reshape(x.shape[0], -1, merged.shape[-1]).astype(x.dtype)
         return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
@@ -531,19 +537,7 @@ class SwinTransformer(nn.Module):
                 f"images are {images.shape[1:]}; the model was built for {(*self.image_size, self.channels)}."
             )
         stages = self.stages
-        patches = vit.patchify(images, self.patch_size)
-        patch_dim = patches.shape[-1]
-        # The official patch embedding is a Conv2d left at PyTorch's default init: U(+-1/sqrt(fan_in)).
-        bound = 1.0 / math.sqrt(patch_dim)
-        x = nn.Dense(
-            self.width,
-            dtype=self.dtype,
-            kernel_init=vit.logical(vit.uniform_init(bound), "patch", "embed"),
-            bias_init=vit.logical(vit.uniform_init(bound), "embed"),
-            name="patch_embed",
-        )(patches.astype(self.dtype))
-        x = _layer_norm(self.dtype, "patch_norm")(x).astype(vit.residual_dtype(self.dtype))
-        x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
+        x = embed_patches(vit.patchify(images, self.patch_size), self.width, self.dtype)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
         for s, layout in enumerate(stages):
             x = SwinStage(
@@ -556,7 +550,7 @@ class SwinTransformer(nn.Module):
                 remat=self.remat,
                 name=f"stage_{s}",
             )(x, deterministic)
-        x = _layer_norm(self.dtype, "norm")(x)
+        x = final_norm(x, self.dtype)
         pooled = jnp.mean(x.astype(jnp.float32), axis=1)
         logits = None
         if self.num_classes:
@@ -567,6 +561,29 @@ class SwinTransformer(nn.Module):
                 name="head",
             )(pooled)
         return SwinOutput(x.reshape(x.shape[0], *stages[-1].grid, x.shape[-1]), pooled, logits)
+
+
+def embed_patches(patches: jax.Array, width: int, dtype) -> jax.Array:
+    """``patches [B, T, p * p * C]`` -> ``[B, T, width]`` in the residual dtype: the patch embedding
+    ``patch_embed`` and its LayerNorm ``patch_norm``, created in the calling (compact) module.
+
+    The official patch embedding is a Conv2d left at PyTorch's default init: U(+-1/sqrt(fan_in)).
+    """
+    bound = 1.0 / math.sqrt(patches.shape[-1])
+    x = nn.Dense(
+        width,
+        dtype=dtype,
+        kernel_init=vit.logical(vit.uniform_init(bound), "patch", "embed"),
+        bias_init=vit.logical(vit.uniform_init(bound), "embed"),
+        name="patch_embed",
+    )(patches.astype(dtype))
+    x = _layer_norm(dtype, "patch_norm")(x).astype(vit.residual_dtype(dtype))
+    return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
+
+
+def final_norm(x: jax.Array, dtype) -> jax.Array:
+    """The last stage's LayerNorm ``norm``, created in the calling (compact) module: ``[..., D] -> [..., D]``."""
+    return _layer_norm(dtype, "norm")(x)
 
 
 def drop_path_rates(rate: float, num_blocks: int) -> tuple[float, ...]:

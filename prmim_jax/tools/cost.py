@@ -10,6 +10,8 @@
         --out benchmarks/results/cost_mff_cpu
     python -m prmim_jax.tools.cost --framework tec --models B/16 --throw_ratios 0.5 --batch 64 \\
         --out benchmarks/results/cost_tec_cpu
+    python -m prmim_jax.tools.cost --framework greenmim --models B --throw_ratios 0.5 --batch 64 \\
+        --out benchmarks/results/cost_greenmim_cpu
     python -m prmim_jax.tools.cost --models B/16 --throw_ratios 0.5 --aggregators dwconv,transformer,convnext,avgpool \\
         --kernel_sizes 3,5,7,9,11 --batch 64 --out benchmarks/results/cost_aggregators_cpu
 
@@ -44,6 +46,7 @@ import jax
 import ml_collections
 
 from prmim_jax import methods, optim, train_step
+from prmim_jax.models import greenmim as greenmim_lib
 from prmim_jax.models import localmim as localmim_lib
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import simmim as simmim_lib
@@ -87,7 +90,10 @@ FRAMEWORKS = {
     "localmim": localmim_lib.model_config,
     "mff": mae_lib.model_config,
     "tec": tec_lib.model_config,
+    "greenmim": greenmim_lib.model_config,
 }
+# How a row names a framework's model variant ('B/16' -> 'ViT-B/16'; GreenMIM's 'B' -> 'Swin-B').
+BACKBONES = {"greenmim": "Swin"}
 # Method keys a framework needs to build that compiling never reads: TEC's teacher weights (only their shapes count).
 BUILD_ONLY = {"tec": dict(teacher=dict(checkpoint="teacher weights, never read"))}
 # How a row names its variant, as the paper's tables do.
@@ -149,7 +155,7 @@ def report(
             section = method.config.method
             progressive = section.reconstruction == "progressive"
             row = {
-                "model": f"ViT-{variant}",
+                "model": f"{BACKBONES.get(framework, 'ViT')}-{variant}",
                 "method": ROW_NAMES[section.reconstruction].format(framework=framework),
                 "framework": framework,
                 "sampler": section.sampler,
@@ -208,7 +214,9 @@ def markdown(rows: list[dict], batch: int) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="B/16,L/16", help="comma-separated ViT variants, e.g. B/16,L/16")
+    parser.add_argument(
+        "--models", default="B/16,L/16", help="comma-separated variants: ViT's B/16,L/16; GreenMIM's Swin B,L"
+    )
     parser.add_argument("--throw_ratios", default="0.25,0.5,0.65")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=224)
