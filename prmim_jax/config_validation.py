@@ -12,10 +12,12 @@ What ``check_config`` checks itself:
 - **keys**: every section against the defaults of what reads it
   (``reference_config``): the method module's ``experiment_config()`` for the top
   level, ``model``, ``optimizer``, ``sharding`` and a method's own sections
-  (fine-tuning's ``init``, ``mixing``); the method's ``default_config()`` for
-  ``method``; ``data_defaults(source)`` for ``data``; ``eval_config(type)`` for
-  each ``evals`` section. A key nothing reads is refused with the closest known
-  key suggested (``difflib``), since a typo would otherwise be ignored silently.
+  (fine-tuning's ``init``, ``mixing``), or its ``model_defaults(model)`` for a
+  model section when the method has one (a classifier's ViT or Swin keys); the
+  method's ``default_config()`` for ``method``; ``data_defaults(source)`` for
+  ``data``; ``eval_config(type)`` for each ``evals`` section. A key nothing reads
+  is refused with the closest known key suggested (``difflib``), since a typo
+  would otherwise be ignored silently.
 - **types**: a value has its default's type (an int where the default is an int,
   a number where it is a float, a string, a bool, a sequence); ``None`` is left to
   the range checks and builders, since some keys allow it.
@@ -105,6 +107,9 @@ def reference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     method_module = methods.module(name)
     reference = method_module.experiment_config()
     reference.method = methods.method_config(name)
+    model_defaults = getattr(method_module, "model_defaults", None)  # a method with several model families
+    if model_defaults is not None and isinstance(config.get("model"), ml_collections.ConfigDict):
+        reference.model = model_defaults(config.model)
     source = config.data.get("source", "fashion_mnist")
     if source not in pipeline.SOURCES:
         match = closest_key(str(source), pipeline.SOURCES)
@@ -264,11 +269,20 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
 
 
 def check_model(model: ml_collections.ConfigDict) -> None:
-    """The sizes every model section shares (what each model's builder checks beyond them stays with it)."""
-    for key in ("width", "depth", "num_heads", "patch_size"):
-        if key in model:
+    """The sizes every model section shares (what each model's builder checks beyond them stays with it).
+
+    ``depths`` and ``num_heads`` of a Swin are sequences, one positive integer per stage."""
+    for key in ("width", "depth", "num_heads", "patch_size", "window_size"):
+        if key in model and not isinstance(model[key], (tuple, list)):
             fix = f"set --config.model.{key} to a positive integer, or None for the variant's ({model.variant})"
             require_int(f"model.{key}", model[key], 1, fix, optional=True)
+    for key in ("depths", "num_heads"):
+        value = model.get(key)
+        if isinstance(value, (tuple, list)) and not (value and all(_is_int(v) and v >= 1 for v in value)):
+            raise ValueError(
+                f"model.{key}={value!r} must be positive integers, one per stage; set --config.model.{key} like "
+                "'(2, 2, 6, 2)', or None for the variant's."
+            )
     for key, minimum in (("decoder_width", 1), ("decoder_num_heads", 1), ("decoder_depth", 0)):
         if key in model:
             require_int(f"model.{key}", model[key], minimum, f"set --config.model.{key} to an integer >= {minimum}")

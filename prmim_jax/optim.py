@@ -10,7 +10,8 @@ fine-tuning, and LARS for linear probing.
 
 Classifiers (``build_classifier_optimizer``) add MAE's fine-tuning pieces:
 layer-wise lr decay (block ``i`` of ``L`` scaled by ``decay^(L + 1 - (i + 1))``,
-the embeddings by ``decay^(L + 1)``, the head by 1), LARS (MoCo v3's, as MAE's
+the embeddings by ``decay^(L + 1)``, the head by 1; a Swin numbers its blocks across
+stages and counts each patch merging with its stage's last block, SimMIM's rule), LARS (MoCo v3's, as MAE's
 linear probe uses: no weight decay or trust ratio for biases and norms), and
 frozen parameters (partial fine-tuning) that no update or weight decay touches.
 """
@@ -24,7 +25,8 @@ from ml_collections import config_dict
 
 from prmim_jax.models import classifier, vit
 
-NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token", "pos_embedding")
+# Swin's relative position tables are not decayed (the official Swin's no_weight_decay_keywords).
+NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token", "pos_embedding", "relative_position_bias_table")
 OPTIMIZERS = ("adamw", "lars")
 
 
@@ -57,6 +59,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, global_batch: int,
             f"optimizer.warmup_steps={config.warmup_steps} must lie in [0, total_steps={total_steps}]; "
             "lower --config.optimizer.warmup_steps or raise --config.total_steps."
         )
+    if config.warmup_steps == total_steps:  # a smoke run that is all warmup: nothing left to decay over
+        return optax.linear_schedule(0.0, peak, max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,
@@ -97,16 +101,18 @@ def classifier_optimizer_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
-    """Multiplies each update by ``decay ** (depth + 1 - layer)`` with ``classifier.layer_ids``' layers.
+def scale_by_layer(decay: float, depth: int, layer_ids=None) -> optax.GradientTransformation:
+    """Multiplies each update by ``decay ** (depth + 1 - layer)``, layers from ``layer_ids(params)`` (default:
+    the ViT classifier's ``classifier.layer_ids``; ``classifier.lr_layers`` gives a model's).
 
     Applied after AdamW it scales the learning rate of the whole update, weight
     decay included: MAE's per-layer ``lr_scale``.
     """
+    layer_ids = layer_ids or (lambda params: classifier.layer_ids(params, depth))
 
     def update(updates, state, params=None):
         del params
-        layers = classifier.layer_ids(updates, depth)
+        layers = layer_ids(updates)
         return jax.tree.map(lambda u, layer: u * decay ** (depth + 1 - layer), updates, layers), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -119,8 +125,10 @@ def build_classifier_optimizer(
     *,
     depth: int,
     trainable_blocks: int | None = None,
+    layer_ids=None,
 ) -> optax.GradientTransformation:
-    """AdamW with layer-wise lr decay, or LARS; parameters outside ``trainable_mask`` stay as loaded."""
+    """AdamW with layer-wise lr decay (``scale_by_layer``'s ``depth`` and ``layer_ids``), or LARS; parameters
+    outside ``trainable_mask`` stay as loaded."""
     if config.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={config.name!r}; choose one of {OPTIMIZERS}.")
     schedule = learning_rate_schedule(config, global_batch, total_steps)
@@ -139,7 +147,7 @@ def build_classifier_optimizer(
     else:
         tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask)
         if config.layer_decay != 1.0:
-            tx = optax.chain(tx, scale_by_layer(config.layer_decay, depth))
+            tx = optax.chain(tx, scale_by_layer(config.layer_decay, depth, layer_ids))
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     if trainable_blocks is None:

@@ -102,10 +102,13 @@ def abstract_state(setup: Setup, config: ml_collections.ConfigDict, rng: jax.Arr
 
 def create_state(setup: Setup, init_fn, shardings, rng: jax.Array):
     """A fresh train state, created directly in its sharded layout (never whole on one device), with the
-    method's pretrained parameters (``Method.load_pretrained``) in place."""
+    method's pretrained and frozen parameters (``Method.load_pretrained``, ``Method.load_frozen``) in place."""
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-    return state.replace(params=setup.method.load_pretrained(state.params, shardings.params))
+    return state.replace(
+        params=setup.method.load_pretrained(state.params, shardings.params),
+        frozen=setup.method.load_frozen(state.frozen, shardings.frozen),
+    )
 
 
 def compile_train_step(setup: Setup, state_shardings):

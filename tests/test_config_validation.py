@@ -2,7 +2,7 @@
 the key and the fix; every key the README shows can be overridden from the command line.
 
 The table holds one row per malformed config: which experiment it starts from (``pretrain``: a tiny MAE run on
-Fashion-MNIST; ``simmim``; ``finetune``), the edit, and what the message must say. ``train.validate`` is the whole
+Fashion-MNIST; ``simmim``; ``finetune``; ``swin``: a Swin fine-tune), the edit, and what the message must say. ``train.validate`` is the whole
 check (no step is compiled), so the table runs in about a second.
 """
 
@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from prmim_jax import methods, train
+from prmim_jax import methods, optim, train
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import eval_config
 from prmim_jax.models import mae
@@ -67,6 +67,10 @@ BASES = {
     "pretrain": pretrain_config,
     "simmim": lambda: split_over_8(load_config("pretrain_simmim_fmnist", "runlocal")),
     "finetune": lambda: split_over_8(load_config("finetune_fmnist", "runlocal")),
+    "swin": lambda: split_over_8(load_config("finetune_swin_fmnist", "runlocal")),
+    "localmim": lambda: split_over_8(load_config("pretrain_localmim_fmnist", "runlocal")),
+    "mff": lambda: split_over_8(load_config("pretrain_mff_fmnist", "runlocal")),
+    "greenmim": lambda: split_over_8(load_config("pretrain_greenmim_fmnist", "runlocal")),
 }
 
 
@@ -400,6 +404,48 @@ MALFORMED = {
         lambda c, _: c.init.update(workdir="/a", mae_checkpoint="/b.pth"),
         "set one of init.workdir .* and init.mae_checkpoint .*, not both",
     ),
+    # --- Swin fine-tuning -----------------------------------------------------------------------------
+    "unknown_architecture": (
+        "finetune",
+        lambda c, _: c.model.update(architecture="convnext"),
+        r"^model.architecture='convnext' is not a backbone: choose one of \('vit', 'swin'\)",
+    ),
+    "swin_key_in_a_vit": (
+        "finetune",
+        lambda c, _: with_key(c, "model.window_size", 7),
+        r"^unknown config key 'model.window_size'",
+    ),
+    "typo_in_swin_model": (
+        "swin",
+        lambda c, _: with_key(c, "model.window", 7),
+        r"did you mean --config.model.window_size\?",
+    ),
+    "swin_window_does_not_tile": (
+        "swin",
+        lambda c, _: c.model.update(window_size=5),
+        r"stage 0's 14x14 token grid does not tile into 5x5 windows; Swin does not pad .* use image_size",
+    ),
+    "swin_stages_and_heads_differ": (
+        "swin",
+        lambda c, _: c.model.update(num_heads=(2,)),
+        r"depths=\(2, 6\) and num_heads=\(2,\) must name the same",
+    ),
+    "swin_empty_stage": (
+        "swin",
+        lambda c, _: c.model.update(depths=(2, 0)),
+        r"^model.depths=\(2, 0\) must be positive integers, one per stage",
+    ),
+    "swin_cls_pool": ("swin", lambda c, _: c.model.update(pool="cls"), "a Swin has no cls token; use pool='avg'"),
+    "swin_with_an_mae_checkpoint": (
+        "swin",
+        lambda c, _: c.init.update(mae_checkpoint="/b.pth"),
+        "init.mae_checkpoint holds a ViT but model.architecture='swin'; use init.swin_checkpoint",
+    ),
+    "vit_with_a_swin_checkpoint": (
+        "finetune",
+        lambda c, _: c.init.update(swin_checkpoint="/b.pth"),
+        "init.swin_checkpoint holds a Swin but the model is a ViT",
+    ),
 }
 
 
@@ -416,6 +462,15 @@ def test_each_malformed_config_is_refused_in_one_line_naming_the_key_and_the_fix
     with pytest.raises(ValueError, match=message) as error:
         train.validate(config)
     assert "\n" not in str(error.value)
+
+
+def test_a_run_that_is_all_warmup_validates_and_ends_at_the_peak_rate():
+    config = pretrain_config()
+    config.optimizer.warmup_steps = config.total_steps  # runlocal's warmup with a shortened --config.total_steps
+    train.validate(config)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size, config.total_steps)
+    peak = optim.peak_learning_rate(config.optimizer, config.batch_size)
+    assert float(schedule(0)) == 0.0 and math.isclose(float(schedule(config.total_steps)), peak, rel_tol=1e-6)
 
 
 def test_a_refused_config_leaves_no_workdir(tmp_path):

@@ -17,16 +17,24 @@ def load(path):
     return module
 
 
-PRETRAIN = [p for p in CONFIGS if p.stem.startswith("pretrain_") and "simmim" not in p.stem]
-SIMMIM = [p for p in CONFIGS if p.stem.startswith("pretrain_simmim")]
-CLASSIFY = [p for p in CONFIGS if not p.stem.startswith("pretrain_")]
+def framework(path) -> str:
+    """The method a config runs, from its name: ``pretrain_<framework>_<data>.py``; ``pretrain_<data>.py`` is MAE."""
+    parts = path.stem.split("_")
+    return "classify" if parts[0] != "pretrain" else parts[1] if len(parts) == 3 else "mae"
+
+
+PRETRAIN = [p for p in CONFIGS if framework(p) == "mae"]
+SIMMIM = [p for p in CONFIGS if framework(p) == "simmim"]
+LOCALMIM = [p for p in CONFIGS if framework(p) == "localmim"]
+MFF = [p for p in CONFIGS if framework(p) == "mff"]
+TEC = [p for p in CONFIGS if framework(p) == "tec"]
+CLASSIFY = [p for p in CONFIGS if framework(p) == "classify"]
 
 
 def test_every_config_names_the_method_it_runs():
-    assert len(PRETRAIN) >= 2 and len(SIMMIM) >= 2 and len(CLASSIFY) >= 4
+    assert len(PRETRAIN) >= 2 and len(SIMMIM) >= 2 and len(LOCALMIM) >= 2 and len(CLASSIFY) >= 4
     for path in CONFIGS:
-        name = load(path).get_config().method.name
-        assert name == ("mae" if path in PRETRAIN else "simmim" if path in SIMMIM else "classify"), path
+        assert load(path).get_config().method.name == framework(path), path
 
 
 def validated(config):
@@ -60,6 +68,71 @@ def test_simmim_configs_validate_with_one_key_for_pr_mim(path, arg, reconstructi
     throwing = setup.method.throwing
     assert (throwing.reconstruction, throwing.layout.throw_ratio) == (reconstruction, throw)
     assert throwing.layout.mask_unit * setup.method.model.patch_size == setup.method.config.method.mask_patch_size
+
+
+@pytest.mark.parametrize("path", LOCALMIM, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "arg, reconstruction, throw",
+    [
+        (None, "full", 0.0),
+        ("runlocal", "full", 0.0),
+        ("reconstruction=partial,sampler=random_throw,throw=0.25", "partial", 0.25),
+        ("reconstruction=progressive", "progressive", 0.65),  # the paper's Table 4 rho_d
+    ],
+)
+def test_localmim_configs_validate_with_one_key_for_pr_mim(path, arg, reconstruction, throw):
+    config = load(path).get_config(arg)
+    throwing = validated(config).method.throwing
+    assert (throwing.reconstruction, throwing.layout.throw_ratio) == (reconstruction, throw)
+    assert config.data.image_size == config.model.image_size
+
+
+def test_localmim_in1k_config_is_the_official_vit_b_recipe():
+    config = load(LOCALMIM[[p.stem for p in LOCALMIM].index("pretrain_localmim_in1k")]).get_config()
+    steps_per_epoch = 1_281_167 // 2048
+    assert config.batch_size == 2048 and config.total_steps == 100 * steps_per_epoch
+    assert config.optimizer.warmup_steps == 10 * steps_per_epoch  # 10 warmup epochs at 100 epochs
+    assert (config.optimizer.base_lr, config.optimizer.min_lr, config.optimizer.b2) == (2e-4, 1e-6, 0.95)
+    assert config.method.mask_ratio == 0.75 and config.model.variant == "B/16"
+    assert (config.model.decoder_width, config.model.decoder_depth, config.model.hog_bins) == (256, 1, 9)
+
+
+@pytest.mark.parametrize("path", MFF + TEC, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "arg, reconstruction, throw",
+    [
+        (None, "full", 0.0),
+        ("runlocal", "full", 0.0),
+        ("reconstruction=partial,sampler=random_throw,throw=0.25", "partial", 0.25),
+        ("reconstruction=progressive", "progressive", 0.5),  # the paper's Table 4 rho_d
+    ],
+)
+def test_mff_and_tec_configs_validate_with_one_key_for_pr_mim(path, arg, reconstruction, throw, tmp_path):
+    config = load(path).get_config(arg)
+    if framework(path) == "tec":  # the teacher is the user's to give, and validation says how
+        with pytest.raises(ValueError, match=r"teacher\.checkpoint=PATH.*teacher\.workdir=DIR"):
+            validated(config)
+        config.method.teacher.checkpoint = str(tmp_path / "teacher.pth")  # read when a run starts, not here
+    throwing = validated(config).method.throwing
+    assert (throwing.reconstruction, throwing.layout.throw_ratio) == (reconstruction, throw)
+    assert config.data.image_size == config.model.image_size
+
+
+def test_mff_and_tec_in1k_configs_are_the_official_recipes():
+    by_name = {p.stem: p for p in MFF + TEC}
+    steps_per_epoch = 1_281_167 // 4096
+    mff = load(by_name["pretrain_mff_in1k"]).get_config()
+    tec = load(by_name["pretrain_tec_in1k"]).get_config()
+    for config, epochs in ((mff, 800), (tec, 300)):
+        assert config.batch_size == 4096 and config.total_steps == epochs * steps_per_epoch
+        assert config.optimizer.warmup_steps == 40 * steps_per_epoch and config.optimizer.base_lr == 1.5e-4
+        assert (config.optimizer.b2, config.optimizer.weight_decay, config.method.mask_ratio) == (0.95, 0.05, 0.75)
+        assert config.model.variant == "B/16" and config.model.decoder_width == 512
+    assert mff.method.fused_blocks == (1, 3, 5, 7, 9) and mff.method.norm_pix_loss and mff.model.decoder_depth == 8
+    assert (tec.model.decoder_depth, tec.model.cls_token_mlp, tec.method.feature_blocks) == (2, True, 2)
+    assert (tec.method.attention_top_k, tec.method.attention_temperature) == (9, 1.0)  # iBOT teacher
+    mae_teacher = load(by_name["pretrain_tec_in1k"]).get_config("teacher=mae").method
+    assert (mae_teacher.attention_top_k, mae_teacher.attention_temperature) == (15, 1.8)
 
 
 @pytest.mark.parametrize("path", CLASSIFY, ids=lambda p: p.stem)

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from prmim_jax import sharding
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import check_batch_size, in_process
+from prmim_jax.models import swin
 
 
 def default_config() -> dict:
@@ -90,9 +91,13 @@ class Evaluator:
 
 
 def encoder_features(encoder, encoder_params, images: jax.Array) -> jax.Array:
-    """``images [B, H, W, C]`` -> ``[B, width]`` float32, unit L2 norm."""
-    tokens = encoder.apply({"params": encoder_params}, images)
-    pooled = jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+    """``images [B, H, W, C]`` -> ``[B, width]`` float32, unit L2 norm: the mean of the patch tokens (a ViT),
+    or a Swin's own pooling (its final norm, then the mean)."""
+    output = encoder.apply({"params": encoder_params}, images)
+    if isinstance(output, swin.SwinOutput):
+        pooled = output.pooled
+    else:
+        pooled = jnp.mean(output[:, 1:].astype(jnp.float32), axis=1)
     return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 
 

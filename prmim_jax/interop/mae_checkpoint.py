@@ -59,37 +59,47 @@ class CheckpointMismatchError(ValueError):
     """A state dict whose keys or shapes do not fit the model; the message names the key."""
 
 
-def _linear_to_torch(p):
+# The torch-layout helpers below are shared by the other importers (``swin_checkpoint``).
+
+
+def linear_to_torch(p):
+    """``{kernel [in, out], bias}`` -> ``{weight [out, in], bias}`` (``nn.Linear``)."""
     return {"weight": p["kernel"].T, "bias": p["bias"]}
 
 
-def _linear_from_torch(sd, prefix):
+def linear_from_torch(sd, prefix):
+    """``sd[prefix.weight] [out, in]``, ``sd[prefix.bias]`` -> ``{kernel [in, out], bias}``."""
     return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
 
 
-def _norm_to_torch(p):
+def norm_to_torch(p):
+    """LayerNorm ``{scale, bias}`` -> ``{weight, bias}``."""
     return {"weight": p["scale"], "bias": p["bias"]}
 
 
-def _norm_from_torch(sd, prefix):
+def norm_from_torch(sd, prefix):
+    """``sd[prefix.weight]``, ``sd[prefix.bias]`` -> LayerNorm ``{scale, bias}``."""
     return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
 
 
-def _block_to_torch(block, prefix, out):
+def block_to_torch(block, prefix, out):
+    """Writes a pre-norm block (``norm1``, ``attn`` q/k/v/out, ``norm2``, ``mlp``) into ``out`` as timm's
+    ``{prefix}.norm1|attn.qkv|attn.proj|norm2|mlp.fc1|mlp.fc2`` (fused ``qkv = [q; k; v]``)."""
     attn = block["attn"]
     width = attn["out"]["bias"].shape[0]
     qkv = [attn[n]["kernel"].reshape(width, width).T for n in ("query", "key", "value")]
-    out[f"{prefix}.norm1.weight"], out[f"{prefix}.norm1.bias"] = _norm_to_torch(block["norm1"]).values()
+    out[f"{prefix}.norm1.weight"], out[f"{prefix}.norm1.bias"] = norm_to_torch(block["norm1"]).values()
     out[f"{prefix}.attn.qkv.weight"] = np.concatenate(qkv, axis=0)
     out[f"{prefix}.attn.qkv.bias"] = np.concatenate([attn[n]["bias"].reshape(width) for n in ("query", "key", "value")])
     out[f"{prefix}.attn.proj.weight"] = attn["out"]["kernel"].reshape(width, width).T
     out[f"{prefix}.attn.proj.bias"] = attn["out"]["bias"]
-    out[f"{prefix}.norm2.weight"], out[f"{prefix}.norm2.bias"] = _norm_to_torch(block["norm2"]).values()
+    out[f"{prefix}.norm2.weight"], out[f"{prefix}.norm2.bias"] = norm_to_torch(block["norm2"]).values()
     for fc in ("fc1", "fc2"):
-        out[f"{prefix}.mlp.{fc}.weight"], out[f"{prefix}.mlp.{fc}.bias"] = _linear_to_torch(block["mlp"][fc]).values()
+        out[f"{prefix}.mlp.{fc}.weight"], out[f"{prefix}.mlp.{fc}.bias"] = linear_to_torch(block["mlp"][fc]).values()
 
 
-def _block_from_torch(sd, prefix, num_heads):
+def block_from_torch(sd, prefix, num_heads):
+    """The inverse of ``block_to_torch``: our block parameters from the keys under ``prefix``."""
     qkv_w, qkv_b = sd[f"{prefix}.attn.qkv.weight"], sd[f"{prefix}.attn.qkv.bias"]
     width = qkv_w.shape[1]
     head_dim = width // num_heads
@@ -105,20 +115,39 @@ def _block_from_torch(sd, prefix, num_heads):
         "bias": sd[f"{prefix}.attn.proj.bias"],
     }
     return {
-        "norm1": _norm_from_torch(sd, f"{prefix}.norm1"),
+        "norm1": norm_from_torch(sd, f"{prefix}.norm1"),
         "attn": attn,
-        "norm2": _norm_from_torch(sd, f"{prefix}.norm2"),
-        "mlp": {fc: _linear_from_torch(sd, f"{prefix}.mlp.{fc}") for fc in ("fc1", "fc2")},
+        "norm2": norm_from_torch(sd, f"{prefix}.norm2"),
+        "mlp": {fc: linear_from_torch(sd, f"{prefix}.mlp.{fc}") for fc in ("fc1", "fc2")},
     }
 
 
-def _patch_kernel_to_torch(kernel, patch_size, channels):
-    # ours: [p * q * C, D] in patchify's (p, q, c) order; torch Conv2d: [D, C, p, q]
+def block_shapes(prefix: str, width: int, mlp_dim: int) -> dict[str, tuple[int, ...]]:
+    """The keys ``block_to_torch`` writes for a block of ``width`` and MLP width ``mlp_dim``, with their shapes."""
+    return {
+        f"{prefix}.norm1.weight": (width,),
+        f"{prefix}.norm1.bias": (width,),
+        f"{prefix}.attn.qkv.weight": (3 * width, width),
+        f"{prefix}.attn.qkv.bias": (3 * width,),
+        f"{prefix}.attn.proj.weight": (width, width),
+        f"{prefix}.attn.proj.bias": (width,),
+        f"{prefix}.norm2.weight": (width,),
+        f"{prefix}.norm2.bias": (width,),
+        f"{prefix}.mlp.fc1.weight": (mlp_dim, width),
+        f"{prefix}.mlp.fc1.bias": (mlp_dim,),
+        f"{prefix}.mlp.fc2.weight": (width, mlp_dim),
+        f"{prefix}.mlp.fc2.bias": (width,),
+    }
+
+
+def patch_kernel_to_torch(kernel, patch_size, channels):
+    """Our patch kernel ``[p * q * C, D]`` (patchify's ``(p, q, c)`` order) -> ``Conv2d``'s ``[D, C, p, q]``."""
     width = kernel.shape[-1]
     return kernel.reshape(patch_size, patch_size, channels, width).transpose(3, 2, 0, 1)
 
 
-def _patch_kernel_from_torch(weight):
+def patch_kernel_from_torch(weight):
+    """A ``Conv2d`` patch embedding weight ``[D, C, p, q]`` -> our kernel ``[p * q * C, D]``."""
     width, channels, p, q = weight.shape
     return weight.transpose(2, 3, 1, 0).reshape(p * q * channels, width)
 
@@ -127,28 +156,28 @@ def to_state_dict(
     params: dict, model: mae_lib.MaskedAutoencoder, include_decoder: bool = True
 ) -> dict[str, np.ndarray]:
     """Our (unboxed) parameters -> the official MAE state dict, float32 numpy, official key order."""
-    params = _to_numpy(params)
+    params = to_numpy(params)
     enc = params["encoder"]
     out = {
         "cls_token": enc["cls_token"],
         "pos_embed": vit.sincos_2d(model.width, model.grid)[None],
-        "patch_embed.proj.weight": _patch_kernel_to_torch(
+        "patch_embed.proj.weight": patch_kernel_to_torch(
             enc["patch_embed"]["kernel"], model.patch_size, model.channels
         ),
         "patch_embed.proj.bias": enc["patch_embed"]["bias"],
     }
     for i in range(model.depth):
-        _block_to_torch(enc["transformer"][f"block_{i}"], f"blocks.{i}", out)
-    out["norm.weight"], out["norm.bias"] = _norm_to_torch(enc["transformer"]["norm"]).values()
+        block_to_torch(enc["transformer"][f"block_{i}"], f"blocks.{i}", out)
+    out["norm.weight"], out["norm.bias"] = norm_to_torch(enc["transformer"]["norm"]).values()
     if include_decoder:
         dec = params["decoder"]
         out["mask_token"] = dec["mask_token"]
         out["decoder_pos_embed"] = vit.sincos_2d(model.decoder_width, model.grid)[None]
-        out["decoder_embed.weight"], out["decoder_embed.bias"] = _linear_to_torch(dec["embed"]).values()
+        out["decoder_embed.weight"], out["decoder_embed.bias"] = linear_to_torch(dec["embed"]).values()
         for i in range(model.decoder_depth):
-            _block_to_torch(dec["transformer"][f"block_{i}"], f"decoder_blocks.{i}", out)
-        out["decoder_norm.weight"], out["decoder_norm.bias"] = _norm_to_torch(params["decoder_norm"]).values()
-        out["decoder_pred.weight"], out["decoder_pred.bias"] = _linear_to_torch(params["pred"]).values()
+            block_to_torch(dec["transformer"][f"block_{i}"], f"decoder_blocks.{i}", out)
+        out["decoder_norm.weight"], out["decoder_norm.bias"] = norm_to_torch(params["decoder_norm"]).values()
+        out["decoder_pred.weight"], out["decoder_pred.bias"] = linear_to_torch(params["pred"]).values()
         _check_aggregator(model)
         if model.aggregation_kernel:
             out["decoder_aggregation.weight"] = params["aggregation"]["kernel"].transpose(2, 0, 1)[:, None]
@@ -190,26 +219,26 @@ def from_state_dict(state_dict: dict[str, np.ndarray], model: mae_lib.MaskedAuto
         "encoder": {
             "cls_token": sd["cls_token"],
             "patch_embed": {
-                "kernel": _patch_kernel_from_torch(sd["patch_embed.proj.weight"]),
+                "kernel": patch_kernel_from_torch(sd["patch_embed.proj.weight"]),
                 "bias": sd["patch_embed.proj.bias"],
             },
             "transformer": {
-                f"block_{i}": _block_from_torch(sd, f"blocks.{i}", model.num_heads) for i in range(model.depth)
+                f"block_{i}": block_from_torch(sd, f"blocks.{i}", model.num_heads) for i in range(model.depth)
             }
-            | {"norm": _norm_from_torch(sd, "norm")},
+            | {"norm": norm_from_torch(sd, "norm")},
         }
     }
     if has_decoder:
         params["decoder"] = {
             "mask_token": sd["mask_token"],
-            "embed": _linear_from_torch(sd, "decoder_embed"),
+            "embed": linear_from_torch(sd, "decoder_embed"),
             "transformer": {
-                f"block_{i}": _block_from_torch(sd, f"decoder_blocks.{i}", model.decoder_num_heads)
+                f"block_{i}": block_from_torch(sd, f"decoder_blocks.{i}", model.decoder_num_heads)
                 for i in range(model.decoder_depth)
             },
         }
-        params["decoder_norm"] = _norm_from_torch(sd, "decoder_norm")
-        params["pred"] = _linear_from_torch(sd, "decoder_pred")
+        params["decoder_norm"] = norm_from_torch(sd, "decoder_norm")
+        params["pred"] = linear_from_torch(sd, "decoder_pred")
         _check_aggregator(model)
         if model.aggregation_kernel:
             params["aggregation"] = {
@@ -223,22 +252,6 @@ def expected_shapes(model: mae_lib.MaskedAutoencoder, include_decoder: bool = Tr
     """Every key of an official checkpoint of ``model``'s architecture, with its shape, in official order."""
     d, dd, n = model.width, model.decoder_width, model.grid[0] * model.grid[1]
 
-    def block(prefix, w, mlp):
-        return {
-            f"{prefix}.norm1.weight": (w,),
-            f"{prefix}.norm1.bias": (w,),
-            f"{prefix}.attn.qkv.weight": (3 * w, w),
-            f"{prefix}.attn.qkv.bias": (3 * w,),
-            f"{prefix}.attn.proj.weight": (w, w),
-            f"{prefix}.attn.proj.bias": (w,),
-            f"{prefix}.norm2.weight": (w,),
-            f"{prefix}.norm2.bias": (w,),
-            f"{prefix}.mlp.fc1.weight": (mlp, w),
-            f"{prefix}.mlp.fc1.bias": (mlp,),
-            f"{prefix}.mlp.fc2.weight": (w, mlp),
-            f"{prefix}.mlp.fc2.bias": (w,),
-        }
-
     shapes = {
         "cls_token": (1, 1, d),
         "pos_embed": (1, 1 + n, d),
@@ -246,7 +259,7 @@ def expected_shapes(model: mae_lib.MaskedAutoencoder, include_decoder: bool = Tr
         "patch_embed.proj.bias": (d,),
     }
     for i in range(model.depth):
-        shapes |= block(f"blocks.{i}", d, model.mlp_dim)
+        shapes |= block_shapes(f"blocks.{i}", d, model.mlp_dim)
     shapes |= {"norm.weight": (d,), "norm.bias": (d,)}
     if include_decoder:
         shapes |= {
@@ -256,7 +269,7 @@ def expected_shapes(model: mae_lib.MaskedAutoencoder, include_decoder: bool = Tr
             "decoder_embed.bias": (dd,),
         }
         for i in range(model.decoder_depth):
-            shapes |= block(f"decoder_blocks.{i}", dd, model.decoder_mlp_dim)
+            shapes |= block_shapes(f"decoder_blocks.{i}", dd, model.decoder_mlp_dim)
         shapes |= {
             "decoder_norm.weight": (dd,),
             "decoder_norm.bias": (dd,),
@@ -284,7 +297,8 @@ def merge_into(params: dict, imported: dict) -> dict:
     return {k: imported.get(k, v) for k, v in params.items()}
 
 
-def _to_numpy(tree):
+def to_numpy(tree):
+    """A (possibly boxed) parameter tree as nested dicts of numpy arrays."""
     if isinstance(tree, Mapping):
-        return {k: _to_numpy(v) for k, v in tree.items()}
+        return {k: to_numpy(v) for k, v in tree.items()}
     return np.asarray(getattr(tree, "value", tree))

@@ -118,12 +118,14 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
 
 
-def read(path: str | os.PathLike, key: str = "model") -> dict[str, np.ndarray]:
+def read(path: str | os.PathLike, key: str | tuple[str, ...] = "model") -> dict[str, np.ndarray]:
     """``{name: ndarray}`` from a ``.safetensors`` file or a ``torch.save`` archive.
 
     For a ``torch.save`` archive holding a dict with ``key`` (MAE's
-    ``{'model': state_dict, ...}``) returns that entry, else the top level.
-    Raises ``WeightFileError`` naming the problem when neither is a state dict.
+    ``{'model': state_dict, ...}``) returns that entry, else the top level;
+    a tuple of keys takes the first the dict holds (DINO's and iBOT's
+    ``'teacher'``, ``'state_dict'``). Raises ``WeightFileError`` naming the
+    problem when neither is a state dict.
     """
     path = os.fspath(path)
     if path.endswith(".safetensors"):
@@ -131,8 +133,10 @@ def read(path: str | os.PathLike, key: str = "model") -> dict[str, np.ndarray]:
 
         return dict(load_file(path))
     obj = _read_torch_zip(path)
-    if isinstance(obj, dict) and key in obj:
-        obj = obj[key]
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    held = [k for k in keys if isinstance(obj, dict) and k in obj]
+    if held:
+        obj = obj[held[0]]
     if not _is_state_dict(obj):
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise WeightFileError(f"{path} holds no state dict under {key!r} or at the top level (found {found}).")

@@ -21,9 +21,11 @@ The protocol (``Method``), both halves of a method's work:
 - ``optimizer(global_batch, total_steps)``: the optax transformation.
 - ``encoder(params=None) -> (module, encoder params)``: the encoder the method
   leaves for evaluation, fine-tuning and export (``module.apply({'params': p},
-  images)`` gives ``[B, 1 + N, D]`` tokens, cls first); params None without them.
+  images)`` gives ``[B, 1 + N, D]`` tokens, cls first, or a Swin's ``SwinOutput``); params None without them.
 - ``load_pretrained(params, shardings) -> params``: a fresh run's starting
   parameters (a classifier loads its pretrained encoder); default: as initialised.
+- ``load_frozen(frozen, shardings) -> frozen``: a fresh run's frozen
+  parameters (a teacher's weights, read from disk); default: as initialised.
 - optional capabilities, ``None`` when the method has none: ``picture``
   (reconstruction pictures), ``logits`` (classifiers).
 - ``host_state(setup)``: per-image host state that a sampler keeps across steps
@@ -113,6 +115,11 @@ class Method(abc.ABC):
         """A fresh run's starting parameters (laid out as ``shardings``); default: ``params`` as initialised."""
         del shardings
         return params
+
+    def load_frozen(self, frozen, shardings):
+        """A fresh run's frozen parameters (laid out as ``shardings``); default: ``frozen`` as initialised."""
+        del shardings
+        return frozen
 
     def host_state(self, setup):
         """The per-image host state of the module docstring for the trainer's ``setup``; default: None."""

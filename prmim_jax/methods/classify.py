@@ -1,15 +1,19 @@
 """Fine-tuning, partial fine-tuning and linear probing as a method of the one trainer.
 
-The classifier (``models.classifier``) trains on a pretrained encoder from
-``config.init``:
+The classifier (``models.classifier``: a ViT, or a Swin with ``model.architecture='swin'``)
+trains on a pretrained encoder from ``config.init`` (at most one of):
 
-- ``init.workdir``: a prmim_jax pretraining workdir (its latest checkpoint and
-  ``config.json``; the encoder its method leaves, ``Method.encoder``), or
-- ``init.mae_checkpoint``: an official MAE checkpoint (``.pth``/``.safetensors``),
-- neither: training from scratch (the baseline a pretraining must beat).
+- ``init.workdir``: a prmim_jax workdir (its latest checkpoint and ``config.json``;
+  the encoder its method leaves, ``Method.encoder``), or
+- ``init.mae_checkpoint``: an official MAE checkpoint (``.pth``/``.safetensors``; ViT),
+- ``init.swin_checkpoint``: an official or timm Swin checkpoint (``interop.swin_checkpoint``; Swin),
+- none: training from scratch (the baseline a pretraining must beat).
 
-The position table becomes a parameter, initialised from the pretraining grid's
-sin-cos table resized to the fine-tuning grid (``vit.interpolate_pos_embedding``).
+A ViT's position table becomes a parameter, initialised from the pretraining grid's
+sin-cos table resized to the fine-tuning grid (``vit.interpolate_pos_embedding``); a
+Swin's relative position tables are resized bicubically when the fine-tuning window
+(set by ``window_size`` and, where a stage's grid is smaller, the resolution) differs
+from the pretraining's (``swin.resize_relative_position_tables``).
 Only a fresh run loads the encoder; a resumed run continues from its own checkpoint.
 A batch is ``images [B, H, W, C] float32`` (normalised, host-augmented per
 ``config.data``) and ``labels [B] int32``; mixup / cutmix and label smoothing
@@ -32,9 +36,9 @@ import optax
 from ml_collections import config_dict
 
 from prmim_jax import checkpoint, mixing, optim
-from prmim_jax.interop import mae_checkpoint
+from prmim_jax.interop import mae_checkpoint, swin_checkpoint
 from prmim_jax.methods import HostTransforms, Method, Variables
-from prmim_jax.models import classifier, vit
+from prmim_jax.models import classifier, swin, vit
 from prmim_jax.models import mae as mae_lib
 
 
@@ -71,7 +75,11 @@ def experiment_config() -> ml_collections.ConfigDict:
 def init_config(**overrides) -> ml_collections.ConfigDict:
     """``config.init``: where the encoder comes from. Typed ``None`` so ``--config.init.workdir=...`` works."""
     config = ml_collections.ConfigDict(
-        dict(workdir=config_dict.placeholder(str), mae_checkpoint=config_dict.placeholder(str))
+        dict(
+            workdir=config_dict.placeholder(str),
+            mae_checkpoint=config_dict.placeholder(str),
+            swin_checkpoint=config_dict.placeholder(str),
+        )
     )
     config.update(overrides)
     return config
@@ -139,11 +147,8 @@ class Classification(Method):
         self.config = config
         self.model = classifier.build_classifier(config.model)
         self.mixing = Mixing.from_config(config.mixing, config.model.num_classes)
+        _check_init(config.init, classifier.architecture(config.model))
         init = config.init
-        if init.workdir and init.mae_checkpoint:
-            raise ValueError(
-                "set one of init.workdir (our pretraining run) and init.mae_checkpoint (official MAE), not both."
-            )
         if init.workdir:
             _check_pretrained_encoder(init.workdir, self.model.encoder)
         self.optimizer(config.batch_size, config.total_steps)  # checks optimizer.name and warmup_steps
@@ -172,12 +177,14 @@ class Classification(Method):
         return loss, {}, updates.get("batch_stats", variables.batch_stats)
 
     def optimizer(self, global_batch: int, total_steps: int):
+        depth, layer_ids = classifier.lr_layers(self.model)
         return optim.build_classifier_optimizer(
             self.config.optimizer,
             global_batch,
             total_steps,
-            depth=self.model.encoder.depth,
-            trainable_blocks=self.config.model.trainable_blocks,
+            depth=depth,
+            trainable_blocks=self.config.model.get("trainable_blocks"),
+            layer_ids=layer_ids,
         )
 
     def encoder(self, params=None):
@@ -211,7 +218,39 @@ class Classification(Method):
         return dict(params) | {"encoder": jax.tree_util.tree_map_with_path(loaded, fresh, shardings["encoder"])}
 
 
-def _check_pretrained_encoder(workdir: str, encoder: vit.Encoder) -> None:
+def model_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The reference a ``model`` section is validated against: its architecture's keys and defaults."""
+    return classifier.model_defaults(model)
+
+
+def _check_init(init: ml_collections.ConfigDict, architecture: str) -> None:
+    """One encoder source at most, of the model's architecture."""
+    if init.workdir and init.mae_checkpoint:
+        raise ValueError(
+            "set one of init.workdir (our pretraining run) and init.mae_checkpoint (official MAE), not both."
+        )
+    swin_file = init.get("swin_checkpoint")  # absent from configs saved before it existed
+    if swin_file and (init.workdir or init.mae_checkpoint):
+        raise ValueError("set one of init.workdir, init.mae_checkpoint and init.swin_checkpoint, not two.")
+    if architecture == "swin" and init.mae_checkpoint:
+        raise ValueError(
+            "init.mae_checkpoint holds a ViT but model.architecture='swin'; use init.swin_checkpoint for a Swin."
+        )
+    if architecture != "swin" and swin_file:
+        raise ValueError(
+            "init.swin_checkpoint holds a Swin but the model is a ViT; start the model section from "
+            "classifier.swin_classifier_config (model.architecture='swin'), or use init.mae_checkpoint."
+        )
+
+
+# What a pretrained encoder must share with the classifier's (a Swin's window may differ: its tables are resized).
+_ENCODER_FIELDS = {
+    vit.Encoder: ("width", "depth", "num_heads", "mlp_dim", "patch_size"),
+    swin.SwinTransformer: ("width", "depths", "num_heads", "mlp_ratio", "patch_size"),
+}
+
+
+def _check_pretrained_encoder(workdir: str, encoder) -> None:
     from prmim_jax import methods
 
     try:
@@ -221,19 +260,26 @@ def _check_pretrained_encoder(workdir: str, encoder: vit.Encoder) -> None:
             f"init.workdir={workdir}: {error} Then point it at a prmim_jax pretraining workdir."
         ) from None
     pretrained, _ = methods.build(pretraining).encoder()
-    fields = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
-    ours, theirs = (tuple(getattr(e, f, None) for f in fields) for e in (encoder, pretrained))
-    if ours != theirs:
+    fields = _ENCODER_FIELDS[type(encoder)]
+    ours, theirs = (tuple(_field(e, f) for f in fields) for e in (encoder, pretrained))
+    if type(pretrained) is not type(encoder) or ours != theirs:
         raise ValueError(
-            f"init.workdir={workdir} pretrained an encoder of (width, depth, heads, mlp, patch) {theirs}, "
-            f"but model asks for {ours}; make model's variant and sizes match the pretraining run's."
+            f"init.workdir={workdir} pretrained a {type(pretrained).__name__} of ({', '.join(fields)}) {theirs}, "
+            f"but model asks for a {type(encoder).__name__} of {ours}; make model's variant and sizes match the "
+            "pretraining run's (and its architecture)."
         )
 
 
-def pretrained_encoder(config: ml_collections.ConfigDict, encoder: vit.Encoder) -> dict | None:
+def _field(module, name: str):
+    value = getattr(module, name, None)
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def pretrained_encoder(config: ml_collections.ConfigDict, encoder) -> dict | None:
     """The pretrained encoder's parameters for ``encoder`` (numpy, host memory), or ``None`` without ``init``.
 
-    ``pos_embedding`` is the pretraining grid's sin-cos table resized to ``encoder.grid``.
+    A ViT's ``pos_embedding`` is the pretraining grid's sin-cos table resized to ``encoder.grid``; a
+    Swin's relative position tables are resized to ``encoder``'s windows (a checkpoint's head is dropped).
     """
     if config.init.workdir:
         from prmim_jax import train
@@ -255,9 +301,13 @@ def pretrained_encoder(config: ml_collections.ConfigDict, encoder: vit.Encoder) 
             decoder_mlp_dim=16,
         )
         pretrained, params = mae_lib.encoder_of(mae), mae_checkpoint.load(config.init.mae_checkpoint, mae)["encoder"]
+    elif config.init.get("swin_checkpoint"):
+        pretrained, params = encoder, swin_checkpoint.load(config.init.swin_checkpoint, encoder)
     else:
         return None
     params = jax.tree.map(np.asarray, params)
+    if isinstance(encoder, swin.SwinTransformer):
+        return swin.resize_relative_position_tables(params, encoder)
     if "pos_embedding" not in params:  # pretrained with the fixed sin-cos table
         table = vit.sincos_2d(pretrained.width, pretrained.grid)
         params["pos_embedding"] = np.asarray(vit.interpolate_pos_embedding(table, pretrained.grid, encoder.grid))

@@ -1,11 +1,16 @@
-"""The ViT classifier that fine-tuning, partial fine-tuning and linear probing train on a pretrained encoder.
+"""The classifier that fine-tuning, partial fine-tuning and linear probing train on a pretrained encoder.
 
-Its parameters are ``{"encoder": <MAE's encoder parameters>, "fc_norm": ..., "head": ...}``,
-so a pretrained encoder drops in as ``params["encoder"]``. Two readouts, as in MAE:
+Two backbones (``model.architecture``): the ViT (``classifier_config``) and the Swin
+Transformer (``swin_classifier_config``, ``models.swin``). The parameters are
+``{"encoder": <the encoder's parameters>, ["fc_norm": ...,] "head": ...}``, so a
+pretrained encoder drops in as ``params["encoder"]``. The ViT has two readouts, as in MAE:
 
 - ``pool="avg"`` (fine-tuning): the mean of the patch tokens, then a LayerNorm
   (``fc_norm``); the encoder's own final norm is not applied.
 - ``pool="cls"`` (linear probing): the cls token after the encoder's final norm.
+
+A Swin has one, the official Swin's: its final norm, then the mean over tokens
+(``SwinOutput.pooled``; ``pool="avg"``, no ``fc_norm``).
 
 ``head="batchnorm_linear"`` puts a BatchNorm without affine parameters before
 the linear head (MAE's linear probe); it keeps running statistics in the
@@ -14,16 +19,19 @@ the linear head (MAE's linear probe); it keeps running statistics in the
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from prmim_jax.models import vit
+from prmim_jax.models import swin, vit
 
 POOLS = ("avg", "cls")
 HEADS = ("linear", "batchnorm_linear")
+ARCHITECTURES = ("vit", "swin")
 
 
 class Classifier(nn.Module):
@@ -33,7 +41,7 @@ class Classifier(nn.Module):
     statistics in the BatchNorm head (``mutable=["batch_stats"]``).
     """
 
-    encoder: vit.Encoder
+    encoder: vit.Encoder | swin.SwinTransformer
     num_classes: int
     pool: str = "avg"
     head: str = "linear"
@@ -42,7 +50,9 @@ class Classifier(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         x = self.encoder(images, deterministic=not train)
-        if self.pool == "avg":
+        if isinstance(x, swin.SwinOutput):
+            features = x.pooled  # a Swin pools itself: final norm, then the mean (float32)
+        elif self.pool == "avg":
             # float32 head (vit's precision policy): the mean of the float32 residual stream, normed in float32.
             features = vit.layer_norm(jnp.float32, "fc_norm")(jnp.mean(x[:, 1:].astype(jnp.float32), axis=1))
         else:
@@ -68,7 +78,8 @@ class Classifier(nn.Module):
 def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
     """The model section of a fine-tuning config (MAE's fine-tuning defaults).
 
-    Keys: ``variant`` and the size overrides of ``mae.model_config`` (``width``,
+    Keys: ``architecture`` (``'vit'``; ``swin_classifier_config`` for a Swin),
+    ``variant`` and the size overrides of ``mae.model_config`` (``width``,
     ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``), ``image_size``,
     ``channels``, ``num_classes``, ``pool``, ``head``, ``head_init_std``
     (2e-5 fine-tuning, 0.01 linear probe), ``drop_path_rate``,
@@ -79,6 +90,7 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
     """
     config = ml_collections.ConfigDict(
         dict(
+            architecture="vit",
             variant=variant,
             # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
             width=config_dict.placeholder(int),
@@ -103,10 +115,35 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
     return config
 
 
-def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
-    """A ``Classifier`` from ``classifier_config``; raises ``ValueError`` (with the fix) on impossible values."""
-    size = vit.encoder_size(config)
-    width, depth, num_heads, patch_size = size.width, size.depth, size.num_heads, size.patch_size
+def swin_classifier_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
+    """The model section of a Swin fine-tuning config: ``swin.model_config``'s keys (``variant`` ``T|S|B|L``,
+    ``width``, ``depths``, ``num_heads``, ``patch_size``, ``window_size``, ...) plus ``architecture='swin'``,
+    ``num_classes``, ``pool`` (``'avg'`` only: the final norm, then the mean), ``head``, ``head_init_std``
+    (0.02, the official Swin's head init)."""
+    config = swin.model_config(variant, image_size=overrides.pop("image_size", 224))  # an int or an (h, w) pair
+    config.update(architecture="swin", num_classes=1000, pool="avg", head="linear", head_init_std=0.02)
+    config.update(overrides)
+    return config
+
+
+def architecture(config: ml_collections.ConfigDict) -> str:
+    """``config.architecture`` (``'vit'`` for sections saved before the key existed); ``ValueError`` naming the
+    choices for an unknown one."""
+    name = config.get("architecture", "vit")
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"model.architecture={name!r} is not a backbone: choose one of {ARCHITECTURES} (start the model section "
+            "from classifier.classifier_config or classifier.swin_classifier_config)."
+        )
+    return name
+
+
+def model_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every key a model section of ``config``'s architecture has, with its default (what validation holds it to)."""
+    return swin_classifier_config() if architecture(config) == "swin" else classifier_config()
+
+
+def _check_head(config: ml_collections.ConfigDict) -> None:
     if config.pool not in POOLS:
         raise ValueError(f"pool={config.pool!r}; choose one of {POOLS}.")
     if config.head not in HEADS:
@@ -115,6 +152,20 @@ def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
         raise ValueError(f"num_classes={config.num_classes} must be at least 2.")
     if not 0.0 <= config.drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate={config.drop_path_rate} must lie in [0, 1).")
+
+
+def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
+    """A ``Classifier`` from ``classifier_config`` or ``swin_classifier_config``; raises ``ValueError`` (with the
+    fix) on impossible values."""
+    _check_head(config)
+    if architecture(config) == "swin":
+        if config.pool != "avg":
+            raise ValueError(
+                f"pool={config.pool!r}: a Swin has no cls token; use pool='avg' (its final norm, then the mean)."
+            )
+        return Classifier(swin.build_swin(config), config.num_classes, "avg", config.head, config.head_init_std)
+    size = vit.encoder_size(config)
+    width, depth, num_heads, patch_size = size.width, size.depth, size.num_heads, size.patch_size
     trainable = depth if config.trainable_blocks is None else config.trainable_blocks
     if not 0 <= trainable <= depth:
         raise ValueError(f"trainable_blocks={config.trainable_blocks} must lie in [0, depth={depth}] (or be None).")
@@ -163,7 +214,8 @@ def trainable_mask(params, depth: int, trainable_blocks: int | None):
 
 
 def layer_ids(params, depth: int):
-    """Each parameter's layer for layer-wise lr decay: 0 embeddings, ``i + 1`` block ``i``, ``depth + 1`` the rest."""
+    """Each parameter's layer for layer-wise lr decay of a ViT classifier: 0 embeddings, ``i + 1`` block ``i``,
+    ``depth + 1`` the rest."""
 
     def layer(path, _):
         names = vit.path_names(path)
@@ -175,3 +227,23 @@ def layer_ids(params, depth: int):
         return depth + 1 if "transformer" in names else 0  # final norm | patch embed, cls, positions
 
     return jax.tree_util.tree_map_with_path(layer, params)
+
+
+def swin_layer_ids(params, depths: tuple[int, ...]):
+    """Each parameter's layer for layer-wise lr decay of a Swin classifier (``swin.layer_id``: 0 the patch
+    embedding, blocks numbered across stages, a stage's merging with its last block); ``sum(depths) + 1`` the head."""
+
+    def layer(path, _):
+        names = vit.path_names(path)
+        return swin.layer_id(names[1:], depths) if names[0] == "encoder" else sum(depths) + 1
+
+    return jax.tree_util.tree_map_with_path(layer, params)
+
+
+def lr_layers(model: Classifier):
+    """``(depth, layer_ids_fn)`` for layer-wise lr decay of ``model``: the blocks counted (the head is layer
+    ``depth + 1``) and ``params -> a pytree of int layers``."""
+    encoder = model.encoder
+    if isinstance(encoder, swin.SwinTransformer):
+        return encoder.depth, functools.partial(swin_layer_ids, depths=tuple(encoder.depths))
+    return encoder.depth, functools.partial(layer_ids, depth=encoder.depth)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from prmim_jax.models import aggregate, tokens, vit
+from prmim_jax.models import aggregate, mff, tokens, vit
 
 NORM_PIX_EPS = 1e-6
 
@@ -36,7 +36,8 @@ class Decoder(nn.Module):
     ``ids_decoded [B, N_dec]`` -> ``[B, 1 + N_vis + N_dec, width]``, the last
     block's output (MAE's ``decoder_norm`` belongs to the pixel head, which
     progressive reconstruction applies after its aggregation), in the order
-    cls, visible, decoded. The sequence is not
+    cls, visible, decoded; with ``cls_token=False`` (GreenMIM's decoder) the latent
+    has no cls token and neither has the output. The sequence is not
     unshuffled to grid order as in the official code: attention does not see
     order and positions are added by id, so the outputs are the same. The
     output is the residual stream, float32 under bfloat16 (``vit``'s precision
@@ -51,6 +52,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
+    cls_token: bool = True
 
     @nn.compact
     def __call__(self, latent, ids_visible, ids_decoded):
@@ -63,10 +65,12 @@ class Decoder(nn.Module):
         masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(stream)
         x = jnp.concatenate([x.astype(stream), masked], axis=1)
 
-        pos = jnp.asarray(vit.sincos_2d(self.width, self.grid))
-        pos_tokens = jnp.broadcast_to(pos[1:], (batch, *pos[1:].shape))
+        pos_table = jnp.asarray(vit.sincos_2d(self.width, self.grid))
+        pos_tokens = jnp.broadcast_to(pos_table[1:], (batch, *pos_table[1:].shape))
         ids = jnp.concatenate([ids_visible, ids_decoded], axis=1)
-        pos = jnp.concatenate([jnp.broadcast_to(pos[:1], (batch, 1, self.width)), tokens.take(pos_tokens, ids)], axis=1)
+        pos = tokens.take(pos_tokens, ids)
+        if self.cls_token:
+            pos = jnp.concatenate([jnp.broadcast_to(pos_table[:1], (batch, 1, self.width)), pos], axis=1)
         x = nn.with_logical_constraint(x + pos.astype(stream), ("batch", "tokens", "embed"))
         return vit.Transformer(
             self.depth,
@@ -87,7 +91,9 @@ class MaskedAutoencoder(nn.Module):
     With ``aggregation_kernel = 0`` the thrown ids are ignored (MAE, partial
     reconstruction); with ``k > 0`` a ``k x k`` depth-wise aggregation of the
     decoder outputs gives the thrown tokens' features and the same head
-    predicts their pixels (PR-MIM).
+    predicts their pixels (PR-MIM). With ``fused_blocks`` (block numbers
+    counted from 1) the encoder's output is MFF's multi-level fusion of those
+    blocks and the last (``models.mff``); the fusion holds the final norm.
     """
 
     patch_size: int
@@ -106,6 +112,7 @@ class MaskedAutoencoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
+    fused_blocks: tuple[int, ...] = ()  # MFF: blocks (counted from 1) fused with the last; () for MAE
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -116,7 +123,12 @@ class MaskedAutoencoder(nn.Module):
         return self.patch_size * self.patch_size * self.channels
 
     def setup(self):
-        self.encoder = encoder_of(self)
+        if self.fused_blocks:
+            taps = (*(b - 1 for b in self.fused_blocks), self.depth - 1)  # counted from 0
+            self.encoder = encoder_of(self, final_norm=False, taps=taps)
+            self.fusion = mff.MultiLevelFusion(self.dtype)
+        else:
+            self.encoder = encoder_of(self)
         self.decoder = Decoder(
             self.grid,
             self.decoder_width,
@@ -151,22 +163,40 @@ class MaskedAutoencoder(nn.Module):
     ) -> MAEOutput:
         if images.shape[-1] != self.channels:
             raise ValueError(f"images have {images.shape[-1]} channels; the model was built for {self.channels}.")
-        latent = self.encoder(images, ids_visible)
+        latent = self.encode(images, ids_visible)
         features = self.decoder(latent, ids_visible, ids_decoded)[:, 1:]  # the cls token predicts nothing
-        num_visible = ids_visible.shape[1]
-        pred_decoded = self.predict_pixels(features[:, num_visible:])
-        pred_thrown = None
-        if self.aggregation_kernel:
-            if ids_thrown is None:
-                ids_thrown = jnp.zeros((ids_visible.shape[0], 0), jnp.int32)
-            ids_present = jnp.concatenate([ids_visible, ids_decoded], axis=1)
-            pred_thrown = self.predict_pixels(self.aggregation(features, ids_present, ids_thrown))
-        pred_visible = self.predict_pixels(features[:, :num_visible]) if predict_visible else None
-        return MAEOutput(latent, pred_decoded, pred_thrown, pred_visible)
+        return MAEOutput(
+            latent, *pixel_predictions(self, features, ids_visible, ids_decoded, ids_thrown, predict_visible)
+        )
+
+    def encode(self, images, ids_visible):
+        """``[B, 1 + N_vis, width]``: the encoder's output, or MFF's fused blocks with ``fused_blocks``."""
+        if not self.fused_blocks:
+            return self.encoder(images, ids_visible)
+        _, blocks = self.encoder(images, ids_visible)
+        return self.fusion(blocks)
 
 
-def encoder_of(model: MaskedAutoencoder) -> vit.Encoder:
-    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation."""
+def pixel_predictions(model, features, ids_visible, ids_decoded, ids_thrown, predict_visible: bool):
+    """``(pred_decoded, pred_thrown, pred_visible)`` float32 pixels from the decoder's ``features [B, N_vis +
+    N_dec, width]`` (visible first, no cls): the decoded tokens through ``model.predict_pixels``; with
+    ``model.aggregation_kernel`` the thrown tokens through ``model.aggregation`` then the same head, else None;
+    the visible tokens when asked, else None. ``model``: a module with those members (MAE, GreenMIM)."""
+    num_visible = ids_visible.shape[1]
+    pred_decoded = model.predict_pixels(features[:, num_visible:])
+    pred_thrown = None
+    if model.aggregation_kernel:
+        if ids_thrown is None:
+            ids_thrown = jnp.zeros((ids_visible.shape[0], 0), jnp.int32)
+        ids_present = jnp.concatenate([ids_visible, ids_decoded], axis=1)
+        pred_thrown = model.predict_pixels(model.aggregation(features, ids_present, ids_thrown))
+    pred_visible = model.predict_pixels(features[:, :num_visible]) if predict_visible else None
+    return pred_decoded, pred_thrown, pred_visible
+
+
+def encoder_of(model: MaskedAutoencoder, **overrides) -> vit.Encoder:
+    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation;
+    ``overrides``: ``vit.Encoder`` fields to change (MFF's pretraining encoder: no final norm, taps)."""
     return vit.Encoder(
         model.patch_size,
         model.image_size,
@@ -177,6 +207,7 @@ def encoder_of(model: MaskedAutoencoder) -> vit.Encoder:
         model.dtype,
         model.attention_impl,
         remat=model.remat,
+        **overrides,
     )
 
 
@@ -298,6 +329,7 @@ def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
         decoder_mlp_dim=int(config.decoder_width * config.decoder_mlp_ratio),
         aggregation_kernel=config.get("aggregation_kernel", 0),
         aggregator=config.get("aggregator", "dwconv"),
+        fused_blocks=mff.check_fused_blocks(config.fused_blocks, depth) if config.get("fused_blocks") else (),
         dtype=jnp.dtype(config.dtype),
         attention_impl=config.get("attention_impl"),
         remat=remat,

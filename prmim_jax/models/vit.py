@@ -187,9 +187,10 @@ def logical(init, *names):
     return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype, name: str | None = None, epsilon: float = LAYER_NORM_EPS) -> nn.LayerNorm:
+    """LayerNorm over the last axis (logical ``embed``), eps ``epsilon`` (MAE's 1e-6; PyTorch's default 1e-5)."""
     return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPS,
+        epsilon=epsilon,
         dtype=dtype,
         use_fast_variance=False,
         scale_init=logical(nn.initializers.ones, "embed"),
@@ -286,12 +287,21 @@ def check_model_options(dtype, head_dims: tuple[int, ...], attention_impl: str |
         attention_implementation(dtype, head_dim, backend, attention_impl, capability)
 
 
-def dense(features: int, fan_in: int, axes: tuple[str, str], dtype, name: str, fan_out: int | None = None) -> nn.Dense:
-    """A linear layer initialised as the official MAE's ``nn.Linear`` (xavier-uniform weight, zero bias)."""
+def dense(
+    features: int,
+    fan_in: int,
+    axes: tuple[str, str],
+    dtype,
+    name: str,
+    fan_out: int | None = None,
+    kernel_init: nn.initializers.Initializer | None = None,
+) -> nn.Dense:
+    """A linear layer initialised as the official MAE's ``nn.Linear`` (xavier-uniform weight, zero bias);
+    ``kernel_init`` replaces the xavier-uniform weight init (Swin's normal(0.02))."""
     return nn.Dense(
         features,
         dtype=dtype,
-        kernel_init=logical(xavier_uniform(fan_in, fan_out or features), *axes),
+        kernel_init=logical(kernel_init or xavier_uniform(fan_in, fan_out or features), *axes),
         bias_init=logical(nn.initializers.zeros, axes[1]),
         name=name,
     )
@@ -447,7 +457,8 @@ class Attention(nn.Module):
 
     ``[B, T, D] -> [B, T, D]``. Kernels are ``[D, heads, kv]`` (q, k, v) and
     ``[heads, kv, D]`` (out); the checkpoint tools fuse them into the official
-    ``qkv`` / ``proj`` matrices. When an ``apply`` makes ``CLS_ATTENTION``
+    ``qkv`` / ``proj`` matrices. ``kernel_init`` (None: MAE's xavier-uniform
+    with the fused ``qkv``'s fans) initialises all four kernels. When an ``apply`` makes ``CLS_ATTENTION``
     mutable, each call also stores ``cls_attention_probs`` there (``probs``,
     ``[B, heads, T]``); see ``last_block_cls_attention``.
     """
@@ -455,6 +466,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None  # None / 'auto', 'xla', 'cudnn': see attention_implementation
+    kernel_init: nn.initializers.Initializer | None = None
 
     @nn.compact
     def __call__(self, x, bias=None):
@@ -464,7 +476,7 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
         head_dim = width // self.num_heads
         # The official MAE initialises q, k, v as one [3D, D] linear.
-        qkv_init = xavier_uniform(width, 3 * width)
+        qkv_init = self.kernel_init or xavier_uniform(width, 3 * width)
         qkv_axes = ("batch", "tokens", "heads", "kv")
         query, key, value = (
             nn.with_logical_constraint(
@@ -490,7 +502,7 @@ class Attention(nn.Module):
         else:
             attended = jax.nn.dot_product_attention(query, key, value, bias, implementation=implementation)
         attended = nn.with_logical_constraint(attended, qkv_axes)
-        out = HeadMerge(width, xavier_uniform(width, width), self.dtype, name="out")(attended)
+        out = HeadMerge(width, self.kernel_init or xavier_uniform(width, width), self.dtype, name="out")(attended)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
 
 
@@ -509,17 +521,20 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class MlpBlock(nn.Module):
-    """``[B, T, D] -> [B, T, D]``: linear to ``mlp_dim``, exact (erf) GELU, linear back."""
+    """``[B, T, D] -> [B, T, D]``: linear to ``mlp_dim``, exact (erf) GELU, linear back.
+
+    ``kernel_init``: None for MAE's xavier-uniform, else both kernels' init."""
 
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer | None = None
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        h = dense(self.mlp_dim, width, ("embed", "mlp"), self.dtype, "fc1")(x)
+        h = dense(self.mlp_dim, width, ("embed", "mlp"), self.dtype, "fc1", kernel_init=self.kernel_init)(x)
         h = nn.with_logical_constraint(gelu(h), ("batch", "tokens", "mlp"))
-        out = dense(width, self.mlp_dim, ("mlp", "embed"), self.dtype, "fc2")(h)
+        out = dense(width, self.mlp_dim, ("mlp", "embed"), self.dtype, "fc2", kernel_init=self.kernel_init)(h)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
 
 
@@ -575,6 +590,11 @@ class Transformer(nn.Module):
     array shared by all blocks (SimMIM's shared relative position bias).
     The blocks carry the residual stream in ``residual_dtype(dtype)`` (float32
     under bfloat16) and are rematerialised by ``remat`` (``remat_block``).
+
+    ``taps`` (block indices counted from 0): when not None, the call returns
+    ``(output, tapped)``, ``tapped`` the residual stream after each of those
+    blocks in the order given, before any norm (frameworks that read
+    intermediate blocks: LocalMIM's levels, MFF's fusion).
     """
 
     depth: int
@@ -587,11 +607,15 @@ class Transformer(nn.Module):
     frozen_blocks: int = 0
     layer_scale_init: float | None = None
     remat: str = "none"
+    taps: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, attention_bias=None):
         x = x.astype(residual_dtype(self.dtype))
         block_class = remat_block(self.remat)
+        if self.taps is not None and not all(0 <= i < self.depth for i in self.taps):
+            raise ValueError(f"taps={self.taps} must be block indices in [0, {self.depth}).")
+        tapped = {}
         for i in range(self.depth):
             if i == self.frozen_blocks and i:
                 x = jax.lax.stop_gradient(x)
@@ -607,9 +631,11 @@ class Transformer(nn.Module):
             )
             x = block(x, deterministic, attention_bias)
             x = residual_boundary(x)
+            tapped[i] = x
         if self.frozen_blocks >= self.depth:
             x = jax.lax.stop_gradient(x)
-        return layer_norm(self.dtype, "norm")(x) if self.final_norm else x
+        out = layer_norm(self.dtype, "norm")(x) if self.final_norm else x
+        return out if self.taps is None else (out, tuple(tapped[i] for i in self.taps))
 
 
 # ``deterministic`` (argument 2, counting the module as 0) decides drop path at trace time.
@@ -705,6 +731,12 @@ class Encoder(nn.Module):
     Under bfloat16 the patch embedding's matmul is bfloat16 and the position
     table is added in the float32 residual stream; the output is the final
     LayerNorm's, bfloat16 (float32 residual stream when ``final_norm`` is False).
+    ``taps`` is ``Transformer``'s: with it the call returns ``(output, tapped)``.
+    ``cls_token_mlp`` (TEC's input adaptor): the cls token passes through an
+    MLP (``D -> 4D -> D``, parameters ``cls_token_mlp``) before its position
+    is added; its output depends on the parameters only, so an encoder without
+    it computes the same with the MLP's output as its cls token
+    (``models.tec.fold_cls_token_mlp``).
     """
 
     patch_size: int
@@ -720,6 +752,8 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     frozen_blocks: int = 0
     remat: str = "none"
+    taps: tuple[int, ...] | None = None
+    cls_token_mlp: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -753,6 +787,10 @@ class Encoder(nn.Module):
         cls_token = self.param(
             "cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
         )
+        if self.cls_token_mlp:
+            # Per example, so that the MLP's activations carry the batch axis like every other.
+            cls_token = jnp.broadcast_to(cls_token, (x.shape[0], 1, self.width))
+            cls_token = MlpBlock(4 * self.width, self.dtype, name="cls_token_mlp")(cls_token)
         cls_token = jnp.broadcast_to(cls_token + pos_cls, (x.shape[0], 1, self.width)).astype(stream)
         x = nn.with_logical_constraint(jnp.concatenate([cls_token, x], axis=1), ("batch", "tokens", "embed"))
         return Transformer(
@@ -765,6 +803,7 @@ class Encoder(nn.Module):
             self.drop_path_rate,
             self.frozen_blocks,
             remat=self.remat,
+            taps=self.taps,
             name="transformer",
         )(x, deterministic)
 

@@ -4,6 +4,14 @@
         --batch 64 --out benchmarks/results/cost_cpu
     python -m prmim_jax.tools.cost --framework simmim --models B/16 --throw_ratios 0.3 --batch 64 \\
         --out benchmarks/results/cost_simmim_cpu
+    python -m prmim_jax.tools.cost --framework localmim --models B/16 --throw_ratios 0.65 --batch 64 \\
+        --out benchmarks/results/cost_localmim_cpu
+    python -m prmim_jax.tools.cost --framework mff --models B/16 --throw_ratios 0.5 --batch 64 \\
+        --out benchmarks/results/cost_mff_cpu
+    python -m prmim_jax.tools.cost --framework tec --models B/16 --throw_ratios 0.5 --batch 64 \\
+        --out benchmarks/results/cost_tec_cpu
+    python -m prmim_jax.tools.cost --framework greenmim --models B --throw_ratios 0.5 --batch 64 \\
+        --out benchmarks/results/cost_greenmim_cpu
     python -m prmim_jax.tools.cost --models B/16 --throw_ratios 0.5 --aggregators dwconv,transformer,convnext,avgpool \\
         --kernel_sizes 3,5,7,9,11 --batch 64 --out benchmarks/results/cost_aggregators_cpu
 
@@ -18,7 +26,10 @@ row per aggregator design and window), and reports per image:
   (``compiled.memory_analysis().temp_size_in_bytes``: activations and
   workspace, not parameters or optimizer state),
 
-each absolute and as a ratio to the baseline. XLA counts a multiply-add as two FLOPs;
+each absolute and as a ratio to the baseline. A method with a frozen teacher
+(TEC) also gets ``teacher_flops``, its teacher's forward pass (in both
+counts above, never differentiated), and ``student_flops``, the forward
+pass without it, with its ratio. XLA counts a multiply-add as two FLOPs;
 the paper counts MACs (fvcore), so compare ratios. Writes ``OUT.json`` (one
 object per row) and ``OUT.md``.
 """
@@ -35,8 +46,11 @@ import jax
 import ml_collections
 
 from prmim_jax import methods, optim, train_step
+from prmim_jax.models import greenmim as greenmim_lib
+from prmim_jax.models import localmim as localmim_lib
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import simmim as simmim_lib
+from prmim_jax.models import tec as tec_lib
 
 
 def abstract_inputs(method, batch: int):
@@ -56,15 +70,32 @@ def measure(method, batch: int) -> dict:
     forward_cost = jax.jit(forward).lower(state.variables, data).compile().cost_analysis()
     step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
     compiled = step.lower(state, data, jax.random.key(0)).compile()
-    return {
+    row = {
         "forward_flops": forward_cost["flops"] / batch,
         "step_flops": compiled.cost_analysis()["flops"] / batch,
         "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
     }
+    targets = getattr(method, "targets", None)  # a frozen teacher's forward pass (TEC)
+    if targets is not None:
+        teacher = jax.jit(targets).lower(state.frozen, data["images"]).compile().cost_analysis()
+        row["teacher_flops"] = teacher["flops"] / batch
+        row["student_flops"] = row["forward_flops"] - row["teacher_flops"]
+    return row
 
 
 # framework (a module of prmim_jax.methods) -> its model section's config function.
-FRAMEWORKS = {"mae": mae_lib.model_config, "simmim": simmim_lib.model_config}
+FRAMEWORKS = {
+    "mae": mae_lib.model_config,
+    "simmim": simmim_lib.model_config,
+    "localmim": localmim_lib.model_config,
+    "mff": mae_lib.model_config,
+    "tec": tec_lib.model_config,
+    "greenmim": greenmim_lib.model_config,
+}
+# How a row names a framework's model variant ('B/16' -> 'ViT-B/16'; GreenMIM's 'B' -> 'Swin-B').
+BACKBONES = {"greenmim": "Swin"}
+# Method keys a framework needs to build that compiling never reads: TEC's teacher weights (only their shapes count).
+BUILD_ONLY = {"tec": dict(teacher=dict(checkpoint="teacher weights, never read"))}
 # How a row names its variant, as the paper's tables do.
 ROW_NAMES = {"full": "{framework}", "partial": "partial", "progressive": "prmim"}
 
@@ -93,7 +124,7 @@ def build_method(framework: str, model_config, overrides: dict):
     """The ``framework`` method (a module of ``prmim_jax.methods``) with ``model_config`` and ``overrides``."""
     from prmim_jax.data import pipeline
 
-    section = methods.method_config(framework, **overrides)
+    section = methods.method_config(framework, **(BUILD_ONLY.get(framework, {}) | overrides))
     config = ml_collections.ConfigDict(
         dict(model=model_config, method=section, optimizer=optim.optimizer_config(), data=pipeline.data_config())
     )
@@ -124,7 +155,7 @@ def report(
             section = method.config.method
             progressive = section.reconstruction == "progressive"
             row = {
-                "model": f"ViT-{variant}",
+                "model": f"{BACKBONES.get(framework, 'ViT')}-{variant}",
                 "method": ROW_NAMES[section.reconstruction].format(framework=framework),
                 "framework": framework,
                 "sampler": section.sampler,
@@ -134,8 +165,9 @@ def report(
             }
             row |= measure(method, batch)
             baseline = baseline or row
-            for key in ("forward_flops", "step_flops", "temp_bytes"):
-                row[f"{key}_ratio"] = row[key] / baseline[key]
+            for key in ("forward_flops", "step_flops", "temp_bytes", "student_flops"):
+                if key in row:
+                    row[f"{key}_ratio"] = row[key] / baseline[key]
             rows.append(row)
             design = f"{row['aggregator']} k={row['kernel_size']}" if progressive else ""
             log(
@@ -143,6 +175,11 @@ def report(
                 f"fwd {row['forward_flops'] / 1e9:7.2f} GFLOPs ({row['forward_flops_ratio']:.3f})  "
                 f"step {row['step_flops'] / 1e9:7.2f} ({row['step_flops_ratio']:.3f})  "
                 f"temp {row['temp_bytes'] / 2**20:8.0f} MiB ({row['temp_bytes_ratio']:.3f})"
+                + (
+                    f"  w/o teacher {row['student_flops'] / 1e9:.2f} ({row['student_flops_ratio']:.3f})"
+                    if "student_flops" in row
+                    else ""
+                )
             )
     return rows
 
@@ -152,26 +189,34 @@ def _design(row: dict) -> str:
 
 
 def markdown(rows: list[dict], batch: int) -> str:
+    teacher = "teacher_flops" in rows[0]  # the forward pass with and without a frozen teacher's
     lines = [
         f"Per image; temporary memory for a batch of {batch}. Ratios are to the framework's baseline "
         "(first row of each model).",
         "",
         "| model | method | sampler | rho_d | aggregator | forward GFLOPs | ratio | step GFLOPs | ratio "
-        "| step temp MiB | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step temp MiB | ratio |" + (" teacher GFLOPs | forward w/o teacher GFLOPs | ratio |" if teacher else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if teacher else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['model']} | {r['method']} | {r['sampler']} | {r['rho_d']} | {_design(r)} | {r['forward_flops'] / 1e9:.2f} | "
             f"{r['forward_flops_ratio']:.3f} | {r['step_flops'] / 1e9:.2f} | {r['step_flops_ratio']:.3f} | "
             f"{r['temp_bytes'] / 2**20:.0f} | {r['temp_bytes_ratio']:.3f} |"
         )
+        if teacher:
+            line += (
+                f" {r['teacher_flops'] / 1e9:.2f} | {r['student_flops'] / 1e9:.2f} | {r['student_flops_ratio']:.3f} |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="B/16,L/16", help="comma-separated ViT variants, e.g. B/16,L/16")
+    parser.add_argument(
+        "--models", default="B/16,L/16", help="comma-separated variants: ViT's B/16,L/16; GreenMIM's Swin B,L"
+    )
     parser.add_argument("--throw_ratios", default="0.25,0.5,0.65")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=224)
@@ -195,7 +240,9 @@ def main(argv=None):
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         keys = ("model", "method", "sampler", "rho_d", "forward_flops", "step_flops", "temp_bytes")
-        keys += tuple(k for k in ("framework", "aggregator", "kernel_size") if k in rows[0])
+        keys += tuple(
+            k for k in ("framework", "aggregator", "kernel_size", "teacher_flops", "student_flops") if k in rows[0]
+        )
         meta = {
             "batch": args.batch,
             "image_size": args.image_size,

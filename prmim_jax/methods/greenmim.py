@@ -1,0 +1,64 @@
+"""GreenMIM (Huang et al., NeurIPS 2022; LayneH/GreenMIM) on a Swin, with partial reconstruction and PR-MIM on
+the grid of mask units (``reconstruction`` picks). Config section::
+
+    config.model = greenmim_model.model_config("B")                          # Swin-B, window 7, decoder 512x1
+    config.method = greenmim.default_config()                                # GreenMIM
+    config.method = greenmim.default_config(reconstruction="progressive")    # + PR-MIM: furthest, rho_d 0.5
+
+Masks, thrown sets and samplers work on the unit grid (``models.greenmim.unit_grid``: 7x7 units of 32 pixels
+at 224), where GreenMIM's decoder works: 12 of the 49 units visible at ratio 0.75, and with rho_d = 0.5 (a
+fraction of all units, as everywhere) 24 of the 37 masked units thrown (Table 5). The loss is MAE's norm-pix MSE per unit (``(32 px)^2 * 3`` values),
+over every masked unit the model predicts. The encoder left for evaluation and fine-tuning is the dense
+``swin.SwinTransformer`` with the pretrained parameters.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from prmim_jax.methods import mae, throwing
+from prmim_jax.models import greenmim as greenmim_lib
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+    """The method section: plain GreenMIM unless overridden (mask ratio 0.75, norm-pix);
+    ``reconstruction='progressive'`` is GreenMIM + PR-MIM (furthest sampling, rho_d 0.5: Table 5), ``'partial'``
+    partial reconstruction."""
+    reconstruction = overrides.pop("reconstruction", "full")
+    keys = throwing.throwing_config(reconstruction) | dict(name="greenmim", norm_pix_loss=True)
+    return ml_collections.ConfigDict(keys | overrides)
+
+
+def experiment_config() -> ml_collections.ConfigDict:
+    """Every key a GreenMIM-family run reads, with its defaults (the trainer's, GreenMIM's Swin-B and method);
+    ``config_validation`` compares configs with it."""
+    from prmim_jax import train
+
+    config = train.default_config()
+    config.model = greenmim_lib.model_config("B")
+    config.method = default_config()
+    return config
+
+
+class GreenMaskedAutoencoding(mae.MaskedAutoencoding):
+    """``Method`` of ``prmim_jax.methods``; ``model`` is the ``models.greenmim.GreenMIM`` it trains. MAE's
+    objective, sampling and pictures on the unit grid (the model's ``grid`` and ``patch_size`` are the units')."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        config.method = section = throwing.complete_section(config.method, default_config)
+        probe = greenmim_lib.build_greenmim(config.model)
+        self.throwing = throwing.Throwing.from_config(section, probe.grid)
+        model_config = ml_collections.ConfigDict(config.model.to_dict())
+        model_config.aggregation_kernel = self.throwing.kernel_size if self.throwing.progressive else 0
+        model_config.aggregator = self.throwing.aggregator
+        self.model = greenmim_lib.build_greenmim(model_config)
+        self.norm_pix_loss = bool(section.norm_pix_loss)
+
+    def encoder(self, params=None):
+        """The dense Swin (``swin.SwinTransformer``) with the visible-token encoder's parameters."""
+        return self.model.encoder.dense(), None if params is None else params["encoder"]
+
+
+def build(config: ml_collections.ConfigDict) -> GreenMaskedAutoencoding:
+    return GreenMaskedAutoencoding(config)
