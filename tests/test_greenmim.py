@@ -153,9 +153,11 @@ def test_pr_mim_predicts_every_masked_unit_and_partial_only_the_decoded_ones():
     assert all(np.any(g) for g in jax.tree.leaves(grads["aggregation"]))
 
 
-def test_a_kernel_larger_than_the_unit_grid_is_refused_with_the_fix():
+def test_a_kernel_larger_than_the_unit_grid_and_amt_without_a_cls_token_are_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"kernel_size=9 .*7x7"):
         methods.build(tiny_experiment(reconstruction="progressive", kernel_size=9))
+    with pytest.raises(ValueError, match=r"sampler='amt' reads a ViT's cls attention.*use 'furthest'"):
+        methods.build(tiny_experiment(reconstruction="progressive", sampler="amt"))
 
 
 def test_greenmim_with_pr_mim_pretrains_evaluates_and_a_swin_fine_tune_starts_from_it(tmp_path):

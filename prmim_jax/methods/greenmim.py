@@ -47,6 +47,11 @@ class GreenMaskedAutoencoding(mae.MaskedAutoencoding):
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         config.method = section = throwing.complete_section(config.method, default_config)
+        if section.sampler == "amt":
+            raise ValueError(
+                "method.sampler='amt' reads a ViT's cls attention, and a Swin has no cls token; use 'furthest' "
+                "(PR-MIM's), 'random_throw' or 'running_cell' with GreenMIM."
+            )
         probe = greenmim_lib.build_greenmim(config.model)
         self.throwing = throwing.Throwing.from_config(section, probe.grid)
         model_config = ml_collections.ConfigDict(config.model.to_dict())
