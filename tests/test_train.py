@@ -148,6 +148,10 @@ def test_fashion_mnist_run_saves_checkpoints_pictures_metrics_and_reports_knn(tm
     assert (tmp_path / "reconstruction.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert [row["step"] for row in read_metrics(tmp_path) if "knn_accuracy" in row] == [3, 6]  # periodic, then final
+    # Beside it, kNN on the raw pixels of the same images with the same k: what pretraining must beat. It does
+    # not depend on the parameters, so every evaluation reports the same number (computed once).
+    raw = [row["knn_raw_pixels_accuracy"] for row in read_metrics(tmp_path) if "knn_accuracy" in row]
+    assert raw[0] == raw[1] == result["knn_raw_pixels_accuracy"] and 0.5 < raw[0] <= 1.0
     steps = [row["step"] for row in read_metrics(tmp_path) if "loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert all(
@@ -278,12 +282,14 @@ def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(
 
     image = np.asarray(Image.open(out))
     cell = 28 * 4  # 112 // 28: small images are upscaled
-    assert image.shape == (4 * cell + 3 * 2, 4 * cell + 3 * 2, 3)  # original, visible, one row per run
-    # The PR-MIM row frames thrown tokens orange; MAE throws nothing.
-    rows = [image[r * (cell + 2) : r * (cell + 2) + cell] for r in range(4)]
-    orange = np.array([255, 140, 0])
-    assert not np.all(rows[2] == orange, axis=-1).any()
-    assert np.all(rows[3] == orange, axis=-1).any()
+    # original, visible, then each run's reconstruction and its token map
+    assert image.shape == (6 * cell + 5 * 2, 4 * cell + 3 * 2, 3)
+    rows = [image[r * (cell + 2) : r * (cell + 2) + cell] for r in range(6)]
+    orange, green = np.array([255, 140, 0]), np.array([26, 178, 51])
+    # The reconstructions carry no marks; PR-MIM's token map shows thrown tokens (orange), MAE's none.
+    assert not any(np.all(rows[r] == orange, axis=-1).any() for r in (2, 4))
+    assert not np.all(rows[3] == orange, axis=-1).any() and np.all(rows[3] == green, axis=-1).any()
+    assert np.all(rows[5] == orange, axis=-1).any()
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
         train.load_run(tmp_path)
 

@@ -4,6 +4,13 @@ Features are the mean of the encoder's patch tokens after its final norm (every
 token visible), L2-normalised; a query's class scores are the neighbours'
 ``exp(similarity / temperature)`` summed per class (the weighted kNN of
 Wu et al. 2018, as used by DINO), with ``k`` neighbours.
+
+Beside it, the same kNN on the raw pixels (the normalised image, flattened and
+L2-normalised; same memory bank, queries, ``k`` and temperature), so the number
+says what pretraining added: ``knn_raw_pixels_accuracy``. It does not depend on
+the parameters, so it is computed once per evaluator, and only for images of at
+most ``RAW_PIXEL_LIMIT`` values (Fashion-MNIST, CIFAR): an ImageNet memory bank
+of raw pixels would take tens of gigabytes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from prmim_jax import sharding
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import check_batch_size, in_process
 from prmim_jax.models import swin
+
+RAW_PIXEL_LIMIT = 4096  # values per image up to which the raw-pixel kNN runs beside the encoder's
 
 
 def default_config() -> dict:
@@ -60,6 +69,9 @@ class Evaluator:
         self._features = jax.jit(
             lambda params, images: encoder_features(self.encoder, params, method.normalize(images))
         )
+        self._raw_features = jax.jit(lambda images: raw_pixel_features(method.normalize(images)))
+        self.raw_pixels_accuracy = None  # computed at the first evaluation (it does not change)
+        self.with_raw_pixels = config.data.image_size**2 * config.data.channels <= RAW_PIXEL_LIMIT
 
     def _batches(self, split: str, limit: int):
         batch = self.section.batch_size
@@ -76,18 +88,37 @@ class Evaluator:
         setup, section = self.setup, self.section
         _, encoder_params = self._method.encoder(state.params)
 
+        raw = self.with_raw_pixels and self.raw_pixels_accuracy is None
+
         def features(local_images):
             images = sharding.global_batch(local_images, self.batch_sharding)
             with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-                return self._features(encoder_params, images)
+                encoded = self._features(encoder_params, images)
+                return (encoded, self._raw_features(images)) if raw else (encoded,)
 
-        train = collect_features(features, self._batches(self.data.split, section.train_examples))
-        test = collect_features(features, self._batches(self.data.eval_split, section.test_examples))
-        accuracy = knn_accuracy(*train, *test, k=section.k, temperature=section.temperature)
-        return {"knn_accuracy": accuracy}
+        train_features, train_labels = collect_features(
+            features, self._batches(self.data.split, section.train_examples)
+        )
+        test_features, test_labels = collect_features(
+            features, self._batches(self.data.eval_split, section.test_examples)
+        )
+        options = dict(k=section.k, temperature=section.temperature)
+        results = {
+            "knn_accuracy": knn_accuracy(train_features[0], train_labels, test_features[0], test_labels, **options)
+        }
+        if raw:
+            self.raw_pixels_accuracy = knn_accuracy(
+                train_features[1], train_labels, test_features[1], test_labels, **options
+            )
+        if self.raw_pixels_accuracy is not None:
+            results["knn_raw_pixels_accuracy"] = self.raw_pixels_accuracy
+        return results
 
     def summary(self, results: dict) -> str:
-        return f"final kNN top-1 accuracy ({self.data.eval_split}, k={self.section.k}): {results['knn_accuracy']:.4f}"
+        line = f"final kNN top-1 accuracy ({self.data.eval_split}, k={self.section.k}): {results['knn_accuracy']:.4f}"
+        if "knn_raw_pixels_accuracy" in results:
+            line += f"; on raw pixels (same images and k): {results['knn_raw_pixels_accuracy']:.4f}"
+        return line
 
 
 def encoder_features(encoder, encoder_params, images: jax.Array) -> jax.Array:
@@ -101,23 +132,28 @@ def encoder_features(encoder, encoder_params, images: jax.Array) -> jax.Array:
     return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 
 
-def collect_features(feature_fn, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Runs ``feature_fn`` (this process's images -> global features) over every batch.
+def raw_pixel_features(images: jax.Array) -> jax.Array:
+    """``images [B, H, W, C]`` (normalised) -> ``[B, H * W * C]`` float32, unit L2 norm: kNN's raw-pixel baseline."""
+    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
+    return flat / jnp.linalg.norm(flat, axis=-1, keepdims=True).clip(1e-12)
 
-    Returns host ``(features [M, D], labels [M])`` of the real rows.
+
+def collect_features(feature_fn, batches) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Runs ``feature_fn`` (this process's images -> a tuple of global feature arrays) over every batch.
+
+    Returns host ``((features [M, D_i] for each array), labels [M])`` of the real rows.
 
     Batches carry ``images``, ``labels`` and a ``mask`` of real (not padding)
     rows; with several processes every process gets every row.
     """
     features, labels = [], []
     for batch in batches:
-        out = feature_fn(batch["images"])
-        out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+        outputs = feature_fn(batch["images"])
         gathered_labels = np.asarray(multihost_utils.process_allgather(batch["labels"], tiled=True))
         mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True)).astype(bool)
-        features.append(out[mask])
+        features.append([np.asarray(multihost_utils.process_allgather(o, tiled=True))[mask] for o in outputs])
         labels.append(gathered_labels[mask])
-    return np.concatenate(features), np.concatenate(labels)
+    return tuple(np.concatenate(columns) for columns in zip(*features, strict=True)), np.concatenate(labels)
 
 
 def knn_accuracy(

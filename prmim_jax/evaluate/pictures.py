@@ -2,11 +2,12 @@
 
     python -m prmim_jax.evaluate.pictures --workdirs workdirs/mae,workdirs/prmim --out fig7.png
 
-Rows: the original images, the visible tokens, then one reconstruction per
-workdir (its latest checkpoint, built from the ``config.json`` the run saved),
-decoded tokens framed green and thrown ones orange. Every run sees the same
-images and the same visible tokens; each method's own sampler chooses which
-masked tokens it decodes and throws.
+Rows: the original images, the visible tokens, then for each workdir (its
+latest checkpoint, built from the ``config.json`` the run saved) its
+reconstruction and its token map (``reconstruction.token_map``: decoded tokens
+green, thrown ones orange). Every run sees the same images and the same
+visible tokens; each method's own sampler chooses which masked tokens it
+decodes and throws.
 """
 
 from __future__ import annotations
@@ -33,17 +34,15 @@ def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
             raise ValueError(f"{workdir} was trained on other images than {workdirs[0]}; compare runs on one dataset.")
     eval_data = in_process(first.data)
     images = next(iter(pipeline.eval_dataset(eval_data, batch_size=num_images)))["images"]
-    rows, marks = [], []
-    patch_size = None
+    rows = []
     for workdir, (_, method, params, _) in zip(workdirs, runs, strict=True):
         if method.picture is None:
             raise ValueError(f"{workdir} is a {method.name!r} run, which draws no reconstructions.")
         run_rows, run_marks, patch_size = method.picture(params, np.asarray(method.normalize(images)), seed)
+        grid = (run_rows.shape[2] // patch_size, run_rows.shape[3] // patch_size)
         rows = rows or list(run_rows[:2])
-        rows.append(run_rows[2])
-        marks.append(run_marks)
-    scale = max(1, 112 // first.model.image_size)
-    return reconstruction.tile(np.stack(rows), scale=scale, marks=[None, None, *marks], patch_size=patch_size)
+        rows += [run_rows[2], reconstruction.token_map(run_marks, grid, patch_size)]
+    return reconstruction.tile(np.stack(rows), scale=reconstruction.picture_scale(first.model.image_size))
 
 
 def main(argv=None):

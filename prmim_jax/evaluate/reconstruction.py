@@ -1,14 +1,15 @@
-"""Reconstruction pictures: original / visible tokens / reconstruction, decoded and thrown tokens marked.
+"""Reconstruction pictures: original / visible tokens / reconstruction / token map.
 
-Rows of the picture, one column per image:
+Rows of the picture, one column per image, upscaled to at least 112 pixels:
 1. the original image;
 2. what the encoder sees: visible patches, masked patches grey;
-3. the reconstruction: visible patches as given, masked patches from the
-   model's predictions (norm-pix predictions are mapped back with each
-   original patch's mean and variance, as MAE's visualisation does). Decoded
-   patches get a green frame, thrown ones an orange frame (``tile`` with
-   ``token_marks``); a thrown patch nothing predicts (partial reconstruction)
-   stays black.
+3. the reconstruction, unmarked: visible patches as given, masked patches from
+   the model's predictions (norm-pix predictions are mapped back with each
+   original patch's mean and variance, as MAE's visualisation does); a thrown
+   patch nothing predicts (partial reconstruction) stays black;
+4. the token map (``token_map`` of ``token_marks``): each token's cell white
+   (visible), green (decoded by the decoder) or orange (thrown: reconstructed
+   by the aggregation under PR-MIM, by nothing under partial reconstruction).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from prmim_jax.evaluate import in_process
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import vit
 
-DECODED_FRAME = (0.1, 0.8, 0.2)
-THROWN_FRAME = (1.0, 0.55, 0.0)
+VISIBLE_CELL = (1.0, 1.0, 1.0)
+DECODED_CELL = (0.1, 0.7, 0.2)
+THROWN_CELL = (1.0, 0.55, 0.0)
 MASKED_GREY = 0.5
 
 
@@ -83,31 +85,36 @@ def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
     return marks
 
 
-def tile(rows: np.ndarray, scale: int = 1, gap: int = 2, marks=None, patch_size: int = 1) -> np.ndarray:
-    """``[R, B, H, W, 3]`` in [0, 1] -> one ``uint8`` image, R rows by B columns, white gaps.
+def token_map(marks: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
+    """``marks [B, N]`` (``token_marks``) -> ``[B, H, W, 3]`` in [0, 1]: each token's ``patch_size`` cell white
+    (visible), green (decoded) or orange (thrown), with a grey line between cells."""
+    colours = np.asarray([VISIBLE_CELL, DECODED_CELL, THROWN_CELL], np.float32)
+    cells = colours[np.asarray(marks)].reshape(len(marks), *grid, 1, 1, 3)
+    cells = np.broadcast_to(cells, (len(marks), *grid, patch_size, patch_size, 3)).copy()
+    if patch_size >= 3:
+        cells[..., -1, :, :] = cells[..., :, -1, :] = MASKED_GREY
+    return cells.transpose(0, 1, 3, 2, 4, 5).reshape(len(marks), grid[0] * patch_size, grid[1] * patch_size, 3)
 
-    ``marks``: one entry per row, ``None`` or ``[B, N]`` (``token_marks``); a
-    marked row's decoded patches get a green frame and its thrown ones an
-    orange frame, drawn after upscaling so a frame never hides a small patch.
-    """
+
+def tile(rows: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
+    """``[R, B, H, W, 3]`` in [0, 1] -> one ``uint8`` image, R rows by B columns, each image upscaled ``scale``
+    times (nearest neighbour), white gaps."""
     num_rows, batch, height, width, _ = rows.shape
-    marks = marks if marks is not None else [None] * num_rows
-    grid_w = width // patch_size
-    height, width, cell = height * scale, width * scale, patch_size * scale
+    height, width = height * scale, width * scale
     canvas = np.ones((num_rows * (height + gap) - gap, batch * (width + gap) - gap, 3), np.float32)
     for r in range(num_rows):
         for b in range(batch):
             image = rows[r, b].repeat(scale, 0).repeat(scale, 1)
-            if marks[r] is not None and cell >= 4:
-                for token in np.flatnonzero(marks[r][b]):
-                    y, x = divmod(int(token), grid_w)
-                    colour = DECODED_FRAME if marks[r][b, token] == 1 else THROWN_FRAME
-                    patch = image[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell]
-                    patch[0, :], patch[-1, :], patch[:, 0], patch[:, -1] = colour, colour, colour, colour
             canvas[r * (height + gap) : r * (height + gap) + height, b * (width + gap) : b * (width + gap) + width] = (
                 image
             )
     return (canvas * 255).round().astype(np.uint8)
+
+
+def picture_scale(image_size) -> int:
+    """How many times a picture upscales images of ``image_size`` (an int or ``(h, w)``): to at least 112 pixels."""
+    side = image_size if isinstance(image_size, int) else min(image_size)
+    return max(1, -(-112 // side))
 
 
 def save_png(image: np.ndarray, path) -> None:
@@ -143,8 +150,9 @@ class Evaluator:
             self._images = np.asarray(self.method.normalize(images))
         params = multihost_utils.process_allgather(state.params, tiled=True)  # whole on every host
         rows, marks, patch_size = self.method.picture(params, self._images, self.section.seed)
-        picture = tile(rows, scale=max(1, 112 // self.image_size), marks=[None, None, marks], patch_size=patch_size)
-        return {"reconstruction": picture}
+        grid = (rows.shape[2] // patch_size, rows.shape[3] // patch_size)
+        rows = np.concatenate([rows, token_map(marks, grid, patch_size)[None]])
+        return {"reconstruction": tile(rows, scale=picture_scale(self.image_size))}
 
     def summary(self, results: dict) -> str:
         return f"reconstruction picture: {results['reconstruction'].shape[1]}x{results['reconstruction'].shape[0]}"
