@@ -277,18 +277,11 @@ def start_local(repo, *args, env=None):
     executable(repo / ".venv" / "bin" / "python", STAGED_PYTHON)
     environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
     environ.update(env or {})
-    command = [BASH, "launch/local.sh", "--skip_setup", "--processes", "2", *args, "configs/tiny.py", "wd"]
-    return subprocess.Popen(
-        command,
-        cwd=repo,
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A shell started in the background (pytest run with '&' without job control) inherits SIGINT ignored,
-        # and bash cannot trap a signal ignored on entry; the launcher gets it as a terminal would give it.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # A shell started in the background (pytest run with '&' without job control) inherits SIGINT ignored, and
+    # bash cannot trap a signal ignored on entry: coreutils' env hands the launcher SIGINT as a terminal would.
+    command = ["env", "--default-signal=INT", BASH, "launch/local.sh", "--skip_setup", "--processes", "2"]
+    command += [*args, "configs/tiny.py", "wd"]
+    return subprocess.Popen(command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_until_started(repo, launcher):
