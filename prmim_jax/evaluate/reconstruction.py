@@ -7,7 +7,7 @@ Rows of the picture, one column per image, upscaled to at least 112 pixels:
    the model's predictions (norm-pix predictions are mapped back with each
    original patch's mean and variance, as MAE's visualisation does); a thrown
    patch nothing predicts (partial reconstruction) stays black;
-4. the token map (``token_map`` of ``token_marks``): each token's cell white
+4. the token map (``token_map`` of ``token_marks``): each token's cell light grey
    (visible), green (decoded by the decoder) or orange (thrown: reconstructed
    by the aggregation under PR-MIM, by nothing under partial reconstruction).
 """
@@ -25,7 +25,7 @@ from prmim_jax.evaluate import in_process
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import vit
 
-VISIBLE_CELL = (1.0, 1.0, 1.0)
+VISIBLE_CELL = (0.82, 0.82, 0.82)  # light grey: the white gaps still part the images
 DECODED_CELL = (0.1, 0.7, 0.2)
 THROWN_CELL = (1.0, 0.55, 0.0)
 MASKED_GREY = 0.5
@@ -86,8 +86,8 @@ def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
 
 
 def token_map(marks: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
-    """``marks [B, N]`` (``token_marks``) -> ``[B, H, W, 3]`` in [0, 1]: each token's ``patch_size`` cell white
-    (visible), green (decoded) or orange (thrown), with a grey line between cells."""
+    """``marks [B, N]`` (``token_marks``) -> ``[B, H, W, 3]`` in [0, 1]: each token's ``patch_size`` cell light grey
+    (visible), green (decoded) or orange (thrown), with a grey line between cells of 3 pixels or more."""
     colours = np.asarray([VISIBLE_CELL, DECODED_CELL, THROWN_CELL], np.float32)
     cells = colours[np.asarray(marks)].reshape(len(marks), *grid, 1, 1, 3)
     cells = np.broadcast_to(cells, (len(marks), *grid, patch_size, patch_size, 3)).copy()
