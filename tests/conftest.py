@@ -2,13 +2,12 @@
 
 import os
 
-# Eight simulated CPU devices for the sharding tests (``xla_flags(8)``), set before JAX starts.
-# Subprocesses inherit it, or set their own count with ``xla_flags``, which a subprocess that imports
-# a test module (and so this one) keeps.
+from compile_flags import xla_flags  # re-exported: subprocess tests take their flags from here
+
+# Eight simulated CPU devices for the sharding tests, set before JAX starts. Subprocesses inherit it, or
+# set their own count with ``xla_flags``, which a subprocess that imports a test module (and so this one) keeps.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    )
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
 
 import flax.linen as nn
 import jax
@@ -18,15 +17,6 @@ import pytest
 
 from prmim_jax import masking
 from prmim_jax.models import mae
-
-
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test process with ``devices`` simulated CPU devices.
-
-    LLVM's optimisation passes are most of XLA's CPU compile time and the tests' shapes are tiny, so
-    the tests compile without them (half the suite's time); XLA CPU keeps IEEE float semantics either way.
-    """
-    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
 
 
 def tiny_model_config(**overrides):

@@ -44,21 +44,16 @@ class GreenMaskedAutoencoding(mae.MaskedAutoencoding):
     """``Method`` of ``prmim_jax.methods``; ``model`` is the ``models.greenmim.GreenMIM`` it trains. MAE's
     objective, sampling and pictures on the unit grid (the model's ``grid`` and ``patch_size`` are the units')."""
 
+    section_defaults = staticmethod(default_config)
+    build_model = staticmethod(greenmim_lib.build_greenmim)
+
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        config.method = section = throwing.complete_section(config.method, default_config)
-        if section.sampler == "amt":
+        super().__init__(config)
+        if self.throwing.sampler == "amt":
             raise ValueError(
                 "method.sampler='amt' reads a ViT's cls attention, and a Swin has no cls token; use 'furthest' "
                 "(PR-MIM's), 'random_throw' or 'running_cell' with GreenMIM."
             )
-        probe = greenmim_lib.build_greenmim(config.model)
-        self.throwing = throwing.Throwing.from_config(section, probe.grid)
-        model_config = ml_collections.ConfigDict(config.model.to_dict())
-        model_config.aggregation_kernel = self.throwing.kernel_size if self.throwing.progressive else 0
-        model_config.aggregator = self.throwing.aggregator
-        self.model = greenmim_lib.build_greenmim(model_config)
-        self.norm_pix_loss = bool(section.norm_pix_loss)
 
     def encoder(self, params=None):
         """The dense Swin (``swin.SwinTransformer``) with the visible-token encoder's parameters."""

@@ -53,10 +53,12 @@ def experiment_config() -> ml_collections.ConfigDict:
 class MaskedAutoencoding(throwing.ThrowingMethod):
     """``Method`` of the module docstring; ``model`` is the ``MaskedAutoencoder`` it trains.
 
-    A framework that is MAE with another encoder (MFF) subclasses it with its own ``section_defaults``
-    (its ``default_config``) and ``model_options`` (model-section keys from its method section)."""
+    A framework that is MAE with another encoder subclasses it with its own ``section_defaults`` (its
+    ``default_config``), ``model_options`` (model-section keys from its method section; MFF) or
+    ``build_model`` (a model with MAE's outputs from a model section; GreenMIM's)."""
 
     section_defaults = staticmethod(default_config)
+    build_model = staticmethod(mae_lib.build_mae)
 
     def model_options(self, section: ml_collections.ConfigDict) -> dict:
         del section
@@ -65,13 +67,13 @@ class MaskedAutoencoding(throwing.ThrowingMethod):
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         config.method = section = throwing.complete_section(config.method, self.section_defaults)
-        probe = mae_lib.build_mae(config.model)  # checks sizes; the grid decides the token layout
+        probe = self.build_model(config.model)  # checks sizes; the grid decides the token layout
         self.throwing = throwing.Throwing.from_config(section, probe.grid)
         model_config = ml_collections.ConfigDict(config.model.to_dict())
         model_config.aggregation_kernel = self.throwing.kernel_size if self.throwing.progressive else 0
         model_config.aggregator = self.throwing.aggregator
         model_config.update(self.model_options(section))
-        self.model = mae_lib.build_mae(model_config)
+        self.model = self.build_model(model_config)
         self.norm_pix_loss = bool(section.norm_pix_loss)
 
     def init(self, rng, batch) -> Variables:

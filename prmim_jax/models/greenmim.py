@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from prmim_jax.models import aggregate, swin, tokens, vit
 from prmim_jax.models import mae as mae_lib
+from prmim_jax.models import swin, tokens, vit
 
 # Logits between tokens of different windows: their softmax weight is exactly 0 in float32, as when the
 # dense Swin never pairs them.
@@ -224,16 +224,7 @@ class GreenMIM(nn.Module):
         self.decoder_norm = vit.layer_norm(jnp.float32)
         self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
         if self.aggregation_kernel:
-            self.aggregation = aggregate.build_aggregator(
-                self.aggregator,
-                self.grid,
-                self.aggregation_kernel,
-                encoder.dtype,
-                width=self.decoder_width,
-                num_heads=self.decoder_num_heads,
-                mlp_ratio=self.decoder_mlp_dim / self.decoder_width,
-                attention_impl=encoder.attention_impl,
-            )
+            self.aggregation = mae_lib.decoder_aggregation(self.decoder, self.aggregator, self.aggregation_kernel)
 
     def predict_pixels(self, features):
         """MAE's head: ``[B, T, decoder_width] -> [B, T, unit^2 C] float32``."""

@@ -174,16 +174,7 @@ class Level(nn.Module):
             self.remat,
         )
         if self.aggregation_kernel:
-            self.aggregation = aggregate.build_aggregator(
-                self.aggregator,
-                self.grid,
-                self.aggregation_kernel,
-                self.dtype,
-                width=self.width,
-                num_heads=self.num_heads,
-                mlp_ratio=self.mlp_dim / self.width,
-                attention_impl=self.attention_impl,
-            )
+            self.aggregation = mae_lib.decoder_aggregation(self.decoder, self.aggregator, self.aggregation_kernel)
         self.norm = vit.layer_norm(jnp.float32)
         self.head = ScaleHead(self.scale, self.features)
 

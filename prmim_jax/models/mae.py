@@ -143,16 +143,7 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_norm = vit.layer_norm(jnp.float32)
         self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
         if self.aggregation_kernel:
-            self.aggregation = aggregate.build_aggregator(
-                self.aggregator,
-                self.grid,
-                self.aggregation_kernel,
-                self.dtype,
-                width=self.decoder_width,
-                num_heads=self.decoder_num_heads,
-                mlp_ratio=self.decoder_mlp_dim / self.decoder_width,
-                attention_impl=self.attention_impl,
-            )
+            self.aggregation = decoder_aggregation(self.decoder, self.aggregator, self.aggregation_kernel)
 
     def predict_pixels(self, features):
         """MAE's head: ``[B, T, decoder_width] -> [B, T, P] float32``."""
@@ -175,6 +166,21 @@ class MaskedAutoencoder(nn.Module):
             return self.encoder(images, ids_visible)
         _, blocks = self.encoder(images, ids_visible)
         return self.fusion(blocks)
+
+
+def decoder_aggregation(decoder: Decoder, aggregator: str, kernel_size: int) -> nn.Module:
+    """Progressive reconstruction's ``aggregator`` (``models.aggregate``) for ``decoder``'s outputs: on its grid,
+    with its width, heads, MLP, dtype and attention."""
+    return aggregate.build_aggregator(
+        aggregator,
+        decoder.grid,
+        kernel_size,
+        decoder.dtype,
+        width=decoder.width,
+        num_heads=decoder.num_heads,
+        mlp_ratio=decoder.mlp_dim / decoder.width,
+        attention_impl=decoder.attention_impl,
+    )
 
 
 def pixel_predictions(model, features, ids_visible, ids_decoded, ids_thrown, predict_visible: bool):
