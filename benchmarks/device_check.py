@@ -92,7 +92,8 @@ FLAG_VARIANTS = [
     dict(name="optimization_level_O1", jax={"jax_optimization_level": "O1"}),
     dict(name="no_triton_gemm", xla={"xla_gpu_enable_triton_gemm": False}),
     dict(name="no_command_buffer", xla={"xla_gpu_enable_command_buffer": ""}),
-    dict(name="cudnn_attention", model={"attention_impl": "cudnn"}, gpu_only=True),
+    # 'auto' attention is cuDNN wherever jax's kernel takes the shapes: this row is what that buys.
+    dict(name="xla_attention", model={"attention_impl": "xla"}, gpu_only=True),
 ]
 
 # Seconds kept for the later phases when an earlier one runs (GPU; a smoke run reserves nothing).
@@ -208,16 +209,29 @@ def matmul_ceiling(size: int, repeats: int) -> float:
 
 
 class Deadline:
-    """An absolute ``time.time()`` deadline, and what the phase learned of its compile times."""
+    """An absolute ``time.time()`` deadline, and what the phase learned of its lowering and compile times."""
 
     def __init__(self, at: float, after_compiles: float):
         self.at = at
         self.after_compiles = after_compiles  # seconds kept for memory and timing once compiling stops
+        self.longest_lowering = 0.0
         self.longest_compile = 0.0
 
-    def can_compile(self) -> bool:
-        """Whether one more compilation (as long as the longest so far) still leaves the timing its time."""
-        return self.at - time.time() > self.longest_compile + self.after_compiles
+    def can_start(self, compiling: int, threads: int) -> bool:
+        """Whether one more program, lowered here and then compiled behind the ``compiling`` ones already queued
+        on ``threads`` threads, would still be compiled in time to leave the timing its time."""
+        queued_rounds = compiling // threads + 1
+        finish = time.time() + self.longest_lowering + queued_rounds * self.longest_compile
+        return self.at - finish > self.after_compiles
+
+    def seconds_left_to_compile(self) -> float:
+        return max(0.0, self.at - self.after_compiles - time.time())
+
+
+def compile_threads(jobs: int) -> int:
+    """Compilations run at once: XLA's GPU compiler keeps about four cores busy (LLVM, ptxas), so a quarter of
+    the host's cores, at least one and at most one per job."""
+    return max(1, min(jobs, (os.cpu_count() or 1) // 4))
 
 
 class OutOfMemory(Exception):
@@ -289,22 +303,43 @@ def jax_phase(spec: dict, result_path: pathlib.Path, deadline: Deadline) -> None
     for (row, _), step_seconds in zip(programs, seconds, strict=True):
         row.update(status="ok", step_seconds=step_seconds, images_per_second=result["batch"] / step_seconds)
     save()
+    # Where the backend counted no traced step (a GPU), the count on the CPU comes last: MFU matters less
+    # than images/s, and each count traces the step once more.
+    for row, program in programs:
+        if row.get("model_flops") is None and spec.get("mfu", True):
+            row["model_flops"] = program["cpu_model_flops"]()
+            save()
 
 
 def compile_programs(step_time, shape, jobs, result, pool, deadline, save) -> list[tuple[dict, dict]]:
     """``(row, program)`` of each job ``((method, rho_d), variant)`` compiled in time at ``result['batch']``.
 
-    A job that fails keeps its row with the error as status. Raises ``OutOfMemory``
-    when the first program (MAE, the largest) and the states of all the others
-    would not fit the memory ``pool`` together, as they must while they are timed.
+    Jobs are lowered one after another in this thread (tracing holds the GIL) and
+    each is compiled in a thread pool as soon as it is lowered, so compiling
+    overlaps lowering and other compilations: a ViT-B step took 30-43 s to
+    compile on an H200, which the phases could not afford one after another. A job
+    whose ``jax`` options XLA reads at compile time compiles in this thread, under
+    them. A job that fails keeps its row with the error as status; one still
+    compiling at the deadline is left to its thread (``jax_phase``'s process exits
+    without joining it). Raises ``OutOfMemory`` when the first program (MAE, the
+    largest) and the states of all the others would not fit the memory ``pool``
+    together, as they must while they are timed.
     """
+    import concurrent.futures
+
     import jax
 
-    programs = []
     batch = result["batch"]
+    threads = compile_threads(len(jobs))
+    executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="compile")
+    queued = []
     for (method, rho_d), variant in jobs:
-        if programs and not deadline.can_compile():
-            result["notes"].append(f"out of time: compiled {len(programs)} of {len(jobs)} programs")
+        for _, _, future in queued:  # what the finished compilations took sizes the next start
+            if future.done() and not future.exception():
+                deadline.longest_compile = max(deadline.longest_compile, future.result()["compile_seconds"])
+        compiling = sum(not future.done() for _, _, future in queued)
+        if queued and not deadline.can_start(compiling, threads):
+            result["notes"].append(f"out of time: started {len(queued)} of {len(jobs)} programs")
             break
         row = {"method": method, "rho_d": rho_d, "batch": batch, "variant": variant["name"]}
         row.update({key: variant[key] for key in ("xla", "jax", "model", "launcher") if key in variant})
@@ -312,12 +347,28 @@ def compile_programs(step_time, shape, jobs, result, pool, deadline, save) -> li
         if variant.get("gpu_only") and jax.default_backend() != "gpu":
             row["status"] = "skipped: GPU only"
             continue
+        started = time.time()
         try:
-            program = prepare_variant(step_time, shape, (method, rho_d), batch, variant)
+            program, future = lower_variant(step_time, shape, (method, rho_d), batch, variant, executor)
         except Exception as error:  # an option this XLA lacks, an attention kernel this card lacks, ...
-            traceback.print_exc()  # into device_check.log
-            row["status"] = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+            fail(row, error, save)
+            continue
+        deadline.longest_lowering = max(deadline.longest_lowering, time.time() - started)
+        row["status"] = "compiling"
+        queued.append((row, program, future))
+        save()
+
+    programs = []
+    for row, program, future in queued:
+        try:
+            # The first program (MAE, what every ratio divides by) is waited for whatever the time.
+            program.update(future.result(timeout=deadline.seconds_left_to_compile() if programs else None))
+        except concurrent.futures.TimeoutError:
+            row["status"] = "out of time: still compiling at the deadline"
             save()
+            continue
+        except Exception as error:
+            fail(row, error, save)
             continue
         deadline.longest_compile = max(deadline.longest_compile, program["compile_seconds"])
         row.update(
@@ -329,32 +380,43 @@ def compile_programs(step_time, shape, jobs, result, pool, deadline, save) -> li
         state_bytes = program["compiled"].memory_analysis().argument_size_in_bytes
         needed = program["compiled_bytes"] + (len(jobs) - 1) * state_bytes
         if not programs and pool and batch > 1 and needed > 0.95 * pool:
+            executor.shutdown(wait=False, cancel_futures=True)
             raise OutOfMemory(
-                f"batch {batch}: the compiled {method} step ({program['compiled_bytes'] / 2**30:.1f} GiB) beside "
-                f"{len(jobs) - 1} more states ({state_bytes / 2**30:.1f} GiB each) exceeds 95% of the "
+                f"batch {batch}: the compiled {row['method']} step ({program['compiled_bytes'] / 2**30:.1f} GiB) "
+                f"beside {len(jobs) - 1} more states ({state_bytes / 2**30:.1f} GiB each) exceeds 95% of the "
                 f"{pool / 2**30:.1f} GiB pool; halved"
             )
         programs.append((row, program))
         save()
+    executor.shutdown(wait=False, cancel_futures=True)
     return programs
 
 
-def prepare_variant(step_time, shape: dict, plan: tuple, batch: int, variant: dict) -> dict:
-    """``step_time.prepare`` for one (method, rho_d) under one variant's XLA, jax or model options."""
+def fail(row: dict, error: Exception, save) -> None:
+    """Records ``error`` as ``row``'s status (its traceback goes to device_check.log)."""
+    traceback.print_exception(error)
+    row["status"] = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+    save()
+
+
+def lower_variant(step_time, shape: dict, plan: tuple, batch: int, variant: dict, executor):
+    """``(program, future of its compile_step)`` for one (method, rho_d) under one variant's XLA, jax or model
+    options (``step_time.lower``, then ``step_time.compile_step`` on ``executor``, or here for ``jax`` options)."""
+    import concurrent.futures
+
     import jax
 
     previous = {name: getattr(jax.config, name) for name in variant.get("jax", {})}
     for name, value in variant.get("jax", {}).items():
         jax.config.update(name, value)
     try:
-        return step_time.prepare(
-            model_config(shape, **variant.get("model", {})),
-            plan[0],
-            plan[1],
-            batch,
-            materialize=False,
-            compiler_options=variant.get("xla") or None,
-        )
+        program = step_time.lower(model_config(shape, **variant.get("model", {})), plan[0], plan[1], batch)
+        options = variant.get("xla") or None
+        if not previous:
+            return program, executor.submit(step_time.compile_step, program, options)
+        future = concurrent.futures.Future()
+        future.set_result(step_time.compile_step(program, options))
+        return program, future
     finally:
         for name, value in previous.items():
             jax.config.update(name, value)
@@ -383,7 +445,14 @@ def phase_spec(name: str, smoke: bool, vit_b: dict | None) -> dict:
         # More rounds: a flag's effect is a few percent, the size of the noise of three.
         common["rounds"] = rounds if smoke else 5
         return dict(
-            common, label="ViT-B/16 MAE", shape=shape, plans=[("mae", 0.0)], flags=flags, batch=batch, memory=False
+            common,
+            label="ViT-B/16 MAE",
+            shape=shape,
+            plans=[("mae", 0.0)],
+            flags=flags,
+            batch=batch,
+            memory=False,
+            mfu=False,
         )
     if name == "torch":
         torch_shape = {key: value for key, value in shape.items() if key != "variant"}
@@ -470,7 +539,7 @@ def jax_table(result: dict) -> list[str]:
             f"{_ratio(step, mae.get('step_seconds'))} | {bound}{_gib(memory)} | {bound}{_ratio(memory, mae_memory)} | "
             f"{f'{achieved / peak:.1%}' if achieved and peak else 'n/a'} | "
             f"{f'{achieved / matmul:.1%}' if achieved and matmul else 'n/a'} | "
-            f"{row.get('model_flops', 0) / 1e12:.3f} | {row.get('compile_seconds', 0):.1f} | {row['status']} |"
+            f"{(row.get('model_flops') or 0) / 1e12:.3f} | {row.get('compile_seconds', 0):.1f} | {row['status']} |"
         )
     return lines + [f"- {note}" for note in result.get("notes", [])]
 
@@ -648,7 +717,10 @@ def main(argv=None) -> int:
     if args.phase:
         spec = json.loads(args.spec)
         jax_phase(spec, pathlib.Path(args.result), Deadline(args.deadline, spec["after_compiles"]))
-        return 0
+        # What it measured is written; a compilation that missed the deadline must not hold the exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if not args.out:
         parser.error("OUT is required")
     unknown = set(args.phases.split(",")) - set(PHASES)

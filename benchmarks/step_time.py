@@ -66,29 +66,49 @@ def prepare(
 ) -> dict:
     """One method's train step, compiled for ``batch`` images of ``model_config``'s shape.
 
+    ``lower`` then ``compile_step``; see ``lower`` for the step and the keys. Adds:
+      ``compiled``, ``compiled_bytes``, ``compile_seconds``: ``compile_step``'s.
+      ``flops``: XLA's count of the compiled step on this backend (None where it gives none).
+      ``state``, ``data``: ``init()``'s result, unless ``materialize`` is False (then
+        nothing is placed on the device).
+    """
+    program = lower(model_config, method_name, throw_ratio, batch, seed)
+    if program["model_flops"] is None:
+        program["model_flops"] = program["cpu_model_flops"]()
+    program.update(compile_step(program, compiler_options))
+    program["flops"] = _flops(program["compiled"].cost_analysis())
+    if materialize:
+        program["state"], program["data"] = program["init"]()
+    return program
+
+
+def lower(model_config, method_name: str, throw_ratio: float, batch: int, seed: int = 0) -> dict:
+    """One method's train step for ``batch`` images of ``model_config``'s shape, traced and lowered, not compiled.
+
     The only function of the benchmarks that builds a step through the training API
     (``methods``, ``optim``, ``train_step``), so a change of that API is ported here.
     The step is ``(state, data, rng) -> (state, metrics)`` with the state donated.
 
     Returns a dict:
-      ``compiled``: the compiled step; ``lowered``: the traced step, which
-        ``compile_step`` compiles again under other XLA options.
+      ``lowered``: the traced step, which ``compile_step`` compiles (under any XLA options).
       ``init``: ``() -> (state, data)``, a fresh train state and batch on the
         default device (images ``[B, H, W, C] float32`` standard normal, token
         ids from the method's sampler on per-image noise, as the data pipeline
         makes them).
       ``model_flops``: FLOPs per step, XLA's count of the step as traced (before
-        XLA's optimisations, so the same on every backend): what MFU divides.
-      ``flops``: XLA's count of the compiled step on this backend.
-      ``compiled_bytes``: the compiled program's footprint, arguments + temporaries
-        + outputs - donated (``memory_analysis()``).
-      ``state``, ``data``: ``init()``'s result, unless ``materialize`` is False (then
-        nothing is placed on the device).
+        XLA's optimisations, so the same on every backend): what MFU divides. None
+        where the backend gives no count (a GPU): ``cpu_model_flops()`` counts it then.
     """
-    method = mae_family.from_sections(model_config, methods.method_config(method_name, throw_ratio=throw_ratio))
-    image_shape = (batch, *method.model.image_size, method.model.channels)
     tx = optim.build_optimizer(optim.optimizer_config(), global_batch=batch, total_steps=1000)
-    init_state = jax.jit(lambda key: nn.unbox(train_step.init_state(method, tx, key, batch)))
+
+    def build(model_config):
+        method = mae_family.from_sections(model_config, methods.method_config(method_name, throw_ratio=throw_ratio))
+        init_state = jax.jit(lambda key: nn.unbox(train_step.init_state(method, tx, key, batch)))
+        step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
+        return method, init_state, step
+
+    method, init_state, step = build(model_config)
+    image_shape = (batch, *method.model.image_size, method.model.channels)
     rng = np.random.default_rng(seed)
     ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(batch)]))
     host_data = {
@@ -99,24 +119,36 @@ def prepare(
     }
     abstract_data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_data)
     abstract_state = jax.eval_shape(init_state, jax.random.key(seed))
-    step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
     lowered = step.lower(abstract_state, abstract_data, jax.random.key(0))
+
+    def cpu_model_flops() -> float | None:
+        # On a GPU (PJRT's C API) XLA counts no traced program (jax 0.11.2, H200). The model FLOPs are no
+        # more the backend's business than the step is: count the same step lowered for the host's CPU, with
+        # XLA's attention (cuDNN's has no CPU lowering), where XLA does count.
+        with_xla_attention = model_config.copy_and_resolve_references()
+        with_xla_attention.attention_impl = "xla"
+        _, _, on_cpu = build(with_xla_attention)
+        with jax.default_device(jax.devices("cpu")[0]):
+            return _flops(on_cpu.lower(abstract_state, abstract_data, jax.random.key(0)).cost_analysis())
 
     def init():
         return init_state(jax.random.key(seed)), jax.device_put(host_data)
 
-    program = {"method": method_name, "rho_d": throw_ratio, "batch": batch, "lowered": lowered, "init": init}
-    program["model_flops"] = _flops(lowered.cost_analysis())
-    program.update(compile_step(program, compiler_options))
-    program["flops"] = _flops(program["compiled"].cost_analysis())
-    if materialize:
-        program["state"], program["data"] = init()
-    return program
+    return {
+        "method": method_name,
+        "rho_d": throw_ratio,
+        "batch": batch,
+        "lowered": lowered,
+        "init": init,
+        "model_flops": _flops(lowered.cost_analysis()),
+        "cpu_model_flops": cpu_model_flops,
+    }
 
 
-def _flops(cost) -> float:
+def _flops(cost) -> float | None:
+    """The ``flops`` of a ``cost_analysis()``; None where XLA gave no count."""
     cost = cost[0] if isinstance(cost, list) else cost  # one dict per program in older jax
-    return float(cost["flops"])
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def compile_step(program: dict, compiler_options: dict | None = None) -> dict:

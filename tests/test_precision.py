@@ -55,6 +55,42 @@ def test_attention_with_a_bias_on_an_odd_length_sequence_stays_on_xla():
     assert vit.attention_implementation(BF16, 64, "gpu", "auto", (9, 0), odd_length_bias=True) == "xla"
 
 
+def refusing_cudnn(monkeypatch, refused: list):
+    """Makes jax.nn.dot_product_attention refuse cuDNN as jax's own shape check does (NotImplementedError)."""
+    xla_attention = jax.nn.dot_product_attention
+
+    def attention(query, key, value, bias=None, *, implementation=None):
+        if implementation == "cudnn":
+            refused.append(query.shape)
+            raise NotImplementedError(f"Unsupported sequence length Q {query.shape[1]}, KV {key.shape[1]}.")
+        return xla_attention(query, key, value, bias, implementation=implementation)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", attention)
+
+
+def test_auto_attention_runs_on_xla_where_jaxs_cudnn_refuses_the_shapes_even_under_grad(monkeypatch):
+    # jax 0.11.2 on an H200 refused MAE's 197-token decoder when differentiating; 'auto' must still train.
+    refused = []
+    refusing_cudnn(monkeypatch, refused)
+    query, key, value = (jax.random.normal(jax.random.key(i), (2, 197, 4, 8)) for i in range(3))
+
+    def loss(query, implementation, insist):
+        return jnp.sum(vit.fused_attention(query, key, value, None, implementation, insist) ** 2)
+
+    expected = jax.value_and_grad(loss)(query, "xla", False)
+    got = jax.value_and_grad(loss)(query, "cudnn", False)
+    assert refused, "the cuDNN kernel was never asked"
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_explicit_cudnn_attention_that_jax_refuses_is_jaxs_error_not_a_silent_fallback(monkeypatch):
+    refusing_cudnn(monkeypatch, [])
+    query = jnp.ones((2, 197, 4, 8))
+    with pytest.raises(NotImplementedError, match="Unsupported sequence length Q 197"):
+        vit.fused_attention(query, query, query, None, "cudnn", True)
+
+
 @pytest.mark.parametrize(
     "dtype, head_dim, backend, capability, reason",
     [

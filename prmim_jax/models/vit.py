@@ -250,7 +250,8 @@ def attention_implementation(
     """``jax.nn.dot_product_attention``'s implementation for one attention layer: ``'xla'`` or ``'cudnn'``.
 
     ``requested`` is the config's ``attention_impl``: ``None`` / ``'auto'``
-    choose cuDNN where ``cudnn_attention_problem`` finds none, XLA elsewhere;
+    choose cuDNN where ``cudnn_attention_problem`` finds none, XLA elsewhere
+    (and ``fused_attention`` still takes XLA where jax's cuDNN refuses the shapes);
     ``'xla'`` is always XLA; ``'cudnn'`` is cuDNN or a ``ValueError`` saying
     why it cannot run and what to change.
     """
@@ -500,10 +501,27 @@ class Attention(nn.Module):
         if implementation == "xla" and backend == "cpu":
             attended = cpu_attention(query, key, value, bias)
         else:
-            attended = jax.nn.dot_product_attention(query, key, value, bias, implementation=implementation)
+            attended = fused_attention(query, key, value, bias, implementation, self.attention_impl == "cudnn")
         attended = nn.with_logical_constraint(attended, qkv_axes)
         out = HeadMerge(width, self.kernel_init or xavier_uniform(width, width), self.dtype, name="out")(attended)
         return nn.with_logical_constraint(out, ("batch", "tokens", "embed"))
+
+
+def fused_attention(query, key, value, bias, implementation: str, insist: bool) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with ``implementation``; ``[B, T, heads, kv]`` in and out.
+
+    jax's cuDNN kernel has shape rules of its own that change between releases
+    (jax 0.11 refuses odd sequence lengths when differentiating, 0.10 only with a
+    bias), checked when the attention is traced. Unless cuDNN was ``insist``-ed on
+    (``attention_impl='cudnn'``), a layer whose shapes jax's cuDNN refuses runs on
+    XLA, so 'auto' means cuDNN exactly where the installed jax can run it.
+    """
+    if implementation != "cudnn" or insist:
+        return jax.nn.dot_product_attention(query, key, value, bias, implementation=implementation)
+    try:
+        return jax.nn.dot_product_attention(query, key, value, bias, implementation="cudnn")
+    except NotImplementedError:
+        return jax.nn.dot_product_attention(query, key, value, bias, implementation="xla")
 
 
 def gelu(x: jax.Array) -> jax.Array:
