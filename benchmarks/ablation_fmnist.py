@@ -16,7 +16,9 @@ pretraining's final evaluation. Phases (each skips work already done, so a rerun
 - ``cost``: XLA's FLOPs and peak temporary memory per train step and the step-time ratio
   to MAE, every row compiled and timed side by side in one process.
 - ``graddiff``: the gradient difference to MAE (Fig. 4) at each saved pretraining step.
-- ``report``: the table (mean and spread over seeds) and the Fig. 4 picture.
+- ``report``: the table (mean and spread over seeds), then ``plots``.
+- ``plots``: the ablation's plot and Fig. 4's curves (``benchmarks/plots.py``,
+  matplotlib), from the results files alone.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def report(args, table):
     graddiff_path = args.workdir / "graddiff.json"
     if graddiff_path.exists():
         rows = json.loads(graddiff_path.read_text())
-        plot_graddiff(rows, args.out.parent / (args.out.name + "_graddiff.png"))
+        args.out.parent.joinpath(args.out.name + "_graddiff.json").write_text(json.dumps(rows, indent=1) + "\n")
         table_lines = ["| step | method | sampler | rho_d | relative L2 to MAE's gradient |", "|---|---|---|---|---|"]
         table_lines += [
             f"| {r['step']} | {r['method']} | {r['sampler']} | {r['rho_d']} | {r['relative_l2']:.4f} |" for r in rows
@@ -295,49 +297,32 @@ def report(args, table):
         args.out.parent.joinpath(args.out.name + "_graddiff.md").write_text("\n".join(table_lines) + "\n")
 
 
-def plot_graddiff(rows, path):
-    """Fig. 4 as a PNG: relative gradient distance to MAE against the pretraining step, one line per series."""
-    from PIL import Image, ImageDraw
+def draw(out: pathlib.Path) -> None:
+    """The ablation's plots from its results files (``OUT.json``, ``OUT_graddiff.json``): ``OUT_plot.png`` and the
+    Fig. 4 curves ``OUT_graddiff.png``."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import plots
 
-    series = {}
-    for r in rows:
-        series.setdefault((r["method"], r["sampler"], r["rho_d"]), []).append((r["step"], r["relative_l2"]))
-    width, height, margin = 900, 520, 60
-    image = Image.new("RGB", (width + 260, height), "white")
-    draw = ImageDraw.Draw(image)
-    steps = sorted({r["step"] for r in rows})
-    top = max(r["relative_l2"] for r in rows) * 1.1
-
-    def xy(step, value):
-        x = margin + (step - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 2 * margin)
-        return x, height - margin - value / top * (height - 2 * margin)
-
-    draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
-    for i in range(6):
-        value = top * i / 5
-        draw.text((5, xy(steps[0], value)[1] - 6), f"{value:.2f}", fill="black")
-    for step in steps:
-        draw.text((xy(step, 0)[0] - 10, height - margin + 8), str(step), fill="black")
-    draw.text((width // 2 - 60, height - 25), "pretraining step", fill="black")
-    draw.text((margin, 15), "||g - g_MAE|| / ||g_MAE|| (Fig. 4), PR-MIM run's checkpoints", fill="black")
-    colours = {
-        "partial": [(200, 60, 60), (230, 140, 60), (150, 30, 30)],
-        "prmim": [(40, 90, 200), (60, 170, 90), (20, 40, 120)],
-    }
-    for i, (key, points) in enumerate(sorted(series.items())):
-        method, sampler, rho = key
-        colour = colours[method][[0.25, 0.5, 0.65].index(rho) if rho in (0.25, 0.5, 0.65) else 0]
-        points = [xy(s, v) for s, v in sorted(points)]
-        draw.line(points, fill=colour, width=3 if sampler == "furthest" else 1)
-        draw.text((width + 5, 40 + 18 * i), f"{method} {sampler} {rho}", fill=colour)
-    image.save(path)
+    results_path = out.with_suffix(".json")
+    if results_path.exists():
+        plots.ablation(
+            json.loads(results_path.read_text()),
+            out.parent / (out.name + "_plot.png"),
+            {"finetune": "fine-tune", "knn": "kNN (k=20)"},
+            title="Fashion-MNIST at small scale: mean +- std over seeds",
+        )
+    graddiff_path = out.parent / (out.name + "_graddiff.json")
+    if graddiff_path.exists():
+        plots.gradient_distance(json.loads(graddiff_path.read_text()), out.parent / (out.name + "_graddiff.png"))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=pathlib.Path, default=REPO / "workdirs" / "ablation")
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results" / "ablation_fmnist")
-    parser.add_argument("--phase", default="all", choices=("pretrain", "finetune", "cost", "graddiff", "report", "all"))
+    parser.add_argument(
+        "--phase", default="all", choices=("pretrain", "finetune", "cost", "graddiff", "report", "plots", "all")
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--throw_ratios", default="0.5,0.25,0.65")
     parser.add_argument("--steps", type=int, default=200, help="pretraining steps of batch 128, every row")
@@ -360,6 +345,8 @@ def main():
         graddiff(args)
     if args.phase in ("report", "all"):
         report(args, table)
+    if args.phase in ("report", "plots", "all"):
+        draw(args.out)
 
 
 if __name__ == "__main__":
