@@ -137,6 +137,10 @@ class FashionMnistSource:
             self._arrays = images[..., None], labels
         return self._arrays
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split: ``(images [n, 28, 28, 1] uint8, labels [n] uint8)``, read and checked once."""
+        return self._load()
+
     def __len__(self) -> int:
         return len(self._load()[1])
 

@@ -305,6 +305,13 @@ def pretrained_encoder(config: ml_collections.ConfigDict, encoder) -> dict | Non
         pretrained, params = encoder, swin_checkpoint.load(config.init.swin_checkpoint, encoder)
     else:
         return None
+    return adapt_encoder(params, pretrained, encoder)
+
+
+def adapt_encoder(params: dict, pretrained, encoder) -> dict:
+    """The parameters ``params`` of the ``pretrained`` encoder module, as host numpy arrays for ``encoder``
+    (the classifier's): a ViT's position table resized to ``encoder.grid`` (the pretraining's fixed sin-cos
+    table where it had no learned one), a Swin's relative position tables to ``encoder``'s windows."""
     params = jax.tree.map(np.asarray, params)
     if isinstance(encoder, swin.SwinTransformer):
         return swin.resize_relative_position_tables(params, encoder)
