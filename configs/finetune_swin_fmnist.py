@@ -1,4 +1,4 @@
-"""Fine-tuning a small Swin Transformer on Fashion-MNIST: ``finetune_fmnist.py``'s recipe with a Swin.
+"""Fine-tuning a small Swin Transformer on Fashion-MNIST: ``finetune_fmnist.py:recipe=table14`` with a Swin.
 
     python -m prmim_jax.main --config configs/finetune_swin_fmnist.py --workdir workdirs/fmnist_swin_ft
     python -m prmim_jax.main --config configs/finetune_swin_fmnist.py:runlocal --workdir /tmp/swin_ft
@@ -7,7 +7,7 @@
 
 Without ``--config.init.workdir`` (or ``--config.init.swin_checkpoint`` for a file in the
 official / timm layout) the Swin trains from scratch. The recipe, loop and data are
-``finetune_fmnist.py``'s (Table 14's AdamW, drop path 0.1, RandAug, random erasing,
+``finetune_fmnist.py:recipe=table14``'s (Table 14's AdamW, drop path 0.1, RandAug, random erasing,
 mixup / cutmix, label smoothing, warmup + cosine); argument: comma-separated
 ``steps=N``, ``seed=N``, ``runlocal``.
 
@@ -46,7 +46,7 @@ def get_config(arg=None):
     unknown = sorted(set(config_args.parse(arg)) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown argument {unknown[0]!r}; this config takes {OPTIONS}.")
-    config = vit_recipe(arg)
+    config = vit_recipe(",".join(filter(None, (arg, "recipe=table14"))))
     config.model = classifier.swin_classifier_config(
         "T",
         width=64,

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny models and batches that keep the suite fast on two CPU cores."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from compile_flags import xla_flags  # re-exported: subprocess tests take their flags from here
 
@@ -17,6 +20,16 @@ import pytest
 
 from prmim_jax import masking
 from prmim_jax.models import mae
+
+# Much of the suite compiles the same program more than once (a tiny run trained, stopped and resumed; one
+# step in several tests). JAX's persistent compilation cache, in a directory of this test process's own,
+# compiles each once: the same program gives the same executable, so no test sees a difference.
+# Subprocesses compile on their own.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="prmim-test-compilation-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def tiny_model_config(**overrides):

@@ -163,6 +163,26 @@ def test_finetune_in1k_is_the_papers_table_14():
     assert module.get_config("blocks=4").model.trainable_blocks == 4
 
 
+def test_finetune_fmnist_default_is_the_measured_recipe_and_table_14_stays_one_argument_away():
+    module = load(CONFIGS[[p.stem for p in CONFIGS].index("finetune_fmnist")])
+    measured = module.get_config()  # benchmarks/results/main_job_cpu.md: 90% test top-1 from the main job
+    assert (measured.batch_size, measured.total_steps, measured.optimizer.warmup_steps) == (64, 4000, 400)
+    assert (measured.optimizer.base_lr, measured.optimizer.layer_decay, measured.model.drop_path_rate) == (3e-3, 0.9, 0)
+    assert tuple(measured.data.crop_scale) == tuple(measured.data.crop_ratio) == (1.0, 1.0) and measured.data.flip
+    assert measured.data.rand_augment is None and measured.data.random_erase_prob == 0
+    assert (measured.mixing.mixup_alpha, measured.mixing.cutmix_alpha, measured.mixing.label_smoothing) == (0, 0, 0.1)
+    assert measured.model.head == "batchnorm_linear"
+    paper = module.get_config("recipe=table14")
+    assert (paper.optimizer.base_lr, paper.optimizer.layer_decay, paper.model.drop_path_rate) == (1e-3, 0.75, 0.1)
+    assert paper.data.rand_augment == "rand-m9-mstd0.5-inc1" and paper.data.random_erase_prob == 0.25
+    assert tuple(paper.data.crop_scale) == (0.08, 1.0) and paper.model.head == "linear"
+    assert (paper.mixing.mixup_alpha, paper.mixing.cutmix_alpha) == (0.8, 1.0)
+    swin = load(CONFIGS[[p.stem for p in CONFIGS].index("finetune_swin_fmnist")]).get_config()
+    assert swin.data.rand_augment == paper.data.rand_augment and swin.mixing.mixup_alpha == 0.8
+    with pytest.raises(ValueError, match=r"recipe='table15'; choose one of \('fmnist', 'table14'\)"):
+        module.get_config("recipe=table15")
+
+
 def test_in1k_config_is_the_papers_table_13():
     config = load(CONFIGS[[p.stem for p in CONFIGS].index("pretrain_in1k")]).get_config()
     assert config.batch_size == 4096 and config.total_steps == 100 * (1_281_167 // 4096)
