@@ -1,7 +1,9 @@
 """Shared fixtures: tiny models and batches that keep the suite fast on two CPU cores."""
 
 import atexit
+import fcntl
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -30,6 +32,25 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_once_per_session(tmp_path_factory, name: str, produce) -> pathlib.Path:
+    """The directory where ``produce(directory)`` ran, once per test session however many pytest-xdist
+    workers ask: the first runs it in a directory of the session's that every worker sees, the others wait
+    for it and read what it left. For module fixtures that are whole runs (a smoke run of a benchmark),
+    which xdist would otherwise repeat in each worker that draws one of the module's tests."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's directory; each worker's own lies below it
+    directory = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".done").exists():  # also after a worker whose run failed: the next one retries
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            produce(directory)
+            (directory / ".done").touch()
+    return directory
 
 
 def tiny_model_config(**overrides):

@@ -16,7 +16,7 @@ import subprocess
 import zipfile
 
 import pytest
-from conftest import tiny_model_config, xla_flags
+from conftest import run_once_per_session, tiny_model_config, xla_flags
 
 ROOT = pathlib.Path(__file__).parent.parent
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
@@ -46,9 +46,12 @@ def run_script(*args, env=None, timeout=900):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """``(run JSON, tables markdown)`` of one ``--smoke`` run of every phase."""
-    out = tmp_path_factory.mktemp("device_check")
-    result = run_script("--smoke", str(out))
-    assert result.returncode == 0, result.stderr[-3000:] + (out / "device_check.log").read_text()[-3000:]
+
+    def produce(out):
+        result = run_script("--smoke", str(out))
+        assert result.returncode == 0, result.stderr[-3000:] + (out / "device_check.log").read_text()[-3000:]
+
+    out = run_once_per_session(tmp_path_factory, "device_check_smoke", produce)
     return json.loads((out / "device_check.json").read_text()), (out / "device_check.md").read_text()
 
 
