@@ -31,7 +31,8 @@ here trained to convergence by full-batch Adam: MAE's LARS schedule is made for
 90 epochs, and 100 of its steps left even random features at 14%); full
 fine-tuning (``configs/finetune_fmnist.py``'s default recipe, the one measured to
 train at this budget: whole images, no mixing, layer decay 0.9, base lr 3e-3, a
-BatchNorm before the head; the plan sets batch and epochs); and, for rows that throw, the gradient distance to MAE (Fig. 4: ``||g - g_MAE|| / ||g_MAE||`` on a
+BatchNorm before the head; the plan sets batch and epochs); and, for rows that
+throw, the gradient distance to MAE (Fig. 4: ``||g - g_MAE|| / ||g_MAE||`` on a
 fixed batch, both at the row's parameters with the same visible tokens) at
 ``--graddiff_points`` points along pretraining.
 

@@ -66,7 +66,9 @@ def get_config(arg=None):
         drop_path_rate=0.1 if paper else 0.0,
         trainable_blocks=None if blocks is None else int(blocks),
     )
-    if not paper or short:
+    # Table 14's augmentations: RandAug, random erasing, mixup and cutmix ('short' turns them off).
+    augmented = recipe == "table14" and not short
+    if not augmented:
         config.model.update(head="batchnorm_linear", head_init_std=0.01)
     config.optimizer = optim.classifier_optimizer_config(
         base_lr=1e-3 if paper else 3e-3,
@@ -74,9 +76,8 @@ def get_config(arg=None):
         warmup_steps=config.total_steps // 10,
         min_lr=1e-6,
     )
-    mixing = recipe == "table14" and not short
     config.mixing = classify.mixing_config(
-        **({} if mixing else dict(mixup_alpha=0.0, cutmix_alpha=0.0)), label_smoothing=0.1
+        **({} if augmented else dict(mixup_alpha=0.0, cutmix_alpha=0.0)), label_smoothing=0.1
     )
     if short:
         crops = dict(crop_scale=(0.35, 1.0))
@@ -87,8 +88,8 @@ def get_config(arg=None):
     config.data = pipeline.data_config(
         source="fashion_mnist",
         **crops,
-        rand_augment="rand-m9-mstd0.5-inc1" if mixing else None,
-        random_erase_prob=0.25 if mixing else 0.0,
+        rand_augment="rand-m9-mstd0.5-inc1" if augmented else None,
+        random_erase_prob=0.25 if augmented else 0.0,
     )
     config.sharding = sharding.sharding_config()
     config.evals.accuracy.update(every=0, batch_size=500)
