@@ -2,7 +2,8 @@
 
     taskset -c 0 python benchmarks/cpu_side_by_side.py --threads 1 --rounds 9 --out benchmarks/results/cpu_side_by_side
     python benchmarks/cpu_side_by_side.py --threads 2 --rounds 7 --out benchmarks/results/cpu_side_by_side.2threads
-    python benchmarks/cpu_side_by_side.py --smoke   # tiny shapes, seconds: checks the script runs
+    taskset -c 0 python benchmarks/cpu_side_by_side.py --components --threads 1 --rounds 7 --out benchmarks/results/cpu_components
+    python benchmarks/cpu_side_by_side.py --smoke [--components]   # tiny shapes, seconds: checks the script runs
 
 What a new user would try: ViT-B/16 at 224, decoder 512 x 8, batch 8, one
 train step = forward + backward + AdamW, float32 on the CPU. Four contestants:
@@ -25,6 +26,16 @@ time and the process's CPU time are recorded: with ``--threads 1`` under
 measures work done even when other processes share the core. XLA's FLOP
 count and temporary memory of our compiled steps are reported too: they do
 not drift.
+
+``--components`` times the step's parts instead, to say where the two
+frameworks differ: a transformer block, its attention (projections included),
+the attention core alone (``softmax(q k^T) v`` on ``[B, heads, T, kv]``) and
+the MLP, each forward + backward at the decoder's shape (197 tokens, width
+512, 16 heads) and at the encoder's (50 visible tokens, ViT-B's 768, 12
+heads), and the AdamW update over the step's parameter count. Ours runs twice:
+as the model computes on the CPU (``vit.flattens_tokens``: every linear layer
+multiplies ``[B T, D]``) and with that turned off (``[B, T, D]`` contracted
+as such, what the model did before), so the table also measures that choice.
 """
 
 from __future__ import annotations
@@ -39,12 +50,14 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import torch
 import transformers
 from flax.training import train_state
 
 from prmim_jax import masking, optim
 from prmim_jax.models import mae as mae_lib
+from prmim_jax.models import vit
 
 FULL = dict(variant="B/16", image_size=224, decoder_width=512, decoder_depth=8, decoder_num_heads=16, batch=8, kernel=7)
 # Same structure at a size that compiles and runs in seconds.
@@ -147,6 +160,174 @@ class TransformersStep:
 
     def sync(self, metrics):
         del metrics  # PyTorch on the CPU is synchronous
+
+
+# The parts that --components times: (name, tokens, width, heads) of the step's two transformers.
+PARTS = {
+    "full": (("decoder", 197, 512, 16), ("encoder", 50, 768, 12)),
+    "smoke": (("decoder", 17, 32, 4), ("encoder", 5, 192, 3)),
+}
+PART_KINDS = ("block", "attention", "attention core", "mlp")
+ADAMW_PARAMETERS = {"full": 111_900_000, "smoke": 100_000}  # MAE ViT-B/16 with its 512 x 8 decoder: 111.9 M
+
+
+def ours_part(kind: str, batch: int, tokens: int, width: int, heads: int, flatten: bool):
+    """Our ``kind`` (``PART_KINDS``) forward + backward, compiled with ``vit.flattens_tokens`` set to ``flatten``:
+    a zero-argument callable that runs it once and waits."""
+    rng = np.random.default_rng(0)
+    if kind == "attention core":
+        shape = (batch, tokens, heads, width // heads)
+        inputs = [jax.device_put(rng.normal(size=shape).astype(np.float32)) for _ in range(3)]
+        loss = lambda q, k, v: (vit.cpu_attention(q, k, v) ** 2).sum()  # noqa: E731
+        arguments = tuple(range(3))
+    else:
+        module = {
+            "block": lambda: vit.Block(heads, 4 * width),
+            "attention": lambda: vit.Attention(heads),
+            "mlp": lambda: vit.MlpBlock(4 * width),
+        }[kind]()
+        x = jax.device_put(rng.normal(size=(batch, tokens, width)).astype(np.float32))
+        params = nn.unbox(module.init(jax.random.key(0), x))["params"]
+        inputs = [params, x]
+        loss = lambda params, x: (module.apply({"params": params}, x) ** 2).sum()  # noqa: E731
+        arguments = (0, 1)
+    original = vit.flattens_tokens
+    vit.flattens_tokens = lambda: flatten  # read while tracing, so the compiled program keeps it
+    try:
+        compiled = jax.jit(jax.grad(loss, argnums=arguments)).lower(*inputs).compile()
+    finally:
+        vit.flattens_tokens = original
+    return lambda: jax.block_until_ready(compiled(*inputs))
+
+
+def transformers_part(kind: str, batch: int, tokens: int, width: int, heads: int):
+    """transformers' ``ViTMAELayer`` (SDPA attention) part ``kind``, forward + backward: a zero-argument callable."""
+    config = transformers.ViTMAEConfig(
+        hidden_size=width,
+        num_attention_heads=heads,
+        intermediate_size=4 * width,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    )
+    config._attn_implementation = "sdpa"
+    layer = transformers.models.vit_mae.modeling_vit_mae.ViTMAELayer(config)
+    first = lambda output: output[0] if isinstance(output, tuple) else output  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    if kind == "attention core":
+        shape = (batch, heads, tokens, width // heads)
+        inputs = [torch.randn(shape, generator=generator).requires_grad_(True) for _ in range(3)]
+        forward = torch.nn.functional.scaled_dot_product_attention
+    else:
+        inputs = [torch.randn((batch, tokens, width), generator=generator).requires_grad_(True)]
+        forward = {
+            "block": lambda x: first(layer(x)),
+            "attention": lambda x: first(layer.attention(x)),
+            "mlp": layer.mlp,
+        }[kind]
+
+    def run_once():
+        (forward(*inputs) ** 2).sum().backward()
+
+    return run_once
+
+
+def ours_adamw(parameters: int):
+    """The pretraining AdamW update (``optim``) of ``parameters`` float32 values in 8 arrays: a zero-argument callable."""
+    tx = optim.build_optimizer(optim.optimizer_config(), global_batch=8, total_steps=1000)
+    rng = np.random.default_rng(0)
+    params = [jax.device_put(rng.normal(size=(parameters // 8 // 3072, 3072)).astype(np.float32)) for _ in range(8)]
+    grads = [0.1 * p for p in params]
+
+    def update(params, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    update = jax.jit(update, donate_argnums=(0, 1))
+    held = {"params": params, "state": tx.init(params)}
+
+    def run_once():
+        held["params"], held["state"] = jax.block_until_ready(update(held["params"], held["state"]))
+
+    return run_once
+
+
+def transformers_adamw(parameters: int):
+    """``torch.optim.AdamW`` over the same arrays as ``ours_adamw``: a zero-argument callable."""
+    params = [torch.nn.Parameter(torch.randn(parameters // 8 // 3072, 3072)) for _ in range(8)]
+    for p in params:
+        p.grad = 0.1 * p.detach()
+    optimizer = torch.optim.AdamW(params, **ADAMW)
+    return optimizer.step
+
+
+def run_components(args) -> dict:
+    """Median seconds of each part, ours (flattened and not) and transformers', timed in interleaved rounds."""
+    size = "smoke" if args.smoke else "full"
+    batch = (SMOKE if args.smoke else FULL)["batch"]
+    contestants = {}
+    for where, tokens, width, heads in PARTS[size]:
+        for kind in PART_KINDS:
+            shape = (batch, tokens, width, heads)
+            versions = {"ours": ours_part(kind, *shape, flatten=True)}
+            if kind != "attention core":  # no linear layer in it
+                versions["ours, not flattened"] = ours_part(kind, *shape, flatten=False)
+            contestants[f"{where} {kind}"] = versions | {"transformers": transformers_part(kind, *shape)}
+    contestants["AdamW update"] = {
+        "ours": ours_adamw(ADAMW_PARAMETERS[size]),
+        "transformers": transformers_adamw(ADAMW_PARAMETERS[size]),
+    }
+    for versions in contestants.values():  # warm-up
+        for run_once in versions.values():
+            run_once()
+    times = {part: {name: [] for name in versions} for part, versions in contestants.items()}
+    for _ in range(args.rounds):
+        for part, versions in contestants.items():
+            for name, run_once in versions.items():
+                start = time.process_time()
+                run_once()
+                times[part][name].append(time.process_time() - start)
+    return {
+        "shapes": {where: dict(batch=batch, tokens=t, width=w, heads=h) for where, t, w, h in PARTS[size]},
+        "adamw_parameters": ADAMW_PARAMETERS[size],
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "cpu_seconds": times,
+        "median_cpu_seconds": {part: {n: float(np.median(t)) for n, t in per.items()} for part, per in times.items()},
+        "conditions": conditions(),
+    }
+
+
+def components_markdown(result: dict, command: str) -> str:
+    shapes = result["shapes"]
+    lines = [
+        "The CPU train step's parts, float32, forward + backward, batch "
+        f"{shapes['decoder']['batch']}: decoder {shapes['decoder']['tokens']} tokens of width "
+        f"{shapes['decoder']['width']} ({shapes['decoder']['heads']} heads), encoder {shapes['encoder']['tokens']} "
+        f"tokens of {shapes['encoder']['width']} ({shapes['encoder']['heads']} heads); AdamW over "
+        f"{result['adamw_parameters'] / 1e6:g} M parameters. {result['threads']} thread(s) per framework, CPU time, "
+        f"median of {result['rounds']} interleaved rounds, milliseconds.",
+        "",
+        "| part | ours | ours, not flattened | transformers | ours / transformers | flattened / not |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part, medians in result["median_cpu_seconds"].items():
+        ours, layered, theirs = (medians.get(n) for n in ("ours", "ours, not flattened", "transformers"))
+        lines.append(
+            f"| {part} | {1e3 * ours:.1f} | {'-' if layered is None else f'{1e3 * layered:.1f}'} | {1e3 * theirs:.1f} | "
+            f"{ours / theirs:.2f} | {'-' if layered is None else f'{ours / layered:.2f}'} |"
+        )
+    c = result["conditions"]
+    lines += [
+        "",
+        f"transformers' `ViTMAELayer` with SDPA attention (its attention core: "
+        "`torch.nn.functional.scaled_dot_product_attention`); ours: `vit.Block`, `vit.Attention`, "
+        "`vit.cpu_attention`, `vit.MlpBlock` and the pretraining AdamW of `optim` (betas 0.9 / 0.95 as "
+        f"`torch.optim.AdamW` here). Machine: {c['cpu_count']} CPUs ({c['processor']}), load average at the end "
+        f"{c['load_average_1_5_15']}; jax {c['jax']}, torch {c['torch']}, transformers {c['transformers']}.",
+        "",
+        f"Command: `{command}`",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def conditions() -> dict:
@@ -264,16 +445,18 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="compute threads per framework")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="steps per contestant per round")
+    parser.add_argument("--components", action="store_true", help="time the step's parts instead of the step")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
     use_threads(args.threads)
-    result = run(args)
+    result = run_components(args) if args.components else run(args)
     cpus = sorted(os.sched_getaffinity(0))
     pinned = f"taskset -c {','.join(map(str, cpus))} " if len(cpus) < os.cpu_count() else ""
     command = pinned + "python benchmarks/cpu_side_by_side.py" + (" --smoke" if args.smoke else "")
+    command += " --components" if args.components else ""
     command += f" --threads {args.threads} --rounds {args.rounds} --steps {args.steps}"
     command += f" --out {args.out}" if args.out else ""
-    table = markdown(result, command)
+    table = components_markdown(result, command) if args.components else markdown(result, command)
     print(table)
     if args.out:
         out = pathlib.Path(args.out)

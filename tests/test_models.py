@@ -121,6 +121,31 @@ def test_every_parameter_names_its_logical_axes(tiny_variables):
         assert any(n is not None for n in leaf.names), f"{name} names no axis"
 
 
+def test_flattened_cpu_matmuls_change_no_parameter_value_or_gradient(monkeypatch, tiny_mae, tiny_batch):
+    # On the CPU backend every linear layer multiplies [B, T, D] activations as one [B T, D] matrix (faster
+    # weight gradients, vit.flattens_tokens); a model must not depend on it: same tree, loss and gradients.
+    images, ids = tiny_batch
+
+    def loss_and_grads():
+        variables = tiny_mae.init(jax.random.key(0), images, ids.visible, ids.decoded)
+        params = nn.unbox(variables)["params"]
+
+        def loss(params):
+            out = tiny_mae.apply({"params": params}, images, ids.visible, ids.decoded)
+            return mae.reconstruction_loss(images, out, ids.decoded, None, tiny_mae.patch_size)
+
+        return jax.tree.map(lambda x: x.shape, variables), *jax.jit(jax.value_and_grad(loss))(params)
+
+    assert vit.flattens_tokens()  # the suite runs on the CPU backend
+    shapes, flat_loss, flat_grads = loss_and_grads()
+    monkeypatch.setattr(vit, "flattens_tokens", lambda: False)
+    layered_shapes, layered_loss, layered_grads = loss_and_grads()
+    assert shapes == layered_shapes
+    np.testing.assert_allclose(flat_loss, layered_loss, rtol=1e-6)
+    for flat, layered in zip(jax.tree.leaves(flat_grads), jax.tree.leaves(layered_grads), strict=True):
+        np.testing.assert_allclose(flat, layered, rtol=1e-4, atol=1e-7)
+
+
 def test_initialisation_follows_the_official_mae(tiny_params):
     enc, dec = tiny_params["encoder"], tiny_params["decoder"]
     block = enc["transformer"]["block_0"]

@@ -1,8 +1,10 @@
-"""The cost report and the sampler benchmark produce what their committed results claim to be."""
+"""The cost report and the sampler and CPU side-by-side benchmarks produce what their committed results claim to be."""
 
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -97,3 +99,17 @@ def test_sampler_benchmark_reports_every_sampler_and_coverage(tmp_path):
     result = json.loads((tmp_path / "s.json").read_text())
     assert set(result["throughput"]) == {"random", "random_throw", "furthest", "furthest_seeded"}
     assert len(result["coverage"]) == 9 and all(0 <= r["uncovered_3x3"] <= 1 for r in result["coverage"])
+
+
+def test_cpu_component_benchmark_times_every_part_of_both_frameworks(tmp_path):
+    # A subprocess: the benchmark sets torch's and XLA's thread counts for its whole process.
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "cpu_side_by_side.py"
+    command = [sys.executable, str(script), "--smoke", "--components", "--threads", "1", "--rounds", "1"]
+    subprocess.run([*command, "--out", str(tmp_path / "c")], check=True, capture_output=True, timeout=600)
+    medians = json.loads((tmp_path / "c.json").read_text())["median_cpu_seconds"]
+    parts = [f"{where} {kind}" for where in ("decoder", "encoder") for kind in ("block", "attention", "mlp")]
+    for part in parts:  # the parts with linear layers: ours both ways, and transformers'
+        assert set(medians[part]) == {"ours", "ours, not flattened", "transformers"}, part
+    assert set(medians["decoder attention core"]) == set(medians["AdamW update"]) == {"ours", "transformers"}
+    assert all(seconds > 0 for per in medians.values() for seconds in per.values())
+    assert "| decoder block |" in (tmp_path / "c.md").read_text()

@@ -133,7 +133,7 @@ class ScaleHead(nn.Module):
         else:
             raise ValueError(f"scale={self.scale}; LocalMIM's heads exist for {HEAD_SCALES}.")
         fan_in = x.shape[-1]
-        return nn.Dense(
+        return vit.FlatDense(
             self.features,
             kernel_init=vit.logical(pytorch_conv_init(fan_in), "embed", "patch"),
             bias_init=vit.logical(pytorch_conv_init(fan_in), "patch"),

@@ -160,7 +160,7 @@ class SimMIMEncoder(nn.Module):
         if ids_visible is not None:
             # Only the visible patches are embedded: the official code embeds all and overwrites the masked ones.
             patches = tokens.take(patches, ids_visible)
-        x = nn.Dense(
+        x = vit.FlatDense(
             self.width,
             dtype=self.dtype,
             kernel_init=vit.logical(truncated_normal(), "patch", "embed"),
@@ -297,7 +297,7 @@ class SimMIM(nn.Module):
         # The official head is a PyTorch Conv2d left at its default init: U(+-1/sqrt(fan_in)), fan_in = D.
         # It is float32 under any dtype (vit's precision policy): its output is the loss's input.
         bound = 1.0 / math.sqrt(self.width)
-        self.head = nn.Dense(
+        self.head = vit.FlatDense(
             self.patch_dim,
             dtype=jnp.float32,
             kernel_init=vit.logical(vit.uniform_init(bound), "embed", "patch"),

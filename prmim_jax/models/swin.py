@@ -426,7 +426,7 @@ class PatchMerging(nn.Module):
         channels = x.shape[-1]
         parts = [x[..., row::2, col::2, :] for col in (0, 1) for row in (0, 1)]
         merged = _layer_norm(self.dtype, "norm")(jnp.concatenate(parts, axis=-1))
-        return nn.Dense(
+        return vit.FlatDense(
             2 * channels,
             use_bias=False,
             dtype=self.dtype,
@@ -570,7 +570,7 @@ def embed_patches(patches: jax.Array, width: int, dtype) -> jax.Array:
     The official patch embedding is a Conv2d left at PyTorch's default init: U(+-1/sqrt(fan_in)).
     """
     bound = 1.0 / math.sqrt(patches.shape[-1])
-    x = nn.Dense(
+    x = vit.FlatDense(
         width,
         dtype=dtype,
         kernel_init=vit.logical(vit.uniform_init(bound), "patch", "embed"),

@@ -288,6 +288,34 @@ def check_model_options(dtype, head_dims: tuple[int, ...], attention_impl: str |
         attention_implementation(dtype, head_dim, backend, attention_impl, capability)
 
 
+def flattens_tokens() -> bool:
+    """Whether linear layers multiply ``[..., D]`` activations as one ``[M, D]`` matrix (the CPU backend).
+
+    Why: XLA CPU lowers a weight gradient that contracts two or more axes
+    (``[B, T, D]`` activations against ``[B, T, F]`` output gradients) as a
+    transposed copy of an operand and a slower general contraction; a single
+    contracted axis reaches its fast matrix-product path. Measured (one core,
+    float32, fwd + bwd, ``benchmarks/results/cpu_components.md``): MAE's decoder
+    block 367 -> 321 ms, the whole ViT-B MAE step from 1.31x PyTorch's time
+    to 1.15x (``cpu_side_by_side.md``). The reshapes are free, and the
+    parameters, their shapes and the values are the same either way. Off the
+    CPU the layers are left as they are (GPU and TPU compilers batch such
+    products natively, and sharded batch axes stay separate axes).
+    """
+    return jax.default_backend() == "cpu"
+
+
+class FlatDense(nn.Dense):
+    """``nn.Dense`` (the same parameters) that multiplies ``[..., D]`` inputs as ``[M, D]`` on the CPU backend
+    (``flattens_tokens``); ``[..., D] -> [..., features]``."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if inputs.ndim <= 2 or not flattens_tokens():
+            return super().__call__(inputs)
+        flat = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return flat.reshape(*inputs.shape[:-1], flat.shape[-1])
+
+
 def dense(
     features: int,
     fan_in: int,
@@ -296,10 +324,10 @@ def dense(
     name: str,
     fan_out: int | None = None,
     kernel_init: nn.initializers.Initializer | None = None,
-) -> nn.Dense:
+) -> FlatDense:
     """A linear layer initialised as the official MAE's ``nn.Linear`` (xavier-uniform weight, zero bias);
     ``kernel_init`` replaces the xavier-uniform weight init (Swin's normal(0.02))."""
-    return nn.Dense(
+    return FlatDense(
         features,
         dtype=dtype,
         kernel_init=logical(kernel_init or xavier_uniform(fan_in, fan_out or features), *axes),
@@ -325,7 +353,12 @@ class HeadProjection(nn.Module):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel = self.param("kernel", logical(self.kernel_init, "embed", "heads", "kv"), shape)
         bias = self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), shape[1:])
-        return jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if flattens_tokens():
+            out = (x.reshape(-1, shape[0]) @ kernel.reshape(shape[0], -1)).reshape(*x.shape[:-1], *shape[1:])
+        else:
+            out = jnp.einsum("btd,dhk->bthk", x, kernel)
+        return out + bias.astype(self.dtype)
 
 
 class HeadMerge(nn.Module):
@@ -340,7 +373,13 @@ class HeadMerge(nn.Module):
         shape = (x.shape[-2], x.shape[-1], self.features)
         kernel = self.param("kernel", logical(self.kernel_init, "heads", "kv", "embed"), shape)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,))
-        return jnp.einsum("bthk,hkd->btd", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if flattens_tokens():
+            width = shape[0] * shape[1]
+            out = (x.reshape(-1, width) @ kernel.reshape(width, -1)).reshape(*x.shape[:-2], self.features)
+        else:
+            out = jnp.einsum("bthk,hkd->btd", x, kernel)
+        return out + bias.astype(self.dtype)
 
 
 @jax.custom_vjp
@@ -793,7 +832,7 @@ class Encoder(nn.Module):
         patch_dim = patches.shape[-1]
         # The official MAE initialises the Conv2d patch embedding's weight as a linear
         # and leaves its bias at PyTorch's Conv2d default, U(+-1/sqrt(fan_in)).
-        x = nn.Dense(
+        x = FlatDense(
             self.width,
             dtype=self.dtype,
             kernel_init=logical(xavier_uniform(patch_dim, self.width), "patch", "embed"),
