@@ -16,7 +16,9 @@ must beat).
 **Why in one process, seeds side by side.** The encoder of the main job
 (``configs/pretrain_fmnist.py``: width 128, depth 4, 14 x 14 tokens) is far too
 small to fill a GPU, and a run through ``main.py`` pays start-up, compilation and
-evaluation once per run. Here each row compiles once and trains all its seeds
+evaluation once per run. Here each row compiles once (its step compiling in a
+background thread while the row before it trains: a GPU host's compilation of
+a step takes tens of seconds, ten rows of it a large share of the budget) and trains all its seeds
 at once: the train state has a leading seed axis and the step is the project's
 ``train_step`` under ``jax.vmap``. A seed is one run: it fixes the
 initialisation (the same for the parameters every method shares), the order of
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -205,15 +208,20 @@ def seed_keys(seeds, step):
     return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(seeds)
 
 
-def stacked_init(method, tx, seeds, batch):
-    """The train states of every seed, stacked on a leading axis (seed ``s`` initialised from ``key(s)``)."""
+def stacked_init_fn(method, tx, batch):
+    """``seeds [S] -> `` the train states of every seed, stacked on a leading axis (seed ``s`` initialised from
+    ``key(s)``), jitted."""
     import flax.linen as nn
     import jax
 
     from prmim_jax import train_step
 
-    init = jax.vmap(lambda seed: nn.unbox(train_step.init_state(method, tx, jax.random.key(seed), batch)))
-    return jax.jit(init)(seeds)
+    return jax.jit(jax.vmap(lambda seed: nn.unbox(train_step.init_state(method, tx, jax.random.key(seed), batch))))
+
+
+def stacked_init(method, tx, seeds, batch):
+    """The train states of every seed, stacked on a leading axis (``stacked_init_fn``)."""
+    return stacked_init_fn(method, tx, batch)(seeds)
 
 
 class Experiment:
@@ -258,12 +266,14 @@ class Experiment:
         optimizer.warmup_steps = total_steps // 10
         return mae_family.from_sections(config.model, section, optimizer=optimizer, data=config.data)
 
-    def pretrain(self, row: Row, log) -> dict:
+    def pretrain_programs(self, row: Row, compiler) -> dict:
+        """``row``'s pretraining method and step, the step traced and lowered here and compiled by ``compiler`` (a
+        thread pool), so that ``main`` can have a row's step compile while the row before it trains:
+        ``{'method', 'tx', 'total', 'interval', 'warmup', 'step'}``, ``'step'`` a future of the compiled step
+        ``(state, dataset, index [S, B], crop [S, B, 5], ids, step) -> (state, metrics)``, the state donated."""
         import jax
-        import jax.numpy as jnp
 
-        from prmim_jax import attention_maps, masking, train_step
-        from prmim_jax.models import vit
+        from prmim_jax import masking, train_step
 
         plan, batch = self.plan, self.plan["batch"]
         total = plan["pretrain_epochs"] * self.steps_per_epoch
@@ -273,7 +283,6 @@ class Experiment:
         method = self.method(row, total, **(dict(amt_interval=interval, amt_warmup_epochs=warmup) if amt else {}))
         layout, size = method.layout, method.model.image_size[0]
         tx = method.optimizer(batch, total)
-        state = stacked_init(method, tx, self.seeds, batch)
 
         def step_fn(state, dataset, index, crop, ids, step):
             def one(state, index, crop, visible, decoded, thrown, key):
@@ -283,7 +292,34 @@ class Experiment:
 
             return jax.vmap(one)(state, index, crop, *ids, seed_keys(self.seeds, step))
 
-        step_fn = jax.jit(step_fn, donate_argnums=0)
+        # The host's arrays as host_batches makes them (their shapes and types are all the lowering reads).
+        seeds = plan["seeds"]
+        noise = np.random.default_rng(0).random((batch, 2, layout.num_tokens), dtype=np.float32)
+        ids = masking.sample(row.sampler, noise, layout)
+        ids = tuple(np.stack([getattr(ids, kind)] * seeds) for kind in ("visible", "decoded", "thrown"))
+        index = epoch_order(0, 0, self.examples)[: seeds * batch].reshape(seeds, batch)
+        crop = np.zeros((seeds, batch, 5), np.float32)
+        state = jax.eval_shape(stacked_init_fn(method, tx, batch), self.seeds)
+        lowered = jax.jit(step_fn, donate_argnums=0).lower(state, self.train_images, index, crop, ids, 0)
+        return dict(
+            method=method, tx=tx, total=total, interval=interval, warmup=warmup, step=compiler.submit(lowered.compile)
+        )
+
+    def pretrain(self, row: Row, log, programs: dict) -> dict:
+        """Pretrains ``row`` for every seed with ``programs`` (``pretrain_programs``), measuring along the way."""
+        import jax
+        import jax.numpy as jnp
+
+        from prmim_jax import attention_maps, masking
+        from prmim_jax.models import vit
+
+        plan, batch = self.plan, self.plan["batch"]
+        amt = row.sampler == "amt"
+        method, tx, total = programs["method"], programs["tx"], programs["total"]
+        interval, warmup = programs["interval"], programs["warmup"]
+        layout = method.layout
+        state = stacked_init(method, tx, self.seeds, batch)
+        step_fn = programs["step"].result()
         mae_method = self.method(ROWS[0])
         graddiff = self.graddiff_fn(method, mae_method) if row.method != "mae" else None
         graddiff_at = sorted({round(total * (i + 1) / plan["graddiff_points"]) for i in range(plan["graddiff_points"])})
@@ -739,18 +775,30 @@ def main(argv=None) -> int:
         (args.out / "reproduce_fmnist.json").write_text(json.dumps(run, indent=1) + "\n")
         (args.out / "reproduce_fmnist.md").write_text(report(run))
 
+    # One row ahead: a row's step is lowered before the row before it trains and compiles meanwhile.
+    compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+    order = [row for row in ROWS if row.name in names]
+    programs = {}
+
+    def prepare(position):
+        if position < len(order) and order[position].method != "scratch":
+            programs[order[position].name] = experiment.pretrain_programs(order[position], compiler)
+
+    prepare(0)
     longest = 0.0
-    for row in (row for row in ROWS if row.name in names):
+    for position, row in enumerate(order):
         if time.time() - started + longest > plan["budget"] and row.name != "mae":
             run["results"][row.name] = {"status": f"skipped: out of the {plan['budget']} s budget"}
+            programs.pop(row.name, None)
             write()
             continue
         row_started = time.time()
+        prepare(position + 1)
         result = run["results"].setdefault(row.name, {})
         if row.method == "scratch":
             result |= {"finetune": experiment.finetune()["accuracy"]}
         else:
-            pretrained = experiment.pretrain(row, log)
+            pretrained = experiment.pretrain(row, log, programs.pop(row.name))
             state, method = pretrained.pop("state"), pretrained.pop("method")
             encoder, _ = method.encoder()
             encoder_params = state.params["encoder"]
@@ -768,6 +816,7 @@ def main(argv=None) -> int:
         log(f"{row.name}: " + ", ".join(f"{k} {np.round(v, 4).tolist()}" for k, v in result.items() if k != "graddiff"))
         write()
     pool.close()
+    compiler.shutdown(wait=False, cancel_futures=True)
     write()
     draw(run, args.out)
     print(report(run))
