@@ -143,9 +143,15 @@ def epoch_order(seed: int, epoch: int, examples: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch, 0)).permutation(examples)
 
 
+def stacked_ids(ids: list) -> tuple:
+    """Each seed's ``TokenIds`` stacked on a leading seed axis: ``(visible [S, B, n_vis], decoded [S, B, n_dec],
+    thrown [S, B, n_thr])``, the order ``masking.TokenIds`` takes them in."""
+    return tuple(np.stack([getattr(i, kind) for i in ids]) for kind in ("visible", "decoded", "thrown"))
+
+
 def host_batches(task: tuple) -> dict:
     """One step's host arrays for every seed: ``index [S, B]``, ``crop [S, B, 5]``, ``noise [S, B, 2, N]``
-    and, unless the sampler is ``amt`` (whose maps live in the main process), the token ids ``[S, B, n]``."""
+    and, unless the sampler is ``amt`` (whose maps live in the main process), ``ids`` (``stacked_ids``)."""
     seeds, step, batch, examples, scale, sampler, layout = task
     steps_per_epoch = examples // batch
     epoch, within = divmod(step, steps_per_epoch)
@@ -161,8 +167,7 @@ def host_batches(task: tuple) -> dict:
     if sampler is not None and sampler != "amt":
         from prmim_jax import masking
 
-        ids = [masking.sample(sampler, one, layout) for one in noise]
-        out |= {f"ids_{kind}": np.stack([getattr(i, kind) for i in ids]) for kind in ("visible", "decoded", "thrown")}
+        out["ids"] = stacked_ids([masking.sample(sampler, one, layout) for one in noise])
     return out
 
 
@@ -269,7 +274,8 @@ class Experiment:
     def pretrain_programs(self, row: Row, compiler) -> dict:
         """``row``'s pretraining method and step, the step traced and lowered here and compiled by ``compiler`` (a
         thread pool), so that ``main`` can have a row's step compile while the row before it trains:
-        ``{'method', 'tx', 'total', 'interval', 'warmup', 'step'}``, ``'step'`` a future of the compiled step
+        ``{'method', 'total', 'interval', 'warmup', 'init', 'step'}``: ``'init'`` is ``stacked_init_fn``'s, ``'step'``
+        a future of the compiled step
         ``(state, dataset, index [S, B], crop [S, B, 5], ids, step) -> (state, metrics)``, the state donated."""
         import jax
 
@@ -295,14 +301,19 @@ class Experiment:
         # The host's arrays as host_batches makes them (their shapes and types are all the lowering reads).
         seeds = plan["seeds"]
         noise = np.random.default_rng(0).random((batch, 2, layout.num_tokens), dtype=np.float32)
-        ids = masking.sample(row.sampler, noise, layout)
-        ids = tuple(np.stack([getattr(ids, kind)] * seeds) for kind in ("visible", "decoded", "thrown"))
+        ids = stacked_ids([masking.sample(row.sampler, noise, layout)] * seeds)
         index = epoch_order(0, 0, self.examples)[: seeds * batch].reshape(seeds, batch)
         crop = np.zeros((seeds, batch, 5), np.float32)
-        state = jax.eval_shape(stacked_init_fn(method, tx, batch), self.seeds)
+        init = stacked_init_fn(method, tx, batch)
+        state = jax.eval_shape(init, self.seeds)
         lowered = jax.jit(step_fn, donate_argnums=0).lower(state, self.train_images, index, crop, ids, 0)
         return dict(
-            method=method, tx=tx, total=total, interval=interval, warmup=warmup, step=compiler.submit(lowered.compile)
+            method=method,
+            total=total,
+            interval=interval,
+            warmup=warmup,
+            init=init,
+            step=compiler.submit(lowered.compile),
         )
 
     def pretrain(self, row: Row, log, programs: dict) -> dict:
@@ -315,10 +326,10 @@ class Experiment:
 
         plan, batch = self.plan, self.plan["batch"]
         amt = row.sampler == "amt"
-        method, tx, total = programs["method"], programs["tx"], programs["total"]
+        method, total = programs["method"], programs["total"]
         interval, warmup = programs["interval"], programs["warmup"]
         layout = method.layout
-        state = stacked_init(method, tx, self.seeds, batch)
+        state = programs["init"](self.seeds)
         step_fn = programs["step"].result()
         mae_method = self.method(ROWS[0])
         graddiff = self.graddiff_fn(method, mae_method) if row.method != "mae" else None
@@ -353,13 +364,13 @@ class Experiment:
                             for s in range(plan["seeds"])
                         ]
                     ).reshape(plan["seeds"], batch, -1)
-                ids = [
-                    masking.sample("amt", host["noise"][s], layout, None if weights is None else weights[s])
-                    for s in range(plan["seeds"])
-                ]
-                host |= {f"ids_{k}": np.stack([getattr(i, k) for i in ids]) for k in ("visible", "decoded", "thrown")}
-            ids = tuple(host[f"ids_{kind}"] for kind in ("visible", "decoded", "thrown"))
-            state, metrics = step_fn(state, self.train_images, host["index"], host["crop"], ids, step)
+                host["ids"] = stacked_ids(
+                    [
+                        masking.sample("amt", host["noise"][s], layout, None if weights is None else weights[s])
+                        for s in range(plan["seeds"])
+                    ]
+                )
+            state, metrics = step_fn(state, self.train_images, host["index"], host["crop"], host["ids"], step)
             losses.append(metrics["loss"])
             if step == 1:
                 jax.block_until_ready(state)
@@ -408,8 +419,7 @@ class Experiment:
         noise = [np.random.default_rng((int(s), 7)).random((count, 2, method.layout.num_tokens)) for s in self.seeds]
         row_ids = [masking.sample(sampler, n, method.layout) for n in noise]
         mae_ids = [mae_method.sample(n) for n in noise]
-        stack = lambda ids: tuple(jnp.stack([getattr(i, k) for i in ids]) for k in ("visible", "decoded", "thrown"))  # noqa: E731
-        row_ids, mae_ids = stack(row_ids), stack(mae_ids)
+        row_ids, mae_ids = stacked_ids(row_ids), stacked_ids(mae_ids)
         progressive = method.throwing.progressive
 
         def one(params, images, row_ids, mae_ids):
