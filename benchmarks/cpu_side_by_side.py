@@ -59,9 +59,21 @@ from prmim_jax import masking, optim
 from prmim_jax.models import mae as mae_lib
 from prmim_jax.models import vit
 
-FULL = dict(variant="B/16", image_size=224, decoder_width=512, decoder_depth=8, decoder_num_heads=16, batch=8, kernel=7)
+# depth None: the variant's encoder depth.
+FULL = dict(
+    variant="B/16",
+    image_size=224,
+    depth=None,
+    decoder_width=512,
+    decoder_depth=8,
+    decoder_num_heads=16,
+    batch=8,
+    kernel=7,
+)
 # Same structure at a size that compiles and runs in seconds.
-SMOKE = dict(variant="Ti/8", image_size=32, decoder_width=32, decoder_depth=1, decoder_num_heads=4, batch=2, kernel=3)
+SMOKE = dict(
+    variant="Ti/8", image_size=32, depth=None, decoder_width=32, decoder_depth=1, decoder_num_heads=4, batch=2, kernel=3
+)
 MASK_RATIO = 0.75
 THROW_RATIO = 0.5
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -80,6 +92,7 @@ class OursStep:
         model_config = mae_lib.model_config(
             shape["variant"],
             image_size=shape["image_size"],
+            depth=shape["depth"],
             decoder_width=shape["decoder_width"],
             decoder_depth=shape["decoder_depth"],
             decoder_num_heads=shape["decoder_num_heads"],
@@ -133,7 +146,7 @@ class TransformersStep:
             patch_size=patch,
             num_channels=3,
             hidden_size=width,
-            num_hidden_layers=depth,
+            num_hidden_layers=shape["depth"] or depth,
             num_attention_heads=heads,
             intermediate_size=4 * width,
             decoder_hidden_size=shape["decoder_width"],
@@ -351,7 +364,8 @@ def use_threads(threads: int) -> None:
 
 
 def run(args) -> dict:
-    shape = SMOKE if args.smoke else FULL
+    shape = dict(SMOKE if args.smoke else FULL)
+    shape.update({key: getattr(args, key) for key in ("depth", "decoder_depth") if getattr(args, key) is not None})
     contestants = {"transformers_mae": TransformersStep(shape)}
     contestants["ours_mae"] = OursStep(shape, "full", 0.0)
     contestants["ours_partial"] = OursStep(shape, "partial", THROW_RATIO)
@@ -405,7 +419,9 @@ def paired_ratios(times: dict) -> dict:
 def markdown(result: dict, command: str) -> str:
     shape, medians, times = result["shape"], result["median_seconds_per_step"], result["seconds_per_step"]
     lines = [
-        f"CPU train step, float32: ViT-{shape['variant']} at {shape['image_size']}px, decoder "
+        f"CPU train step, float32: ViT-{shape['variant']}"
+        + (f" with {shape['depth']} block(s)" if shape["depth"] else "")
+        + f" at {shape['image_size']}px, decoder "
         f"{shape['decoder_width']} x {shape['decoder_depth']}, batch {shape['batch']}, forward + backward + AdamW, "
         f"{result['threads']} thread(s) per framework; {result['rounds']} interleaved rounds of "
         f"{result['steps_per_round']} step(s), medians.",
@@ -446,14 +462,20 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="steps per contestant per round")
     parser.add_argument("--components", action="store_true", help="time the step's parts instead of the step")
+    parser.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the variant's)")
+    parser.add_argument("--decoder_depth", type=int, default=None, help="decoder blocks (default: the shape's)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
+    for key in ("depth", "decoder_depth"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            parser.error(f"--{key} {getattr(args, key)}: a transformer needs at least 1 block.")
     use_threads(args.threads)
     result = run_components(args) if args.components else run(args)
     cpus = sorted(os.sched_getaffinity(0))
     pinned = f"taskset -c {','.join(map(str, cpus))} " if len(cpus) < os.cpu_count() else ""
     command = pinned + "python benchmarks/cpu_side_by_side.py" + (" --smoke" if args.smoke else "")
     command += " --components" if args.components else ""
+    command += "".join(f" --{k} {getattr(args, k)}" for k in ("depth", "decoder_depth") if getattr(args, k) is not None)
     command += f" --threads {args.threads} --rounds {args.rounds} --steps {args.steps}"
     command += f" --out {args.out}" if args.out else ""
     table = components_markdown(result, command) if args.components else markdown(result, command)

@@ -113,3 +113,14 @@ def test_cpu_component_benchmark_times_every_part_of_both_frameworks(tmp_path):
     assert set(medians["decoder attention core"]) == set(medians["AdamW update"]) == {"ours", "transformers"}
     assert all(seconds > 0 for per in medians.values() for seconds in per.values())
     assert "| decoder block |" in (tmp_path / "c.md").read_text()
+
+
+def test_cpu_side_by_side_refuses_a_depth_below_one_before_building_anything(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "cpu_side_by_side", pathlib.Path(__file__).parent.parent / "benchmarks" / "cpu_side_by_side.py"
+    )
+    side_by_side = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(side_by_side)
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--smoke", "--decoder_depth", "0"])
+    assert "--decoder_depth 0: a transformer needs at least 1 block." in capsys.readouterr().err
