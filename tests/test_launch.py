@@ -217,10 +217,18 @@ def test_prmim_xla_gpu_flags_replaces_the_launchers_gpu_flags(repo):
     assert export == ["export", "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]
 
 
+# The failing process waits until every process has written its log line, so that none is stopped unstarted.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$@"
-for arg in "$@"; do [ "${previous:-}" = --process_id ] && id="$arg"; previous="$arg"; done
-[ "$id" = "${FAIL_ID:-none}" ] && sleep 0.3 && exit 3  # after the others have started
+for arg in "$@"; do
+  [ "${previous:-}" = --process_id ] && id="$arg"
+  [ "${previous:-}" = --num_processes ] && count="$arg"
+  previous="$arg"
+done
+if [ "$id" = "${FAIL_ID:-none}" ]; then
+  for ((i = 0; i < count; i++)); do until [ -s "wd/logs/process_$i.log" ]; do sleep 0.02; done; done
+  exit 3
+fi
 [ "${FAIL_ID:-none}" = none ] && exit 0
 exec sleep 20  # a healthy process stays until the script stops it
 """
@@ -239,35 +247,35 @@ def test_local_processes_all_run_and_one_failure_fails_the_launch(repo, fail_id,
         assert "process 1 failed first (status 3)" in result.stderr
 
 
-# A training process as the launcher sees it: $BEHAVIOUR_<process id> says what it does.
-#   fail:  prints its own failure line and traceback after 0.3 s, exits 1
-#   abort: ignores SIGTERM (as JAX's preemption handler does) and aborts with a C++ stack after 0.6 s
-#   save:  saves for 1 s on SIGTERM, then exits 0
+# A training process as the launcher sees it: $BEHAVIOUR_<process id> says what it does. It says "started" only
+# once its signal handling is in place, and the failing one waits for both to have started, so the order in which
+# the processes end never depends on how fast the machine starts them.
+#   fail:  prints its own failure line and traceback once both processes started, exits 1
+#   abort: aborts with a C++ stack when its peer's failure reaches it (the launcher's SIGTERM here, JAX's
+#          coordination service in a real run), so it always ends after the peer that took it down
+#   save:  saves for $SAVE_SECONDS (1 by default) on SIGTERM, then exits 0
 #   stuck: ignores SIGTERM forever
 STAGED_PYTHON = """#!/usr/bin/env bash
 for arg in "$@"; do [ "${previous:-}" = --process_id ] && id="$arg"; previous="$arg"; done
 behaviour="BEHAVIOUR_$id"
+case "${!behaviour}" in
+  abort)
+    trap 'echo "F0000 coordination_service_agent.cc] Terminating process: a peer died"
+          echo "Fatal Python error: Aborted"; exit 134' TERM ;;
+  save) trap 'sleep "${SAVE_SECONDS:-1}"; echo saved; exit 0' TERM ;;
+  stuck) trap '' TERM ;;
+esac
 echo started
 case "${!behaviour}" in
   fail)
-    sleep 0.3
+    for i in 0 1; do until grep -qs started "wd/logs/process_$i.log"; do sleep 0.02; done; done
     echo "process $id of 2 failed: OSError: image file is truncated: /data/train/bad.jpg"
     echo "Traceback (most recent call last):"
     echo "  File \"prmim_jax/data/transforms.py\", line 259, in map"
     echo "OSError: image file is truncated: /data/train/bad.jpg"
     exit 1 ;;
-  abort)
-    trap '' TERM
-    sleep 0.6
-    echo "F0000 coordination_service_agent.cc] Terminating process: a peer died"
-    echo "Fatal Python error: Aborted"
-    exit 134 ;;
-  save)
-    trap 'sleep 1; echo saved; exit 0' TERM
-    while :; do sleep 0.05; done ;;
-  stuck)
-    trap '' TERM
-    exec sleep 60 ;;
+  stuck) exec sleep 60 ;;  # SIGTERM stays ignored across exec
+  *) while :; do sleep 0.05; done ;;
 esac
 """
 
@@ -318,12 +326,15 @@ def test_local_passes_a_stop_signal_on_as_sigterm_and_waits_for_the_processes_to
 
 
 def test_local_kills_processes_still_running_after_the_grace_period(repo):
-    launcher = start_local(repo, "--grace", "1", env={"BEHAVIOUR_0": "save", "BEHAVIOUR_1": "stuck"})
+    # Process 0 saves at once and process 1 never ends: a grace period three seconds longer than the save keeps
+    # the order of their ends out of the machine's hands (a 1-s save against a 1-s grace raced: both were killed).
+    env = {"BEHAVIOUR_0": "save", "SAVE_SECONDS": "0", "BEHAVIOUR_1": "stuck"}
+    launcher = start_local(repo, "--grace", "3", env=env)
     wait_until_started(repo, launcher)
     sent = time.monotonic()
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=30)
-    assert 1 <= time.monotonic() - sent < 10
+    assert 3 <= time.monotonic() - sent < 15
     assert launcher.returncode == 128 + signal.SIGKILL, stderr
     assert "at the end of the grace period; killing them (SIGKILL)" in stderr
     assert "process 1 failed first (status 137, killed by SIGKILL, sent by this script)" in stderr
