@@ -173,13 +173,13 @@ def graddiff(args):
     import jax
     import numpy as np
 
-    from prmim_jax import masking, train
-    from prmim_jax.data import pipeline
+    from prmim_jax import masking, runs
+    from prmim_jax.data import pipeline, schema
     from prmim_jax.tools import grad_diff
 
     run = args.workdir / "pretrain" / run_name(dict(method="prmim", sampler="furthest", rho_d=0.5), args.seeds[0])
-    config, method, _, _ = train.load_run(run)
-    data = pipeline.data_config(source="fashion_mnist")
+    config, method, _, _ = runs.load(run)
+    data = schema.data_config(source="fashion_mnist")
     images = next(iter(pipeline.eval_dataset(data, "train", batch_size=args.graddiff_batch)))["images"]
     images = np.asarray(method.normalize(images))  # the pipeline hands over uint8 pixels
     rng = np.random.default_rng(0)
@@ -189,7 +189,7 @@ def graddiff(args):
     steps = checkpoint.Checkpointer(run / "checkpoints", asynchronous=False).all_steps()
     rows = []
     for step in steps:
-        _, _, params, _ = train.load_run(run, step)
+        params = runs.load(run, step).variables.params
         for row in grad_diff.gradient_differences(config.model, params, jax.numpy.asarray(images), noise):
             rows.append({"step": step, **row})
             print(rows[-1], flush=True)

@@ -220,7 +220,7 @@ def notes(results: list[dict], meta: dict, step: float | None) -> list[str]:
         "1/100 of the blocks.",
         "- *ours*: what our modules compute. The ConvNeXt block's LayerNorm and MLP and the Transformer block's "
         f"MLP run at the T = {thrown} thrown tokens only, the only outputs anyone reads (the attention runs over "
-        "all N tokens, as `vit.Attention`); the outputs are the whole-grid block's exactly "
+        "all N tokens, as `models.attention.Attention`); the outputs are the whole-grid block's exactly "
         "(`tests/test_aggregators.py`). The `all N tokens` rows (`whole_grid=True`) compile the paper's form, and "
         "XLA's count of them is twice the paper's arithmetic plus elementwise work.",
         "- *XLA fwd / (2 x ours)*: XLA's cost analysis counts 2 FLOPs per multiply-add and 1 per elementwise op "

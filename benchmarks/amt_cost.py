@@ -25,14 +25,13 @@ import platform
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from prmim_jax import attention_maps, methods, sharding, train
-from prmim_jax.data import pipeline, transforms
-from prmim_jax.models import vit
+from prmim_jax import attention_maps, masking_transforms, methods, sharding, train
+from prmim_jax.data import pipeline
+from prmim_jax.models import attention as attention_lib
 from prmim_jax.tools import cost
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -62,7 +61,7 @@ def pass_flops_per_image(method, batch: int) -> float:
     grid = method.layout.grid
 
     def maps(params, images):
-        attention = vit.last_block_cls_attention(encoder, {"params": params}, method.normalize(images))
+        attention = attention_lib.last_block_cls_attention(encoder, {"params": params}, method.normalize(images))
         return attention_maps.pass_maps(attention[1], grid)
 
     return jax.jit(maps).lower(params, images).compile().cost_analysis()["flops"] / batch
@@ -82,16 +81,16 @@ def measured(config: ml_collections.ConfigDict, steps: int) -> dict:
     init_fn, _, shardings = train.abstract_state(setup, config, rng)
     state = train.create_state(setup, init_fn, shardings, rng)
     step_fn, batch_sharding = train.compile_train_step(setup, shardings)
-    maps = setup.method.host_state(setup)
+    maps = setup.method.host_state(setup.placement, setup.global_batch)
     _, encoder_params = setup.method.encoder(state.params)
     images = np.zeros((setup.global_batch, *setup.method.model.image_size, setup.method.model.channels), np.uint8)
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):  # compiles the pass, outside the timing
+    with setup.placement.active():  # compiles the pass, outside the timing
         jax.block_until_ready(maps._pass(encoder_params, sharding.global_batch(images, batch_sharding)))
     start = time.perf_counter()
-    print(maps.refresh(maps.steps[0], state), flush=True)
+    print(maps.refresh(maps.steps[0], state.params), flush=True)
     pass_seconds = time.perf_counter() - start
     iterator = iter(pipeline.train_dataset(config.data, setup.method.host, global_batch=setup.global_batch))
-    furthest = transforms.SampleTokens("furthest", maps.layout)
+    furthest = masking_transforms.SampleTokens("furthest", maps.layout)
     step_times, amt_host, furthest_host = [], [], []
     for step in range(steps + 1):
         host_batch = next(iterator)
@@ -188,7 +187,7 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     section = dict(reconstruction="progressive", sampler="amt", throw_ratio=0.5)
-    vit_b = methods.module("mae").experiment_config().model
+    vit_b = methods.registration("mae").model(None)  # MAE's ViT-B/16
     result = {
         "command": "python benchmarks/amt_cost.py --out " + args.out,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})",

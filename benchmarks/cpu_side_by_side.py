@@ -33,7 +33,7 @@ the attention core alone (``softmax(q k^T) v`` on ``[B, heads, T, kv]``) and
 the MLP, each forward + backward at the decoder's shape (197 tokens, width
 512, 16 heads) and at the encoder's (50 visible tokens, ViT-B's 768, 12
 heads), and the AdamW update over the step's parameter count. Ours runs twice:
-as the model computes on the CPU (``vit.flattens_tokens``: every linear layer
+as the model computes on the CPU (``layers.flattens_tokens``: every linear layer
 multiplies ``[B T, D]``) and with that turned off (``[B, T, D]`` contracted
 as such, what the model did before), so the table also measures that choice.
 """
@@ -56,8 +56,9 @@ import transformers
 from flax.training import train_state
 
 from prmim_jax import masking, optim
+from prmim_jax.models import attention as attention_lib
+from prmim_jax.models import layers, vit
 from prmim_jax.models import mae as mae_lib
-from prmim_jax.models import vit
 
 # depth None: the variant's encoder depth.
 FULL = dict(
@@ -185,31 +186,31 @@ ADAMW_PARAMETERS = {"full": 111_900_000, "smoke": 100_000}  # MAE ViT-B/16 with 
 
 
 def ours_part(kind: str, batch: int, tokens: int, width: int, heads: int, flatten: bool):
-    """Our ``kind`` (``PART_KINDS``) forward + backward, compiled with ``vit.flattens_tokens`` set to ``flatten``:
+    """Our ``kind`` (``PART_KINDS``) forward + backward, compiled with ``layers.flattens_tokens`` set to ``flatten``:
     a zero-argument callable that runs it once and waits."""
     rng = np.random.default_rng(0)
     if kind == "attention core":
         shape = (batch, tokens, heads, width // heads)
         inputs = [jax.device_put(rng.normal(size=shape).astype(np.float32)) for _ in range(3)]
-        loss = lambda q, k, v: (vit.cpu_attention(q, k, v) ** 2).sum()  # noqa: E731
+        loss = lambda q, k, v: (attention_lib.cpu_attention(q, k, v) ** 2).sum()  # noqa: E731
         arguments = tuple(range(3))
     else:
         module = {
             "block": lambda: vit.Block(heads, 4 * width),
-            "attention": lambda: vit.Attention(heads),
-            "mlp": lambda: vit.MlpBlock(4 * width),
+            "attention": lambda: attention_lib.Attention(heads),
+            "mlp": lambda: layers.MlpBlock(4 * width),
         }[kind]()
         x = jax.device_put(rng.normal(size=(batch, tokens, width)).astype(np.float32))
         params = nn.unbox(module.init(jax.random.key(0), x))["params"]
         inputs = [params, x]
         loss = lambda params, x: (module.apply({"params": params}, x) ** 2).sum()  # noqa: E731
         arguments = (0, 1)
-    original = vit.flattens_tokens
-    vit.flattens_tokens = lambda: flatten  # read while tracing, so the compiled program keeps it
+    original = layers.flattens_tokens
+    layers.flattens_tokens = lambda: flatten  # read while tracing, so the compiled program keeps it
     try:
         compiled = jax.jit(jax.grad(loss, argnums=arguments)).lower(*inputs).compile()
     finally:
-        vit.flattens_tokens = original
+        layers.flattens_tokens = original
     return lambda: jax.block_until_ready(compiled(*inputs))
 
 
@@ -333,8 +334,8 @@ def components_markdown(result: dict, command: str) -> str:
     lines += [
         "",
         f"transformers' `ViTMAELayer` with SDPA attention (its attention core: "
-        "`torch.nn.functional.scaled_dot_product_attention`); ours: `vit.Block`, `vit.Attention`, "
-        "`vit.cpu_attention`, `vit.MlpBlock` and the pretraining AdamW of `optim` (betas 0.9 / 0.95 as "
+        "`torch.nn.functional.scaled_dot_product_attention`); ours: `vit.Block`, `attention_lib.Attention`, "
+        "`attention_lib.cpu_attention`, `layers.MlpBlock` and the pretraining AdamW of `optim` (betas 0.9 / 0.95 as "
         f"`torch.optim.AdamW` here). Machine: {c['cpu_count']} CPUs ({c['processor']}), load average at the end "
         f"{c['load_average_1_5_15']}; jax {c['jax']}, torch {c['torch']}, transformers {c['transformers']}.",
         "",

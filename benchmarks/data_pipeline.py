@@ -58,7 +58,7 @@ import PIL.features
 import simplejpeg
 from PIL import Image
 
-from prmim_jax import masking
+from prmim_jax import masking, masking_transforms
 from prmim_jax.data import data_config, pretrain_dataset, sources, transforms
 
 SAMPLER = "furthest"
@@ -225,7 +225,7 @@ def stage_times(config, items: list[dict], batch: int) -> dict[str, float]:
     crop = transforms.RandomResizedCropFlip(
         config.image_size, tuple(config.crop_scale), tuple(config.crop_ratio), config.flip, config.crop_resampler
     )
-    noise = transforms.DrawTokenNoise(LAYOUT)
+    noise = masking_transforms.DrawTokenNoise(LAYOUT)
     rng = np.random.default_rng(0)
     times = {}
 

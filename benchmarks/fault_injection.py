@@ -130,10 +130,10 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
 
 
 def final_parameters(workdir: pathlib.Path):
-    from prmim_jax import train
+    from prmim_jax import runs
 
-    _, _, params, step = train.load_run(workdir)
-    return step, params
+    run = runs.load(workdir)
+    return run.step, run.variables.params
 
 
 def same_run(workdir: pathlib.Path, reference: pathlib.Path) -> bool:

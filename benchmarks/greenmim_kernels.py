@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prmim_jax import masking, train
+from prmim_jax import masking, runs, train
 from prmim_jax.data import pipeline
-from prmim_jax.evaluate import in_process
 from prmim_jax.models import mae as mae_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -42,8 +41,9 @@ def experiment(arg: str):
 
 def held_out_losses(workdir: str, num_images: int, seed: int = 0) -> dict:
     """Thrown- and decoded-unit norm-pix MSE of a run's last checkpoint on ``num_images`` test images."""
-    config, method, params, _ = train.load_run(workdir)
-    data = pipeline.eval_dataset(in_process(config.data), config.data.eval_split, batch_size=num_images)
+    config, method, variables, _ = runs.load(workdir)
+    params = variables.params
+    data = pipeline.eval_dataset(pipeline.in_process(config.data), config.data.eval_split, batch_size=num_images)
     images = method.normalize(jnp.asarray(next(iter(data))["images"]))
     rng = np.random.default_rng(seed)
     ids = method.sample(np.stack([masking.draw_noise(rng, method.layout) for _ in range(images.shape[0])]))

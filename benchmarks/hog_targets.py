@@ -46,7 +46,7 @@ def step_counts(batch: int) -> dict:
     """The LocalMIM ViT-B/16 train step's FLOPs per image and temporary bytes, with HOG and with constant targets."""
     from prmim_jax.tools import cost
 
-    method = cost.build_method("localmim", cost.FRAMEWORKS["localmim"]("B/16"), dict(reconstruction="full"))
+    method = cost.build_method("localmim", cost.model_config("localmim", "B/16"), dict(reconstruction="full"))
     with_hog = cost.measure(method, batch)
     shapes = jax.eval_shape(method.hog_targets, jax.ShapeDtypeStruct((batch, *IMAGE), jnp.float32))
     # Constant targets that still read the images, so that nothing else of the step changes.

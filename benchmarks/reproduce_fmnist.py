@@ -219,9 +219,9 @@ def stacked_init_fn(method, tx, batch):
     import flax.linen as nn
     import jax
 
-    from prmim_jax import train_step
+    from prmim_jax import runs
 
-    return jax.jit(jax.vmap(lambda seed: nn.unbox(train_step.init_state(method, tx, jax.random.key(seed), batch))))
+    return jax.jit(jax.vmap(lambda seed: nn.unbox(runs.init_state(method, tx, jax.random.key(seed), batch))))
 
 
 def stacked_init(method, tx, seeds, batch):
@@ -322,7 +322,7 @@ class Experiment:
         import jax.numpy as jnp
 
         from prmim_jax import attention_maps, masking
-        from prmim_jax.models import vit
+        from prmim_jax.models import attention as attention_lib
 
         plan, batch = self.plan, self.plan["batch"]
         amt = row.sampler == "amt"
@@ -340,7 +340,8 @@ class Experiment:
         map_pass = jax.jit(
             jax.vmap(
                 lambda params, images: attention_maps.pass_maps(
-                    vit.last_block_cls_attention(encoder, {"params": params}, method.normalize(images))[1], layout.grid
+                    attention_lib.last_block_cls_attention(encoder, {"params": params}, method.normalize(images))[1],
+                    layout.grid,
                 ),
                 in_axes=(0, None),
             )
@@ -449,7 +450,7 @@ class Experiment:
 
             def features(p, images):
                 tokens = encoder.apply({"params": p}, method.normalize(images))
-                pooled = jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)  # knn.encoder_features' pooling
+                pooled = jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)  # EncoderOutput.pooled, as kNN's
                 pooled = pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
                 return pooled, tokens[:, 0].astype(jnp.float32)  # the probe's: the cls token after the final norm
 
@@ -528,7 +529,7 @@ class Experiment:
             return jax.vmap(one)(state, index, crop, seed_keys(self.seeds + 1000, step))
 
         def logits_fn(params, frozen, stats, images):
-            return method.logits(Variables(params, frozen, stats), method.normalize(images))
+            return method.logits(Variables(params, frozen, stats), images)
 
         self._classifier = dict(
             config=config,
@@ -541,14 +542,13 @@ class Experiment:
 
     def with_encoder(self, state, method, module, params):
         """``state`` (a classifier's, stacked over seeds) with its encoder replaced by the pretrained ``module``'s
-        ``params [S, ...]`` (``classify.adapt_encoder``: the fixed sin-cos table becomes the classifier's)."""
+        ``params [S, ...]`` (``adapt_pretrained``: the fixed sin-cos table becomes the classifier's)."""
         import jax
         import jax.numpy as jnp
 
-        from prmim_jax.methods import classify
-
+        encoder = method.model.encoder
         adapted = [
-            classify.adapt_encoder(jax.tree.map(lambda x, s=s: np.asarray(x[s]), params), module, method.model.encoder)
+            encoder.adapt_pretrained(jax.tree.map(lambda x, s=s: np.asarray(x[s]), params), module)
             for s in range(self.plan["seeds"])
         ]
 

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from prmim_jax import masking, methods, optim, train_step
+from prmim_jax import masking, methods, optim, runs, train_step
 from prmim_jax.methods import mae as mae_family
 from prmim_jax.models import mae as mae_lib
 
@@ -103,7 +103,7 @@ def lower(model_config, method_name: str, throw_ratio: float, batch: int, seed: 
 
     def build(model_config):
         method = mae_family.from_sections(model_config, methods.method_config(method_name, throw_ratio=throw_ratio))
-        init_state = jax.jit(lambda key: nn.unbox(train_step.init_state(method, tx, key, batch)))
+        init_state = jax.jit(lambda key: nn.unbox(runs.init_state(method, tx, key, batch)))
         step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
         return method, init_state, step
 

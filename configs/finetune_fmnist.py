@@ -31,8 +31,9 @@ erasing or mixing, crops of at least 35% of the image, 60 steps of 128 in the
 ablation) uses it too, with ``table14``'s other settings.
 """
 
-from prmim_jax import config_args, optim, sharding
-from prmim_jax.data import pipeline
+from configs import common
+from prmim_jax import optim
+from prmim_jax.data import schema
 from prmim_jax.methods import classify
 from prmim_jax.models import classifier
 
@@ -40,64 +41,61 @@ RECIPES = ("fmnist", "table14")
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    recipe = options.get("recipe", "fmnist")
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe={recipe!r}; choose one of {RECIPES}.")
-    small = options.get("size") == "small"
-    if "size" in options and not small:
-        raise ValueError(f"size={options['size']!r}; the only other size is 'small'.")
-    short = bool(options.get("short"))
-    paper = recipe == "table14" or short
-    config = classify.experiment_config()
-    config.seed = int(options.get("seed", 0))
-    config.batch_size = 128 if paper else 64
-    config.total_steps = int(options.get("steps", 500 if paper else 4000))
-    blocks = options.get("blocks")
+    options = common.parse_arg(
+        arg, recipe="fmnist", size="", blocks=int, steps=int, seed=0, short=False, runlocal=False
+    )
+    if options.recipe not in RECIPES:
+        raise ValueError(f"recipe={options.recipe!r}; choose one of {RECIPES}.")
+    if options.size not in ("", "small"):
+        raise ValueError(f"size={options.size!r}; the only other size is 'small'.")
+    paper = options.recipe == "table14" or options.short
+    # Table 14's augmentations: RandAug, random erasing, mixup and cutmix ('short' turns them off).
+    augmented = options.recipe == "table14" and not options.short
+    total_steps = options.steps or (500 if paper else 4000)
     # The encoder of configs/pretrain_fmnist.py: patch 2 on 28 x 28 gives the 14 x 14 grid.
-    config.model = classifier.classifier_config(
+    model = classifier.classifier_config(
         "Ti/2",
-        width=64 if small else 128,
+        width=64 if options.size == "small" else 128,
         depth=4,
         num_heads=4,
         image_size=28,
         channels=1,
         num_classes=10,
         drop_path_rate=0.1 if paper else 0.0,
-        trainable_blocks=None if blocks is None else int(blocks),
+        trainable_blocks=options.blocks,
     )
-    # Table 14's augmentations: RandAug, random erasing, mixup and cutmix ('short' turns them off).
-    augmented = recipe == "table14" and not short
     if not augmented:
-        config.model.update(head="batchnorm_linear", head_init_std=0.01)
-    config.optimizer = optim.classifier_optimizer_config(
-        base_lr=1e-3 if paper else 3e-3,
-        layer_decay=0.75 if paper else 0.9,
-        warmup_steps=config.total_steps // 10,
-        min_lr=1e-6,
-    )
-    config.mixing = classify.mixing_config(
-        **({} if augmented else dict(mixup_alpha=0.0, cutmix_alpha=0.0)), label_smoothing=0.1
-    )
-    if short:
+        model.update(head="batchnorm_linear", head_init_std=0.01)
+    if options.short:
         crops = dict(crop_scale=(0.35, 1.0))
     elif paper:
         crops = dict(crop_scale=(0.08, 1.0))
     else:
         crops = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    config.data = pipeline.data_config(
-        source="fashion_mnist",
-        **crops,
-        rand_augment="rand-m9-mstd0.5-inc1" if augmented else None,
-        random_erase_prob=0.25 if augmented else 0.0,
+    config = common.finetuning(
+        seed=options.seed,
+        batch_size=128 if paper else 64,
+        total_steps=total_steps,
+        model=model,
+        optimizer=optim.classifier_optimizer_config(
+            base_lr=1e-3 if paper else 3e-3,
+            layer_decay=0.75 if paper else 0.9,
+            warmup_steps=total_steps // 10,
+            min_lr=1e-6,
+        ),
+        mixing=classify.mixing_config(
+            **({} if augmented else dict(mixup_alpha=0.0, cutmix_alpha=0.0)), label_smoothing=0.1
+        ),
+        data=schema.data_config(
+            source="fashion_mnist",
+            **crops,
+            rand_augment="rand-m9-mstd0.5-inc1" if augmented else None,
+            random_erase_prob=0.25 if augmented else 0.0,
+        ),
+        accuracy=dict(every=0, batch_size=500),
+        log_every=50 if paper else 100,
+        checkpoint_every=250 if paper else 500,
     )
-    config.sharding = sharding.sharding_config()
-    config.evals.accuracy.update(every=0, batch_size=500)
-    config.log_every = 50 if paper else 100
-    config.checkpoint_every = 250 if paper else 500
-    if options.get("runlocal"):
-        config.total_steps = int(options.get("steps", 30))
-        config.batch_size = 64
-        config.optimizer.warmup_steps = 3
-        config.log_every = config.checkpoint_every = 10
+    if options.runlocal:
+        common.run_fmnist_locally(config, options.steps)
     return config

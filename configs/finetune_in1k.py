@@ -12,66 +12,47 @@ Argument: comma-separated ``model=B/16|L/16`` (Table 14's column), ``blocks=k``
 ``tfds.data_source``; set ``--config.data.data_dir``.
 """
 
-from prmim_jax import config_args, optim, sharding
-from prmim_jax.data import pipeline
+from configs import common
+from prmim_jax import optim
 from prmim_jax.methods import classify
 from prmim_jax.models import classifier
-
-IMAGENET_TRAIN_IMAGES = 1_281_167
 
 # Table 14, per model: (base lr, layer decay, drop path, epochs).
 RECIPES = {"B/16": (5e-4, 0.65, 0.1, 100), "L/16": (1e-3, 0.75, 0.2, 50)}
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    variant = options.get("model", "B/16")
-    if variant not in RECIPES:
-        raise ValueError(f"model={variant!r}; Table 14 gives recipes for {sorted(RECIPES)}.")
-    base_lr, layer_decay, drop_path, epochs = RECIPES[variant]
-    epochs = int(options.get("epochs", epochs))
-    config = classify.experiment_config()
-    config.batch_size = 1024
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-    config.total_steps = epochs * steps_per_epoch
-    blocks = options.get("blocks")
-    config.model = classifier.classifier_config(
-        variant,
+    options = common.parse_arg(arg, model="B/16", blocks=int, epochs=int, fsdp=False, runlocal=False)
+    if options.model not in RECIPES:
+        raise ValueError(f"model={options.model!r}; Table 14 gives recipes for {sorted(RECIPES)}.")
+    base_lr, layer_decay, drop_path, epochs = RECIPES[options.model]
+    batch_size = 1024
+    steps_per_epoch = common.IMAGENET_TRAIN_IMAGES // batch_size
+    model = classifier.classifier_config(
+        options.model,
         image_size=224,
         channels=3,
         num_classes=1000,
         drop_path_rate=drop_path,
-        trainable_blocks=None if blocks is None else int(blocks),
+        trainable_blocks=options.blocks,
         dtype="bfloat16",
     )
-    # AdamW (0.9, 0.999), wd 0.05, lr = base_lr * 1024 / 256, 5 warmup epochs, cosine to 1e-6.
-    config.optimizer = optim.classifier_optimizer_config(
-        base_lr=base_lr, layer_decay=layer_decay, warmup_steps=5 * steps_per_epoch, min_lr=1e-6
+    config = common.finetuning(
+        batch_size=batch_size,
+        total_steps=(options.epochs or epochs) * steps_per_epoch,
+        model=model,
+        # AdamW (0.9, 0.999), wd 0.05, lr = base_lr * 1024 / 256, 5 warmup epochs, cosine to 1e-6.
+        optimizer=optim.classifier_optimizer_config(
+            base_lr=base_lr, layer_decay=layer_decay, warmup_steps=5 * steps_per_epoch, min_lr=1e-6
+        ),
+        # mixup 0.8, cutmix 1.0 (switch 0.5), label smoothing 0.1; RandAug (9, 0.5), reprob 0.25.
+        mixing=classify.mixing_config(),
+        data=common.imagenet_data(crop_scale=(0.08, 1.0), rand_augment="rand-m9-mstd0.5-inc1", random_erase_prob=0.25),
+        accuracy=dict(every=5 * steps_per_epoch, batch_size=1024),
+        fsdp=options.fsdp,
+        log_every=100,
+        checkpoint_every=steps_per_epoch,
     )
-    # mixup 0.8, cutmix 1.0 (switch 0.5), label smoothing 0.1; RandAug (9, 0.5), reprob 0.25.
-    config.mixing = classify.mixing_config()
-    config.data = pipeline.data_config(
-        source="tfds",
-        name="imagenet2012",
-        split="train",
-        eval_split="validation",
-        crop_scale=(0.08, 1.0),
-        rand_augment="rand-m9-mstd0.5-inc1",
-        random_erase_prob=0.25,
-        num_workers=16,
-    )
-    config.sharding = sharding.sharding_config(
-        mesh=(("data", 1), ("fsdp", -1)) if options.get("fsdp") else (("data", -1), ("fsdp", 1))
-    )
-    config.evals.accuracy.update(every=5 * steps_per_epoch, batch_size=1024)
-    config.log_every = 100
-    config.checkpoint_every = steps_per_epoch
-    if options.get("runlocal"):
-        config.batch_size = 16
-        config.total_steps = 10
-        config.optimizer.warmup_steps = 2
-        config.model.update(variant="Ti/16")
-        config.data.num_workers = 0
-        config.log_every = config.checkpoint_every = 5
-        config.evals.accuracy.update(every=0, batch_size=16)
+    if options.runlocal:
+        common.run_in1k_locally(config)
     return config

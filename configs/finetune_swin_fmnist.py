@@ -24,29 +24,14 @@ and third stages in proportion (depths 2 and 6, heads 2 and 4 of width 32 each, 
 by 0.13).
 """
 
-import importlib.util
-import pathlib
-
-from prmim_jax import config_args
+from configs import common, finetune_fmnist
 from prmim_jax.models import classifier
-
-OPTIONS = ("steps", "seed", "runlocal")
-
-
-def vit_recipe(arg):
-    """``configs/finetune_fmnist.py``'s config for ``arg`` (configs are files, not a package)."""
-    path = pathlib.Path(__file__).with_name("finetune_fmnist.py")
-    spec = importlib.util.spec_from_file_location("finetune_fmnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg=None):
-    unknown = sorted(set(config_args.parse(arg)) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown argument {unknown[0]!r}; this config takes {OPTIONS}.")
-    config = vit_recipe(",".join(filter(None, (arg, "recipe=table14"))))
+    options = common.parse_arg(arg, steps=int, seed=0, runlocal=False)
+    table14 = ["recipe=table14", f"seed={options.seed}"] + [f"steps={options.steps}"] * (options.steps is not None)
+    config = finetune_fmnist.get_config(",".join(table14 + ["runlocal"] * options.runlocal))
     config.model = classifier.swin_classifier_config(
         "T",
         width=64,

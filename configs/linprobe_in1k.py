@@ -10,22 +10,18 @@ LARS (momentum 0.9, no weight decay), base lr 0.1 x batch / 256 with batch
 ``model=B/16|L/16``, ``epochs=N``, ``runlocal``.
 """
 
-from prmim_jax import config_args, optim, sharding
-from prmim_jax.data import pipeline
+from configs import common
+from prmim_jax import optim
 from prmim_jax.methods import classify
 from prmim_jax.models import classifier
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    config = classify.experiment_config()
-    config.batch_size = 16384
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-    config.total_steps = int(options.get("epochs", 90)) * steps_per_epoch
-    config.model = classifier.classifier_config(
-        options.get("model", "B/16"),
+    options = common.parse_arg(arg, model="B/16", epochs=90, runlocal=False)
+    batch_size = 16384
+    steps_per_epoch = common.IMAGENET_TRAIN_IMAGES // batch_size
+    model = classifier.classifier_config(
+        options.model,
         image_size=224,
         channels=3,
         num_classes=1000,
@@ -36,28 +32,24 @@ def get_config(arg=None):
         trainable_blocks=0,
         dtype="bfloat16",
     )
-    config.optimizer = optim.classifier_optimizer_config(
-        name="lars", base_lr=0.1, weight_decay=0.0, warmup_steps=10 * steps_per_epoch, min_lr=0.0, layer_decay=1.0
+    config = common.finetuning(
+        batch_size=batch_size,
+        total_steps=options.epochs * steps_per_epoch,
+        model=model,
+        optimizer=optim.classifier_optimizer_config(
+            name="lars",
+            base_lr=0.1,
+            weight_decay=0.0,
+            warmup_steps=10 * steps_per_epoch,
+            min_lr=0.0,
+            layer_decay=1.0,
+        ),
+        mixing=classify.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0),
+        data=common.imagenet_data(crop_scale=(0.08, 1.0)),
+        accuracy=dict(every=10 * steps_per_epoch, batch_size=1024),
+        log_every=20,
+        checkpoint_every=steps_per_epoch,
     )
-    config.mixing = classify.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
-    config.data = pipeline.data_config(
-        source="tfds",
-        name="imagenet2012",
-        split="train",
-        eval_split="validation",
-        crop_scale=(0.08, 1.0),
-        num_workers=16,
-    )
-    config.sharding = sharding.sharding_config()
-    config.evals.accuracy.update(every=10 * steps_per_epoch, batch_size=1024)
-    config.log_every = 20
-    config.checkpoint_every = steps_per_epoch
-    if options.get("runlocal"):
-        config.batch_size = 16
-        config.total_steps = 10
-        config.optimizer.warmup_steps = 2
-        config.model.update(variant="Ti/16")
-        config.data.num_workers = 0
-        config.log_every = config.checkpoint_every = 5
-        config.evals.accuracy.update(every=0, batch_size=16)
+    if options.runlocal:
+        common.run_in1k_locally(config)
     return config

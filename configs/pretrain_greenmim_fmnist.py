@@ -14,20 +14,14 @@ Argument: ``reconstruction=full|partial|progressive``, ``sampler=``, ``throw=``,
 aggregation's, 7 by default), ``steps=N``, ``seed=N``, ``runlocal``.
 """
 
-from prmim_jax import config_args, optim, sharding, train
-from prmim_jax.data import pipeline
-from prmim_jax.evaluate import eval_config
-from prmim_jax.methods import greenmim
-from prmim_jax.models import greenmim as greenmim_model
+from configs import common
+from prmim_jax.methods import greenmim as greenmim_method
+from prmim_jax.models import greenmim
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    config = train.default_config()
-    config.seed = int(options.get("seed", 0))
-    config.batch_size = 128
-    config.total_steps = int(options.get("steps", 500))
-    config.model = greenmim_model.model_config(
+    options = common.parse_arg(arg, **common.FMNIST_ARGS, **common.THROWING_ARGS, kernel=int)
+    model = greenmim.model_config(
         "T",
         width=64,
         depths=(2, 6),
@@ -40,23 +34,7 @@ def get_config(arg=None):
         decoder_depth=1,
         decoder_num_heads=4,
     )
-    overrides = config_args.throwing(options)
-    if "kernel" in options:
-        overrides["kernel_size"] = int(options["kernel"])
-    config.method = greenmim.default_config(reconstruction=options.get("reconstruction", "full"), **overrides)
-    config.optimizer = optim.optimizer_config(base_lr=1.5e-3, warmup_steps=config.total_steps // 10, weight_decay=0.05)
-    config.data = pipeline.data_config(source="fashion_mnist")
-    config.sharding = sharding.sharding_config()
-    config.evals.knn.update(every=0, k=20, train_examples=5000, test_examples=2000, batch_size=512)
-    config.evals.reconstruction = eval_config("reconstruction", every=250)
-    config.log_every = 50
-    config.checkpoint_every = 250
-    if options.get("runlocal"):
-        config.total_steps = int(options.get("steps", 40))
-        config.batch_size = 64
-        config.optimizer.warmup_steps = 5
-        config.log_every = 10
-        config.checkpoint_every = 20
-        config.evals.reconstruction.every = 20
-        config.evals.knn.update(train_examples=1000, test_examples=500)
-    return config
+    overrides = common.throwing(options)
+    if options.kernel is not None:
+        overrides["kernel_size"] = options.kernel
+    return common.fmnist_pretraining(options, model=model, method=greenmim_method.default_config(**overrides))

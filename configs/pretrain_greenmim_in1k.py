@@ -16,50 +16,31 @@ Swin's 1e-5. Argument: ``epochs=N``, ``model=B|L``, ``reconstruction=full|partia
 ``sampler=``, ``throw=``, ``fsdp``, ``runlocal``.
 """
 
-from prmim_jax import config_args, optim, sharding, train
-from prmim_jax.data import pipeline
-from prmim_jax.evaluate import eval_config
-from prmim_jax.methods import greenmim
-from prmim_jax.models import greenmim as greenmim_model
-
-IMAGENET_TRAIN_IMAGES = 1_281_167
+from configs import common
+from prmim_jax.methods import greenmim as greenmim_method
+from prmim_jax.models import greenmim
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    config = train.default_config()
-    config.batch_size = 2048
-    epochs = int(options.get("epochs", 100))
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-    config.total_steps = epochs * steps_per_epoch
-    variant = options.get("model", "B")
-    if variant not in ("B", "L"):
-        raise ValueError(f"model={variant!r}; Table 5 has Swin-B ('B') and Swin-L ('L').")
-    config.model = greenmim_model.model_config(
-        variant, window_size=7 if variant == "B" else 14, image_size=224, channels=3, dtype="bfloat16"
+    options = common.parse_arg(arg, **common.IN1K_ARGS, **common.THROWING_ARGS, model="B")
+    if options.model not in ("B", "L"):
+        raise ValueError(f"model={options.model!r}; Table 5 has Swin-B ('B') and Swin-L ('L').")
+    model = greenmim.model_config(
+        options.model,
+        window_size=7 if options.model == "B" else 14,
+        image_size=224,
+        channels=3,
+        dtype="bfloat16",
     )
-    config.method = greenmim.default_config(
-        reconstruction=options.get("reconstruction", "full"), **config_args.throwing(options)
+    runlocal_model = model.copy_and_resolve_references()
+    runlocal_model.update(width=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), dtype="float32")
+    return common.in1k_pretraining(
+        options,
+        model=model,
+        runlocal_model=runlocal_model,
+        method=greenmim_method.default_config(**common.throwing(options)),
+        batch_size=2048,
+        epochs=100,
+        warmup_epochs=40,
+        optimizer=dict(base_lr=1.5e-4, weight_decay=0.05),
     )
-    config.optimizer = optim.optimizer_config(base_lr=1.5e-4, warmup_steps=40 * steps_per_epoch, weight_decay=0.05)
-    config.data = pipeline.data_config(
-        source="tfds", name="imagenet2012", split="train", eval_split="validation", num_workers=16
-    )
-    config.sharding = sharding.sharding_config(
-        mesh=(("data", 1), ("fsdp", -1)) if options.get("fsdp") else (("data", -1), ("fsdp", 1))
-    )
-    config.evals.knn.update(
-        every=10 * steps_per_epoch, k=20, train_examples=50000, test_examples=10000, batch_size=1024
-    )
-    config.evals.reconstruction = eval_config("reconstruction", every=5 * steps_per_epoch)
-    config.log_every = 100
-    config.checkpoint_every = 2 * steps_per_epoch
-    if options.get("runlocal"):
-        config.batch_size = 16
-        config.total_steps = 10
-        config.optimizer.warmup_steps = 2
-        config.model.update(width=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), dtype="float32")
-        config.data.num_workers = 0
-        config.log_every = config.checkpoint_every = config.evals.reconstruction.every = 5
-        config.evals.knn.update(every=0, train_examples=64, test_examples=32, batch_size=16)
-    return config

@@ -23,19 +23,14 @@ against 1.5e-4 per 256 images). PR-MIM at the paper's rho_d = 0.65
 ``throw=0.65``, ``steps=N``, ``seed=N``, ``runlocal``.
 """
 
-from prmim_jax import config_args, optim, sharding, train
-from prmim_jax.data import pipeline
-from prmim_jax.methods import localmim
-from prmim_jax.models import localmim as localmim_model
+from configs import common
+from prmim_jax.methods import localmim as localmim_method
+from prmim_jax.models import localmim
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    config = train.default_config()
-    config.seed = int(options.get("seed", 0))
-    config.batch_size = 128
-    config.total_steps = int(options.get("steps", 500))
-    config.model = localmim_model.model_config(
+    options = common.parse_arg(arg, **common.FMNIST_ARGS, **common.THROWING_ARGS)
+    model = localmim.model_config(
         "Ti/2",
         width=128,
         depth=4,
@@ -47,20 +42,5 @@ def get_config(arg=None):
         decoder_width=64,
         decoder_num_heads=4,
     )
-    config.method = localmim.default_config(
-        reconstruction=options.get("reconstruction", "full"), **config_args.throwing(options)
-    )
-    config.optimizer = optim.optimizer_config(base_lr=2e-3, warmup_steps=config.total_steps // 10, weight_decay=0.05)
-    config.data = pipeline.data_config(source="fashion_mnist")
-    config.sharding = sharding.sharding_config()
-    config.evals.knn.update(every=0, k=20, train_examples=5000, test_examples=2000, batch_size=512)
-    config.log_every = 50
-    config.checkpoint_every = 250
-    if options.get("runlocal"):
-        config.total_steps = int(options.get("steps", 40))
-        config.batch_size = 64
-        config.optimizer.warmup_steps = 5
-        config.log_every = 10
-        config.checkpoint_every = 20
-        config.evals.knn.update(train_examples=1000, test_examples=500)
-    return config
+    method = localmim_method.default_config(**common.throwing(options))
+    return common.fmnist_pretraining(options, model=model, method=method, optimizer=dict(base_lr=2e-3), pictures=False)

@@ -19,45 +19,21 @@ Argument: ``epochs=100|1600``, ``reconstruction=full|partial|progressive``,
 ``sampler=...``, ``throw=0.65``, ``fsdp``, ``runlocal``.
 """
 
-from prmim_jax import config_args, optim, sharding, train
-from prmim_jax.data import pipeline
-from prmim_jax.methods import localmim
-from prmim_jax.models import localmim as localmim_model
-
-IMAGENET_TRAIN_IMAGES = 1_281_167
+from configs import common
+from prmim_jax.methods import localmim as localmim_method
+from prmim_jax.models import localmim
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    config = train.default_config()
-    config.seed = 0
-    config.batch_size = 2048
-    epochs = int(options.get("epochs", 100))
-    warmup_epochs = 10 if epochs <= 100 else 40
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-    config.total_steps = epochs * steps_per_epoch
-    config.model = localmim_model.model_config("B/16", image_size=224, channels=3, dtype="bfloat16")
-    config.method = localmim.default_config(
-        reconstruction=options.get("reconstruction", "full"), **config_args.throwing(options)
+    options = common.parse_arg(arg, **common.IN1K_ARGS, **common.THROWING_ARGS)
+    return common.in1k_pretraining(
+        options,
+        model=localmim.model_config("B/16", image_size=224, channels=3, dtype="bfloat16"),
+        runlocal_model=localmim.model_config("Ti/16", image_size=224, channels=3, dtype="float32"),
+        method=localmim_method.default_config(**common.throwing(options)),
+        batch_size=2048,
+        epochs=100,
+        warmup_epochs=10 if (options.epochs or 100) <= 100 else 40,
+        optimizer=dict(base_lr=2e-4, min_lr=1e-6, weight_decay=0.05),
+        pictures=False,
     )
-    config.optimizer = optim.optimizer_config(
-        base_lr=2e-4, min_lr=1e-6, warmup_steps=warmup_epochs * steps_per_epoch, weight_decay=0.05
-    )
-    config.data = pipeline.data_config(
-        source="tfds", name="imagenet2012", split="train", eval_split="validation", num_workers=16
-    )
-    config.sharding = sharding.sharding_config(
-        mesh=(("data", 1), ("fsdp", -1)) if options.get("fsdp") else (("data", -1), ("fsdp", 1))
-    )
-    config.evals.knn.update(every=10 * steps_per_epoch, train_examples=50000, test_examples=10000, batch_size=1024)
-    config.log_every = 100
-    config.checkpoint_every = 2 * steps_per_epoch
-    if options.get("runlocal"):
-        config.batch_size = 16
-        config.total_steps = 10
-        config.optimizer.warmup_steps = 2
-        config.model = localmim_model.model_config("Ti/16", image_size=224, channels=3, dtype="float32")
-        config.data.num_workers = 0
-        config.log_every = config.checkpoint_every = 5
-        config.evals.knn.update(every=0, train_examples=64, test_examples=32, batch_size=16)
-    return config

@@ -27,52 +27,30 @@ temperature: 9 and 1.0, or 15 and 1.8), ``reconstruction=full|partial|progressiv
 ``sampler=...``, ``throw=0.5``, ``fsdp``, ``runlocal``.
 """
 
-from prmim_jax import config_args, optim, sharding, train
-from prmim_jax.data import pipeline
-from prmim_jax.methods import tec
-from prmim_jax.models import tec as tec_model
+from configs import common
+from prmim_jax.methods import tec as tec_method
+from prmim_jax.models import tec
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
 # The official recipes' attention targets for each base model: (top-k patch queries, temperature).
 TEACHER_RECIPES = {"ibot": (9, 1.0), "mae": (15, 1.8)}
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg)
-    config = train.default_config()
-    config.batch_size = 4096
-    epochs = int(options.get("epochs", 300))
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-    config.total_steps = epochs * steps_per_epoch
-    config.model = tec_model.model_config("B/16", image_size=224, channels=3, dtype="bfloat16")
-    teacher = options.get("teacher", "ibot")
-    if teacher not in TEACHER_RECIPES:
-        raise ValueError(f"teacher={teacher!r}; choose one of {sorted(TEACHER_RECIPES)}.")
-    top_k, temperature = TEACHER_RECIPES[teacher]
-    config.method = tec.default_config(
-        reconstruction=options.get("reconstruction", "full"),
-        attention_top_k=top_k,
-        attention_temperature=temperature,
-        **config_args.throwing(options),
+    options = common.parse_arg(arg, **common.IN1K_ARGS, **common.THROWING_ARGS, teacher="ibot")
+    if options.teacher not in TEACHER_RECIPES:
+        raise ValueError(f"teacher={options.teacher!r}; choose one of {sorted(TEACHER_RECIPES)}.")
+    top_k, temperature = TEACHER_RECIPES[options.teacher]
+    method = tec_method.default_config(
+        attention_top_k=top_k, attention_temperature=temperature, **common.throwing(options)
     )
-    config.optimizer = optim.optimizer_config(base_lr=1.5e-4, warmup_steps=40 * steps_per_epoch, weight_decay=0.05)
-    config.data = pipeline.data_config(
-        source="tfds", name="imagenet2012", split="train", eval_split="validation", num_workers=16
+    return common.in1k_pretraining(
+        options,
+        model=tec.model_config("B/16", image_size=224, channels=3, dtype="bfloat16"),
+        runlocal_model=tec.model_config("Ti/16", image_size=224, channels=3, decoder_depth=1),
+        method=method,
+        batch_size=4096,
+        epochs=300,
+        warmup_epochs=40,
+        optimizer=dict(base_lr=1.5e-4, weight_decay=0.05),
+        pictures=False,
     )
-    config.sharding = sharding.sharding_config(
-        mesh=(("data", 1), ("fsdp", -1)) if options.get("fsdp") else (("data", -1), ("fsdp", 1))
-    )
-    config.evals.knn.update(
-        every=10 * steps_per_epoch, k=20, train_examples=50000, test_examples=10000, batch_size=1024
-    )
-    config.log_every = 100
-    config.checkpoint_every = 2 * steps_per_epoch
-    if options.get("runlocal"):
-        config.batch_size = 16
-        config.total_steps = 10
-        config.optimizer.warmup_steps = 2
-        config.model = tec_model.model_config("Ti/16", image_size=224, channels=3, decoder_depth=1)
-        config.data.num_workers = 0
-        config.log_every = config.checkpoint_every = 5
-        config.evals.knn.update(every=0, train_examples=64, test_examples=32, batch_size=16)
-    return config

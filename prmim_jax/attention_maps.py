@@ -12,7 +12,7 @@ module with it:
   (``transforms.Resize((224, 224))``: no crop, no flip; here
   ``pipeline.eval_dataset(whole_image=True)``), takes its last block's
   attention of the cls query over the patch keys (``attn[:, :, 0, 1:]``;
-  ``vit.last_block_cls_attention``), min-max normalises each head over the
+  ``attention.last_block_cls_attention``), min-max normalises each head over the
   patches and averages the heads: ``[grid_h, grid_w]`` per image (``pass_maps``).
 - **When.** ``main_pretrain.py`` refreshes the maps after epoch ``e`` (counted
   from 0) when ``e >= warmup_epochs``, ``e % loc_interval == 0`` and ``e`` is
@@ -62,14 +62,14 @@ from __future__ import annotations
 import math
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from prmim_jax import masking, sharding
-from prmim_jax.models import vit
+from prmim_jax.data import pipeline
+from prmim_jax.models import attention as attention_lib
 
 MAP_DTYPE = np.float16
 
@@ -159,25 +159,24 @@ def crop_maps(maps: np.ndarray, crops: np.ndarray, grid: tuple[int, int]) -> np.
 
 
 class AttentionMaps:
-    """The ``amt`` sampler's state for one run (``Method.host_state``): the trainer calls ``sample`` on every
+    """The ``amt`` sampler's state for one run (``methods.HostState``): the trainer calls ``sample`` on every
     host batch, ``refresh`` after every step, and saves / restores ``state_dict`` with its checkpoints.
 
-    ``method`` is a ``ThrowingMethod`` with sampler ``amt``; ``setup`` the trainer's (mesh, rules, global batch).
+    ``method`` is a ``ThrowingMethod`` with sampler ``amt``; ``placement`` the run's mesh and rules;
+    ``global_batch`` its batch (also the map pass's).
     """
 
-    def __init__(self, method, setup):
-        from prmim_jax.data import pipeline
-
+    def __init__(self, method, placement: sharding.Placement, global_batch: int):
         config = method.config
         self.method, self.layout = method, method.layout
         self.data = config.data
-        self.mesh, self.rules = setup.mesh, setup.rules
-        self.pass_batch = setup.global_batch
+        self.placement = placement
+        self.pass_batch = global_batch
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.num_examples = len(pipeline.make_source(self.data, self.data.split))
         self.steps = refresh_steps(
             self.num_examples,
-            setup.global_batch,
+            global_batch,
             config.total_steps,
             config.method.amt_warmup_epochs,
             config.method.amt_interval,
@@ -185,12 +184,11 @@ class AttentionMaps:
         rows = len(local_indices(self.num_examples, self.pass_batch, self.process_count, self.process_index))
         self.maps = np.ones((rows, *self.layout.grid), MAP_DTYPE)  # AMT's initial weights: a uniform draw
         self.refreshed_at = -1  # the step after which the maps were last computed; -1: never (warm-up)
-        self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
         encoder, _ = method.encoder()
         grid = self.layout.grid
         self._pass = jax.jit(
             lambda params, images: pass_maps(
-                vit.last_block_cls_attention(encoder, {"params": params}, method.normalize(images))[1], grid
+                attention_lib.last_block_cls_attention(encoder, {"params": params}, method.normalize(images))[1], grid
             )
         )
 
@@ -218,18 +216,15 @@ class AttentionMaps:
 
     # --- the periodic pass ---
 
-    def refresh(self, step: int, state) -> str | None:
-        """After ``step`` steps: recomputes the maps with ``state``'s encoder when AMT's schedule says so;
-        returns a line for the log then, else None. Every process calls it."""
+    def refresh(self, step: int, params) -> str | None:
+        """After ``step`` steps: recomputes the maps with the encoder of the trained ``params`` when AMT's schedule
+        says so; returns a line for the log then, else None. Every process calls it."""
         if step not in self.steps or step <= self.refreshed_at:
             return None
-        from prmim_jax.data import pipeline
-        from prmim_jax.evaluate import in_process
-
         start = time.perf_counter()
-        _, encoder_params = self.method.encoder(state.params)
+        _, encoder_params = self.method.encoder(params)
         dataset = pipeline.eval_dataset(
-            in_process(self.data),
+            pipeline.in_process(self.data),
             self.data.split,
             batch_size=self.pass_batch,
             process_index=self.process_index,
@@ -237,14 +232,14 @@ class AttentionMaps:
             whole_image=True,
         )
         local = self.pass_batch // self.process_count
-        spec = self.batch_sharding.spec
+        spec = self.placement.batch_sharding.spec
         # A new array, not written in place: a checkpoint being saved in the background keeps the old one.
         fresh = np.empty_like(self.maps)
         for k, batch in enumerate(dataset):
-            images = sharding.global_batch(batch["images"], self.batch_sharding)
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            images = self.placement.global_batch(batch["images"])
+            with self.placement.active():
                 maps = self._pass(encoder_params, images)
-            maps = multihost_utils.global_array_to_host_local_array(maps, self.mesh, spec)
+            maps = multihost_utils.global_array_to_host_local_array(maps, self.placement.mesh, spec)
             fresh[k * local : (k + 1) * local] = np.asarray(maps).astype(MAP_DTYPE)
         self.maps, self.refreshed_at = fresh, step
         seconds = time.perf_counter() - start

@@ -30,11 +30,7 @@ When things are written, and what a kill at each moment leaves:
   ``_CHECKPOINT_METADATA`` and writes ``commit_success.txt`` after the callback;
   damage to them shows up as an orbax restore error instead.
 
-Cost: sha256 runs at about 1.2 GB/s on one core, so a ViT-B state with Adam
-moments (~1.3 GB) costs about a second in the background thread at every save,
-and once more when a run resumes (process 0 reads every file; other processes
-wait). Files are read back from the file system, so on network storage the
-read-back costs what one restore costs.
+The checksums and the setting aside of damaged steps are ``prmim_jax.checkpoint_integrity``'s.
 
 Restore (``restore_latest``) tries steps newest first. Process 0 checks each
 step's files against its checksums (missing, truncated, changed, unreadable) and
@@ -68,7 +64,6 @@ import contextlib
 import dataclasses
 import errno as errno_lib
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -87,12 +82,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-logger = logging.getLogger(__name__)
+from prmim_jax import checkpoint_integrity as integrity
 
-CHECKSUMS = "checksums.json"
-SET_ASIDE_SUFFIX = ".corrupt"
-# Written by orbax after the post-finalization callback has hashed the step (see the module docstring).
-_WRITTEN_AFTER_CHECKSUMS = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", CHECKSUMS})
+logger = logging.getLogger(__name__)
 
 
 class CheckpointDamagedError(RuntimeError):
@@ -109,78 +101,6 @@ class CheckpointSaveError(RuntimeError):
     def __init__(self, message: str, step: int, directory: str, errno: int | None):
         super().__init__(message)
         self.step, self.directory, self.errno = step, directory, errno
-
-
-# --- checksums -----------------------------------------------------------------------------------
-
-
-def _sha256(path: epath.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(8 << 20):
-            digest.update(chunk)  # releases the GIL: the train loop keeps running
-    return digest.hexdigest()
-
-
-def _files(step_dir: epath.Path) -> list[str]:
-    """Paths (relative, '/'-separated) of the files in ``step_dir`` that ``checksums.json`` covers."""
-    names = []
-    for folder, _, files in step_dir.walk():
-        names += [(epath.Path(folder) / f).relative_to(step_dir).as_posix() for f in files]
-    return sorted(n for n in names if n not in _WRITTEN_AFTER_CHECKSUMS)
-
-
-def write_checksums(step_dir: str | os.PathLike, step: int, process_count: int) -> None:
-    """Writes ``step_dir/checksums.json``: size and sha256 of every file now in ``step_dir`` (written whole
-    under a temporary name, then renamed, so a reader sees the old file or the new one)."""
-    step_dir = epath.Path(step_dir)
-    files = {}
-    for name in _files(step_dir):
-        path = step_dir / name
-        files[name] = {"bytes": path.stat().length, "sha256": _sha256(path)}
-    manifest = {"format": 1, "step": step, "process_count": process_count, "files": files}
-    partial = step_dir / f"{CHECKSUMS}.partial"
-    partial.write_text(json.dumps(manifest, indent=1))
-    partial.replace(step_dir / CHECKSUMS)
-
-
-def verify_checksums(step_dir: str | os.PathLike) -> tuple[dict | None, list[str]]:
-    """``(manifest, problems)`` of ``step_dir`` against its ``checksums.json``.
-
-    ``manifest`` is ``None`` for an unverified step (no ``checksums.json``; ``problems`` is then empty).
-    Each problem names a file relative to ``step_dir`` and what is wrong with it: missing,
-    truncated (bytes found of bytes saved), grown, changed content (checksum mismatch), unreadable.
-    """
-    step_dir = epath.Path(step_dir)
-    if not (step_dir / CHECKSUMS).exists():
-        return None, []
-    try:
-        manifest = json.loads((step_dir / CHECKSUMS).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return {}, [f"{CHECKSUMS} is unreadable ({type(error).__name__}: {error})"]
-    problems = []
-    for name, saved in files.items():
-        path = step_dir / name
-        try:
-            if not path.exists():
-                problems.append(f"{name} is missing")
-                continue
-            size = path.stat().length
-            if size < saved["bytes"]:
-                problems.append(f"{name} is truncated ({size} of {saved['bytes']} bytes)")
-            elif size > saved["bytes"]:
-                problems.append(f"{name} has grown ({size} bytes, {saved['bytes']} saved)")
-            elif _sha256(path) != saved["sha256"]:
-                problems.append(f"{name} has changed (sha256 mismatch, same size)")
-        except OSError as error:
-            problems.append(f"{name} is unreadable ({type(error).__name__}: {error})")
-    return manifest, problems
-
-
-def _summary(problems: list[str], shown: int = 3) -> str:
-    more = len(problems) - shown
-    return "; ".join(problems[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 # --- the data iterator item ----------------------------------------------------------------------
@@ -454,7 +374,7 @@ class Checkpointer:
         """Orbax's post-finalization callback (process 0, background thread, before the rename)."""
         final = self.directory / str(self._save.step)
         temporary = final.parent / (final.name + ".orbax-checkpoint-tmp")
-        write_checksums(temporary if temporary.exists() else final, self._save.step, jax.process_count())
+        integrity.write_checksums(temporary if temporary.exists() else final, self._save.step, jax.process_count())
 
     def check_save(self) -> None:
         """Raises ``CheckpointSaveError`` if the save in flight has failed; otherwise returns at once
@@ -534,12 +454,16 @@ class Checkpointer:
         damaged = []  # (step, what is wrong)
         for candidate in candidates:
             step_dir = self.directory / str(candidate)
-            manifest, problems = _from_process_0(verify_checksums(step_dir) if jax.process_index() == 0 else None)
+            manifest, problems = _from_process_0(
+                integrity.verify_checksums(step_dir) if jax.process_index() == 0 else None
+            )
             if problems:
-                damaged.append((candidate, _summary(problems)))
+                damaged.append((candidate, integrity.summary(problems)))
                 continue
             if manifest is None:
-                logger.info("%s has no %s (saved without checksums): restoring it unverified", step_dir, CHECKSUMS)
+                logger.info(
+                    "%s has no %s (saved without checksums): restoring it unverified", step_dir, integrity.CHECKSUMS
+                )
             written_by = (manifest or {}).get("process_count")
             if iterator and written_by is not None and written_by != jax.process_count():
                 raise _process_count_mismatch(step_dir, written_by)
@@ -593,12 +517,7 @@ class Checkpointer:
                 logger.warning("%s is damaged (%s); read step %d instead", step_dir, what, restored_step)
                 continue
             if jax.process_index() == 0:
-                target = step_dir.parent / (step_dir.name + SET_ASIDE_SUFFIX)
-                copy = 1
-                while target.exists():
-                    copy += 1
-                    target = step_dir.parent / f"{step_dir.name}{SET_ASIDE_SUFFIX}-{copy}"
-                step_dir.rename(target)
+                target = integrity.set_aside(step_dir)
                 logger.warning(
                     "%s is damaged (%s); moved it aside to %s (not deleted) and resumed from step %d",
                     step_dir,
@@ -616,7 +535,7 @@ def _process_count_mismatch(step_dir: epath.Path, written_by: int) -> Checkpoint
     return CheckpointMismatchError(
         f"{step_dir} was written by {written_by} processes, but {jax.process_count()} are resuming it: each "
         f"process's data-iterator position belongs to its own share of the data. Resume with {written_by} "
-        "processes (tools that only read the state, like train.load_run, read it with any number)."
+        "processes (tools that only read the state, like runs.load, read it with any number)."
     )
 
 

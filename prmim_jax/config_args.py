@@ -1,32 +1,81 @@
-"""The ``:arg`` string of experiment configs (``configs/<name>.py:key=value,flag``), shared by them."""
+"""Names given in configs and on the command line: typed config arguments, and the closest known name to a typo.
+
+An experiment config takes one string argument (``configs/<name>.py:runlocal,throw=0.25``). ``parse``
+reads it against the config's own declaration of what it takes, as big_vision's ``parse_arg`` does::
+
+    options = config_args.parse(arg, runlocal=False, throw=0.5, steps=int, sampler=str)
+    options.runlocal, options.throw, options.steps  # False / True, a float, an int or None
+
+A name the config does not declare is refused with the closest declared one, as an unknown config key is
+(``unknown_key_message``): ``:runloacl`` never silently launches the full job.
+"""
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
+from ml_collections import config_dict
 
-from prmim_jax import methods
+
+def closest(name: str, known) -> str | None:
+    """The known name most like ``name`` (a typo's intended name), or None when none is close."""
+    matches = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
-def parse(arg: str | None) -> dict:
-    """``"runlocal,method=mae,throw=0.25"`` -> ``{"runlocal": True, "method": "mae", "throw": "0.25"}``."""
-    options = {}
+def unknown_key_message(path: str, key: str, known) -> str:
+    """One line for a config key that ``path`` (a section, '' for the top level) does not have, closest first."""
+    full = f"{path}.{key}" if path else key
+    match = closest(key, known)
+    hint = f"did you mean --config.{path + '.' if path else ''}{match}? " if match else ""
+    return f"unknown config key {full!r}: {hint}{path or 'the top level'} has {', '.join(sorted(known))}."
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def optional_strings(*names: str, **values) -> ml_collections.ConfigDict:
+    """A config section of optional string keys, None until set (``values`` sets some), typed so that
+    ``--config.<section>.<name>=...`` can set them on the command line."""
+    section = ml_collections.ConfigDict({name: config_dict.placeholder(str) for name in names})
+    section.update(values)
+    return section
+
+
+def _convert(name: str, text, kind: type):
+    if kind is bool:
+        if text is True or str(text).lower() in ("1", "true", "yes"):
+            return True
+        if str(text).lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"config argument {name}={text!r} is a flag: give it as '{name}' (or {name}=true|false).")
+    if text is True:
+        raise ValueError(f"config argument {name!r} needs a value: {name}=<{_TYPE_NAMES.get(kind, kind.__name__)}>.")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"config argument {name}={text!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}.") from None
+
+
+def parse(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """``arg`` (``"runlocal,method=mae,throw=0.25"``) read against ``spec``, the arguments a config takes.
+
+    ``spec`` maps each name to its default, whose type converts the given text (``False`` declares a flag,
+    given bare: ``runlocal``), or to a type (``int``, ``float``, ``str``: no default, None unless given).
+    Returns every declared name with its value. Raises ``ValueError`` naming the closest declared name for
+    an undeclared one, and the expected type for a value that does not convert.
+    """
+    values = {name: None if isinstance(default, type) else default for name, default in spec.items()}
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        options[key.strip()] = value.strip() or True
-    return options
-
-
-def throwing(options: dict) -> dict:
-    """Method-section overrides from ``sampler=`` and ``throw=`` (rho_d), the ones given."""
-    overrides = {}
-    if "sampler" in options:
-        overrides["sampler"] = options["sampler"]
-    if "throw" in options:
-        overrides["throw_ratio"] = float(options["throw"])
-    return overrides
-
-
-def method(options: dict) -> ml_collections.ConfigDict:
-    """The method section from ``method=`` (default ``prmim``), ``sampler=`` and ``throw=``: the named
-    method's defaults (``methods.method_config``) with the sampler and throwing ratio given."""
-    return methods.method_config(options.get("method", "prmim"), **throwing(options))
+        name, equals, text = (part.strip() for part in item.partition("="))
+        if name not in spec:
+            match = closest(name, spec)
+            hint = f"did you mean {match!r}? " if match else ""
+            raise ValueError(
+                f"unknown config argument {name!r}: {hint}this config takes {', '.join(sorted(spec)) or 'none'}."
+            )
+        default = spec[name]
+        kind = default if isinstance(default, type) else type(default)
+        values[name] = _convert(name, text if equals else True, kind)
+    return ml_collections.ConfigDict(values)

@@ -10,30 +10,33 @@ naming the key, the bad value and the fix.
 What ``check_config`` checks itself:
 
 - **keys**: every section against the defaults of what reads it
-  (``reference_config``): the method module's ``experiment_config()`` for the top
-  level, ``model``, ``optimizer``, ``sharding`` and a method's own sections
-  (fine-tuning's ``init``, ``mixing``), or its ``model_defaults(model)`` for a
-  model section when the method has one (a classifier's ViT or Swin keys); the
-  method's ``default_config()`` for ``method``; ``data_defaults(source)`` for
-  ``data``; ``eval_config(type)`` for each ``evals`` section. A key nothing reads
+  (``reference_config``): ``base_config.experiment_config()`` for the top level,
+  ``optimizer`` and ``sharding``, with the method's ``Registration`` for ``model``
+  (a classifier's ViT or Swin keys, by its own section), ``method`` and the
+  method's own sections (fine-tuning's ``init``, ``mixing``, ``optimizer``);
+  ``data_defaults(source)`` for ``data``; ``eval_config(type)`` for each
+  ``evals`` section. A key nothing reads
   is refused with the closest known key suggested (``difflib``), since a typo
   would otherwise be ignored silently.
 - **types**: a value has its default's type (an int where the default is an int,
   a number where it is a float, a string, a bool, a sequence); ``None`` is left to
   the range checks and builders, since some keys allow it.
 - **ranges**: the loop keys, the optimizer, the model's sizes, the sharding mesh
-  and rules, and the data section (``pipeline.check_config``, and
-  ``pipeline.check_split`` for the training split on disk).
+  and rules, and the data section (``schema.check_config``, and
+  ``schema.check_split`` for the training split on disk).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Sequence
 
 import ml_collections
+
+from prmim_jax import base_config, config_args, methods, optim
+from prmim_jax.data import schema
+from prmim_jax.evaluate import eval_config
 
 # The loop keys: (key, smallest value, the fix).
 LOOP_KEYS = (
@@ -59,34 +62,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_optimizer(config)
     check_model(config.model)
     check_sharding(config.sharding)
-    from prmim_jax.data import pipeline
-
-    pipeline.check_config(config.data)
-    pipeline.check_split(config.data, config.data.split, "data.split")
+    schema.check_config(config.data)
+    schema.check_split(config.data, config.data.split, "data.split")
 
 
 # --- keys and types --------------------------------------------------------------------------------
 
 
-def closest_key(key: str, known) -> str | None:
-    """The known key most like ``key`` (a typo's intended key), or None when none is close."""
-    matches = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def unknown_key_message(path: str, key: str, known) -> str:
-    """One line for a key that ``path`` (a section, '' for the top level) does not have, closest key first."""
-    full = f"{path}.{key}" if path else key
-    match = closest_key(key, known)
-    hint = f"did you mean --config.{path + '.' if path else ''}{match}? " if match else ""
-    return f"unknown config key {full!r}: {hint}{path or 'the top level'} has {', '.join(sorted(known))}."
-
-
 def refuse_unknown_keys(path: str, given, known) -> None:
-    """``ValueError`` (``unknown_key_message``) for the first key of ``given`` that is not in ``known``."""
+    """``ValueError`` (``config_args.unknown_key_message``) for the first key of ``given`` that is not in ``known``."""
     for key in sorted(given):
         if key not in known:
-            raise ValueError(unknown_key_message(path, key, known))
+            raise ValueError(config_args.unknown_key_message(path, key, known))
 
 
 def reference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -96,28 +83,25 @@ def reference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     ``method.name``, ``data.source`` or evaluator ``type``, since those pick the
     sections the other keys are compared with.
     """
-    from prmim_jax import methods
-    from prmim_jax.data import pipeline
-    from prmim_jax.evaluate import eval_config
-
     for section in ("method", "data"):
         if not isinstance(config.get(section), ml_collections.ConfigDict):
-            raise ValueError(f"config has no {section} section; start from train.default_config().")
+            raise ValueError(
+                f"config has no {section} section; start from base_config.experiment_config() with the method's."
+            )
     name = methods.canonical_section(config.method).name
-    method_module = methods.module(name)
-    reference = method_module.experiment_config()
-    reference.method = methods.method_config(name)
-    model_defaults = getattr(method_module, "model_defaults", None)  # a method with several model families
-    if model_defaults is not None and isinstance(config.get("model"), ml_collections.ConfigDict):
-        reference.model = model_defaults(config.model)
+    registration = methods.registration(name)
+    model = config.get("model") if isinstance(config.get("model"), ml_collections.ConfigDict) else None
+    reference = base_config.experiment_config(
+        model=registration.model(model), method=methods.method_config(name), **registration.sections()
+    )
     source = config.data.get("source", "fashion_mnist")
-    if source not in pipeline.SOURCES:
-        match = closest_key(str(source), pipeline.SOURCES)
+    if source not in schema.SOURCES:
+        match = config_args.closest(str(source), schema.SOURCES)
         hint = f"did you mean {match!r}? " if match else ""
         raise ValueError(
-            f"data.source={source!r} is not a data source: {hint}set --config.data.source to one of {pipeline.SOURCES}."
+            f"data.source={source!r} is not a data source: {hint}set --config.data.source to one of {schema.SOURCES}."
         )
-    reference.data = ml_collections.ConfigDict(pipeline.data_defaults(source))
+    reference.data = ml_collections.ConfigDict(schema.data_defaults(source))
     evals = {}
     for eval_name, section in config.get("evals", {}).items():
         if not isinstance(section, ml_collections.ConfigDict) or "type" not in section:
@@ -218,15 +202,15 @@ def check_loop(config: ml_collections.ConfigDict) -> None:
     """The trainer's own keys (``LOOP_KEYS``)."""
     for key, minimum, fix in LOOP_KEYS:
         if key not in config:
-            raise ValueError(f"config has no {key}; start from train.default_config(), which has every loop key.")
+            raise ValueError(
+                f"config has no {key}; start from base_config.experiment_config(), which has every loop key."
+            )
         require_int(key, config[key], minimum, fix)
 
 
 def check_optimizer(config: ml_collections.ConfigDict) -> None:
     """The optimizer section's values (the keys it has: pretraining's, or a classifier's with ``layer_decay`` /
     ``momentum``), then its schedule (``optim.learning_rate_schedule`` checks ``warmup_steps``)."""
-    from prmim_jax import optim
-
     section = config.optimizer
 
     def check(key, *args, **kwargs):

@@ -6,8 +6,8 @@ data iterator every ``checkpoint_every`` steps and at the end, the refusal to
 save non-finite parameters, and a clean stop (checkpoint saved) on SIGTERM
 (the trainer's ``preemption.PreemptionWatch``) or after ``stop_after`` steps.
 The trainer's own periodic work (pictures, evaluations) comes in as
-``periodic(step, state)``; a method's per-image host state (``Method.host_state``:
-AMT's attention maps) as ``host_state``, which draws each batch's token sets, is
+``Loop.periodic(step, state)``; a method's per-image host state (``methods.HostState``:
+AMT's attention maps) as ``Loop.host_state``, which draws each batch's token sets, is
 refreshed after each step before that step's checkpoint, and is saved with it.
 """
 
@@ -69,10 +69,10 @@ def check_finite(metrics: dict, step: int) -> dict:
     return values
 
 
-def jit_step(step: Callable, mesh, rules, state_shardings):
+def jit_step(step: Callable, placement: sharding.Placement, state_shardings):
     """``(run, batch_sharding)``: ``step(state, batch, rng)`` compiled with the state's and batch's shardings,
-    the state donated, run under the mesh and its logical-axis rules."""
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    the state donated, run under the placement's mesh and logical-axis rules."""
+    batch_sharding = placement.batch_sharding
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding, None),
@@ -81,7 +81,7 @@ def jit_step(step: Callable, mesh, rules, state_shardings):
     )
 
     def run(state, batch, rng):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with placement.active():
             return jitted(state, batch, rng)
 
     return run, batch_sharding
@@ -116,34 +116,44 @@ def restore_or_create(
     return state, start
 
 
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """What the loop runs with, set up by the trainer.
+
+    ``step_fn(state, batch, rng) -> (state, metrics)`` (``jit_step``) with ``batch_sharding`` for its batches,
+    read from ``iterator``; ``checkpointer`` and ``writer``; ``global_batch`` (images per step) and the
+    learning-rate ``schedule`` for the progress line; ``preemption_watch`` (entered by the caller, which
+    guards the whole run with it) says when a SIGTERM asks to save and stop; ``periodic(step, state)``: the
+    trainer's periodic work (evaluations), or None; ``host_state`` (``methods.HostState``, or None) turns
+    each host batch into the training batch, is refreshed after each step and saved with each checkpoint.
+    """
+
+    step_fn: Callable
+    iterator: object
+    batch_sharding: object
+    checkpointer: checkpoint.Checkpointer
+    writer: MetricWriter
+    global_batch: int
+    schedule: optax.Schedule
+    preemption_watch: preemption.PreemptionWatch
+    periodic: Callable | None = None
+    host_state: object = None
+
+
 def run(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    state,
-    start: int,
-    rng: jax.Array,
-    step_fn: Callable,
-    iterator,
-    batch_sharding,
-    checkpointer: checkpoint.Checkpointer,
-    writer: MetricWriter,
-    global_batch: int,
-    schedule: optax.Schedule,
-    preemption_watch: preemption.PreemptionWatch,
-    periodic: Callable | None = None,
-    host_state=None,
+    config: ml_collections.ConfigDict, workdir: str, parts: Loop, *, state, start: int, rng: jax.Array
 ) -> LoopResult:
-    """Runs ``state, metrics = step_fn(state, batch, fold_in(rng, step))`` from ``start`` to ``config.total_steps``.
+    """Runs ``state, metrics = step_fn(state, batch, fold_in(rng, step))`` from ``start`` to ``config.total_steps``
+    with ``parts`` (``Loop``).
 
     ``metrics`` holds scalars including ``loss`` and ``grad_norm``. Reads
     ``config.total_steps``, ``log_every``, ``checkpoint_every`` and ``stop_after``.
-    ``preemption_watch`` (entered by the caller, which guards the whole run with it) says when a SIGTERM
-    asks to save and stop. The final checkpoint (``total_steps``) is only started here: the caller waits
-    for it (``checkpointer.wait()``), and a SIGTERM meanwhile cannot cut it short. ``host_state``
-    (``Method.host_state``, or None) turns each host batch into the training batch, is refreshed after
-    each step (its time left out of the images-per-second figure) and is saved with each checkpoint.
+    The final checkpoint (``total_steps``) is only started here: the caller waits
+    for it (``checkpointer.wait()``), and a SIGTERM meanwhile cannot cut it short. The host state's refresh
+    time is left out of the images-per-second figure.
     """
+    step_fn, iterator, checkpointer, writer = parts.step_fn, parts.iterator, parts.checkpointer, parts.writer
+    host_state, global_batch = parts.host_state, parts.global_batch
     metrics_history, last_metrics = {}, None
     window_start, window_steps = time.perf_counter(), 0
     step = start
@@ -152,7 +162,7 @@ def run(
         batch = next(iterator)
         if host_state is not None:
             batch = host_state.sample(batch)
-        batch = sharding.global_batch(batch, batch_sharding)
+        batch = sharding.global_batch(batch, parts.batch_sharding)
         state, last_metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
         step += 1
         window_steps += 1
@@ -162,7 +172,7 @@ def run(
             images_per_second = window_steps * global_batch / elapsed
             eta = (config.total_steps - step) * elapsed / window_steps
             writer.scalars(
-                step, {**values, "learning_rate": float(schedule(step)), "images_per_second": images_per_second}
+                step, {**values, "learning_rate": float(parts.schedule(step)), "images_per_second": images_per_second}
             )
             writer.log(
                 f"step {step}/{config.total_steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} "
@@ -172,12 +182,12 @@ def run(
             window_start, window_steps = time.perf_counter(), 0
         if host_state is not None:
             refresh_start = time.perf_counter()
-            if message := host_state.refresh(step, state):
+            if message := host_state.refresh(step, state.params):
                 seconds = time.perf_counter() - refresh_start
                 writer.log(message)
                 writer.scalars(step, {"host_state_refresh_seconds": seconds})
                 window_start += seconds  # the next progress line counts training only
-        preempted = preemption_watch.should_stop(step)
+        preempted = parts.preemption_watch.should_stop(step)
         stop = step < config.total_steps and (preempted or (config.stop_after and step - start >= config.stop_after))
         if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
             check_finite(jax.device_get(last_metrics), step)
@@ -192,6 +202,6 @@ def run(
             reason = "preempted" if preempted else f"stop_after={config.stop_after}"
             writer.log(f"{reason}: saved step {step} in {workdir}; rerun the same command to resume")
             return LoopResult(state, step, metrics_history, stopped=True, preempted=preempted)
-        if periodic is not None:
-            periodic(step, state)
+        if parts.periodic is not None:
+            parts.periodic(step, state)
     return LoopResult(state, step, metrics_history, stopped=False, preempted=False)

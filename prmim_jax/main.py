@@ -18,13 +18,12 @@ import logging
 import re
 import sys
 
-import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prmim_jax import config_validation, preemption, train
+from prmim_jax import config_args, distributed, preemption, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
@@ -36,55 +35,16 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# How soon the processes of a multi-process run notice a peer that died or hangs; JAX's defaults are 100 s
-# and 300 s. A dead peer usually shows at once, as a collective error (the processes exit on any error
-# without waiting for each other, preemption.exit_on_failure); the heartbeat is what ends survivors blocked
-# where no error comes, in an accelerator collective or a barrier. Each process's runtime sends a heartbeat
-# from its own thread every half timeout, untouched by compiling, the GIL or a busy input pipeline, so
-# 30 s is only reached by a host that is gone or a network that would fail the collectives anyway. The
-# shutdown timeout is how long processes that finished wait for the rest at the end of a run: after the
-# last collective only the final save's commit and process 0's TensorBoard flush remain (seconds, on
-# cloud storage too), and 120 s leaves room for a slow file system rather than fail a finished run.
-HEARTBEAT_TIMEOUT_SECONDS = 30
-SHUTDOWN_TIMEOUT_SECONDS = 120
 flags.DEFINE_integer(
     "heartbeat_timeout",
-    HEARTBEAT_TIMEOUT_SECONDS,
+    distributed.HEARTBEAT_TIMEOUT_SECONDS,
     "Multi-process runs: seconds without a heartbeat after which a process counts as dead and the others stop.",
 )
 flags.DEFINE_integer(
     "shutdown_timeout",
-    SHUTDOWN_TIMEOUT_SECONDS,
+    distributed.SHUTDOWN_TIMEOUT_SECONDS,
     "Multi-process runs: seconds the processes wait for each other when the run ends, before giving up.",
 )
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS,
-    shutdown_timeout: int = SHUTDOWN_TIMEOUT_SECONDS,
-) -> None:
-    """Joins JAX's multi-controller runtime when there is more than one process.
-
-    ``coordinator_address`` (``HOST:PORT`` of process 0), ``num_processes`` and ``process_id`` name the
-    run outside TPU pods, SLURM and Open MPI, where they are detected; without an address and outside
-    those, this process runs alone. ``heartbeat_timeout`` and ``shutdown_timeout`` are in seconds (see
-    ``HEARTBEAT_TIMEOUT_SECONDS``).
-    """
-    # CPU devices of different processes exchange collectives through gloo; accelerators are unaffected.
-    # (Asking for the backend here would start it, and initialize() must come first.)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeouts = dict(heartbeat_timeout_seconds=heartbeat_timeout, shutdown_timeout_seconds=shutdown_timeout)
-    if coordinator_address:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
-        return
-    try:
-        jax.distributed.initialize(**timeouts)  # TPU pods, SLURM, Open MPI: detected from the environment
-    except (ValueError, RuntimeError) as error:
-        logging.info("single process (%s)", error)
 
 
 def main(argv):
@@ -93,7 +53,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("prmim_jax").setLevel(logging.INFO)
     with preemption.exit_on_failure():
-        initialize_distributed(
+        distributed.initialize_distributed(
             FLAGS.coordinator_address,
             FLAGS.num_processes,
             FLAGS.process_id,
@@ -132,7 +92,7 @@ def unknown_override(argv: list[str]) -> str | None:
             if not isinstance(node, ml_collections.ConfigDict):
                 return f"--config.{match.group(1)}: {'.'.join(parents)}={node!r} is a value, not a section."
             if key not in node:
-                return config_validation.unknown_key_message(".".join(parents), key, node)
+                return config_args.unknown_key_message(".".join(parents), key, node)
             node, parents = node[key], [*parents, key]
     return None
 

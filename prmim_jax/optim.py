@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
-from prmim_jax.models import classifier, vit
+from prmim_jax.models import classifier, layers
 
 # Swin's relative position tables are not decayed (the official Swin's no_weight_decay_keywords).
 NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token", "pos_embedding", "relative_position_bias_table")
@@ -74,7 +74,7 @@ def weight_decay_mask(params) -> object:
     """A pytree of bools matching ``params``: True where weight decay applies."""
 
     def decays(path, _):
-        return vit.path_names(path)[-1] not in NO_DECAY_NAMES
+        return layers.path_names(path)[-1] not in NO_DECAY_NAMES
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -103,7 +103,7 @@ def classifier_optimizer_config(**overrides) -> ml_collections.ConfigDict:
 
 def scale_by_layer(decay: float, depth: int, layer_ids=None) -> optax.GradientTransformation:
     """Multiplies each update by ``decay ** (depth + 1 - layer)``, layers from ``layer_ids(params)`` (default:
-    the ViT classifier's ``classifier.layer_ids``; ``classifier.lr_layers`` gives a model's).
+    a ViT classifier's, ``classifier.layer_ids``; ``classifier.lr_layers`` gives any classifier's).
 
     Applied after AdamW it scales the learning rate of the whole update, weight
     decay included: MAE's per-layer ``lr_scale``.

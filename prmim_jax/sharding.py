@@ -15,6 +15,8 @@ place that turns them into mesh axes. The config section:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -106,3 +108,35 @@ def global_batch(local_batch, sharding: NamedSharding):
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run's arrays live: the mesh and the logical-axis rules, what methods and evaluators are given
+    to lay out their batches and run their programs (never the trainer's own set-up)."""
+
+    mesh: Mesh
+    rules: tuple
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, devices=None) -> Placement:
+        """The mesh and rules of a ``sharding`` section (``devices``: the mesh's, default ``jax.devices()``)."""
+        return cls(make_mesh(config, devices), rules(config))
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rules)
+
+    @property
+    def batch_divisor(self) -> int:
+        return batch_divisor(self.mesh, self.rules)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The mesh and the logical-axis rules in effect, for tracing and running a program on them."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def global_batch(self, local_batch):
+        """``global_batch`` of this placement's batch sharding."""
+        return global_batch(local_batch, self.batch_sharding)

@@ -4,6 +4,8 @@
 fine-tuning alike (``config.method.name`` picks the method, ``prmim_jax.methods``);
 ``main.py`` only parses flags and calls it. Everything a bad config can get
 wrong is checked by ``validate`` before anything is created or compiled.
+Nothing below this module imports it: methods and evaluators get what they need
+from it as arguments (a ``sharding.Placement``, ``runs.load``, predict functions).
 """
 
 from __future__ import annotations
@@ -11,55 +13,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pathlib
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from prmim_jax import checkpoint, config_validation, loop, methods, optim, preemption, sharding, train_step
+from prmim_jax import checkpoint, config_validation, loop, methods, optim, preemption, runs, sharding, train_step
 from prmim_jax.data import pipeline
-from prmim_jax.evaluate import build_evaluators, eval_config
+from prmim_jax.evaluate import build_evaluators
 from prmim_jax.metrics import MetricWriter
-from prmim_jax.models import mae as mae_lib
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every key the trainer reads, with MAE's pretraining defaults; experiment configs start here and override.
-
-    ``model``, ``method`` and ``optimizer`` are the method's (``methods.<name>``);
-    ``evals`` maps names to evaluator sections (``prmim_jax.evaluate``).
-    """
-    return ml_collections.ConfigDict(
-        dict(
-            seed=0,
-            batch_size=4096,
-            total_steps=1000,
-            model=mae_lib.model_config("B/16"),
-            method=methods.method_config("prmim"),
-            optimizer=optim.optimizer_config(),
-            data=pipeline.data_config(),
-            sharding=sharding.sharding_config(),
-            evals=ml_collections.ConfigDict(dict(knn=eval_config("knn"))),
-            log_every=50,
-            stop_after=0,  # > 0: save and stop after this many steps in this invocation (scheduler time limits)
-            checkpoint_every=1000,
-            keep_checkpoints=3,
-        )
-    )
-
 
 NonFiniteLossError = loop.NonFiniteLossError  # raised by the loop; importable from here too
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
+    """What ``validate`` builds from a sound config: the method, where its arrays live, the batch split and the
+    evaluators (``config.evals``)."""
+
     method: methods.Method
-    mesh: jax.sharding.Mesh
-    rules: tuple
+    placement: sharding.Placement
     global_batch: int
     local_batch: int
-    evaluators: dict = dataclasses.field(default_factory=dict)  # name -> evaluator, from config.evals
+    evaluators: dict = dataclasses.field(default_factory=dict)
 
 
 def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -68,10 +44,9 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
     created, written or compiled. ``devices``: the mesh's (default ``jax.devices()``)."""
     config_validation.check_config(config)
     method = methods.build(config)
-    mesh = sharding.make_mesh(config.sharding, devices)
-    rules = sharding.rules(config.sharding)
+    placement = sharding.Placement.from_config(config.sharding, devices)
     batch = config.batch_size
-    ways = sharding.batch_divisor(mesh, rules)
+    ways = placement.batch_divisor
     if batch % jax.process_count():
         raise ValueError(
             f"batch_size={batch} must be divisible by the {jax.process_count()} processes; change batch_size."
@@ -79,42 +54,113 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
     if batch % ways:
         raise ValueError(
             f"batch_size={batch} must be divisible by the {ways} devices the batch is split over "
-            f"(mesh {dict(mesh.shape)}); change batch_size or sharding.mesh."
+            f"(mesh {dict(placement.mesh.shape)}); change batch_size or sharding.mesh."
         )
     if config.data.image_size != config.model.image_size or config.data.channels != config.model.channels:
         raise ValueError(
             f"data gives {config.data.image_size}px x {config.data.channels} channels but the model expects "
             f"{config.model.image_size}px x {config.model.channels}; make data.image_size/channels match model."
         )
-    setup = Setup(method, mesh, rules, batch, batch // jax.process_count())
-    # Building them checks every evaluator's section; the trainer then uses these.
-    return dataclasses.replace(setup, evaluators=build_evaluators(method, setup, config))
+    evaluators = build_evaluators(config, method.predict_fns(), placement, method.name)
+    return Setup(method, placement, batch, batch // jax.process_count(), evaluators)
 
 
 def abstract_state(setup: Setup, config: ml_collections.ConfigDict, rng: jax.Array):
     """``(init_fn, abstract boxed state, state shardings)``: the state's shapes without allocating it."""
     tx = setup.method.optimizer(setup.global_batch, config.total_steps)
-    init_fn = functools.partial(train_step.init_state, setup.method, tx, batch_size=setup.local_batch)
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    init_fn = functools.partial(runs.init_state, setup.method, tx, batch_size=setup.local_batch)
+    with setup.placement.active():
         boxed = jax.eval_shape(init_fn, rng)
-    return init_fn, boxed, sharding.tree_shardings(boxed, setup.mesh, setup.rules)
+    return init_fn, boxed, sharding.tree_shardings(boxed, setup.placement.mesh, setup.placement.rules)
 
 
 def create_state(setup: Setup, init_fn, shardings, rng: jax.Array):
     """A fresh train state, created directly in its sharded layout (never whole on one device), with the
     method's pretrained and frozen parameters (``Method.load_pretrained``, ``Method.load_frozen``) in place."""
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    with setup.placement.active():
         state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state.replace(
-        params=setup.method.load_pretrained(state.params, shardings.params),
-        frozen=setup.method.load_frozen(state.frozen, shardings.frozen),
+        params=setup.method.load_pretrained(state.params, shardings.params, runs.load),
+        frozen=setup.method.load_frozen(state.frozen, shardings.frozen, runs.load),
     )
 
 
 def compile_train_step(setup: Setup, state_shardings):
     """``(step_fn, batch_sharding)``: the method's pure step jitted with the state's and batch's shardings."""
     step = functools.partial(train_step.train_step, method=setup.method)
-    return loop.jit_step(step, setup.mesh, setup.rules, state_shardings)
+    return loop.jit_step(step, setup.placement, state_shardings)
+
+
+class Evaluations:
+    """The run's evaluators (``Setup.evaluators``) as the trainer runs them: periodically during training, all at
+    the end; their scalars go to the writer, their pictures to TensorBoard and ``WORKDIR/<key>.png``."""
+
+    def __init__(self, evaluators: dict, writer: MetricWriter, workdir: str, total_steps: int):
+        self.evaluators, self.writer, self.workdir, self.total_steps = evaluators, writer, workdir, total_steps
+
+    def run(self, step: int, variables, names) -> dict:
+        results = {}
+        for name in names:
+            values = self.evaluators[name].run(variables)
+            scalars = {k: v for k, v in values.items() if not hasattr(v, "shape")}
+            for key, image in values.items():
+                if key not in scalars:
+                    self.writer.image(step, key, image, os.path.join(self.workdir, f"{key}.png"))
+            if scalars:
+                self.writer.scalars(step, scalars)
+            results[name] = values
+        return results
+
+    def periodic(self, step: int, state) -> None:
+        """The evaluators due after ``step`` (not the last step's: ``final`` runs every one then)."""
+        due = [n for n, e in self.evaluators.items() if e.every and step % e.every == 0 and step != self.total_steps]
+        self.run(step, state.variables, due)
+
+    def final(self, step: int, variables) -> dict:
+        """Every evaluator's scalars after the last step; each one's summary line goes to the log."""
+        metrics = {}
+        for name, values in self.run(step, variables, list(self.evaluators)).items():
+            self.writer.log(self.evaluators[name].summary(values))
+            metrics |= {k: v for k, v in values.items() if not hasattr(v, "shape")}
+        return metrics
+
+
+def prepare(setup: Setup, config: ml_collections.ConfigDict, checkpointer, writer: MetricWriter, watch):
+    """The run set up and restored: ``(loop.Loop, state, start step, step rng)``. Creates the data iterator,
+    compiles the step, and restores the newest good checkpoint of ``checkpointer`` or creates a fresh state."""
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    init_fn, boxed_state, state_shardings = abstract_state(setup, config, init_rng)
+    step_fn, batch_sharding = compile_train_step(setup, state_shardings)
+    dataset = pipeline.train_dataset(
+        config.data,
+        setup.method.host,
+        global_batch=setup.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=config.seed,
+    )
+    iterator = iter(dataset)
+    host_state = setup.method.host_state(setup.placement, setup.global_batch)  # AMT's maps, or None
+    state, start = loop.restore_or_create(
+        checkpointer,
+        boxed_state,
+        state_shardings,
+        iterator,
+        lambda: create_state(setup, init_fn, state_shardings, init_rng),
+        host_state,
+    )
+    parts = loop.Loop(
+        step_fn=step_fn,
+        iterator=iterator,
+        batch_sharding=batch_sharding,
+        checkpointer=checkpointer,
+        writer=writer,
+        global_batch=setup.global_batch,
+        schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
+        preemption_watch=watch,
+        host_state=host_state,
+    )
+    return parts, state, start, step_rng
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -135,71 +181,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with preemption.PreemptionWatch() as watch:
         try:
             with watch.interruptible("set-up"):  # no work to lose yet: a SIGTERM stops it at once
-                init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-                init_fn, boxed_state, state_shardings = abstract_state(setup, config, init_rng)
-                step_fn, batch_sharding = compile_train_step(setup, state_shardings)
-                dataset = pipeline.train_dataset(
-                    config.data,
-                    setup.method.host,
-                    global_batch=setup.global_batch,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                    seed=config.seed,
-                )
-                iterator = iter(dataset)
-                host_state = setup.method.host_state(setup)  # per-image sampler state (AMT's maps), or None
                 checkpointer = checkpoint.Checkpointer(
                     os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
                 )
-                state, start = loop.restore_or_create(
-                    checkpointer,
-                    boxed_state,
-                    state_shardings,
-                    iterator,
-                    lambda: create_state(setup, init_fn, state_shardings, init_rng),
-                    host_state,
-                )
-            save_run_config(config, workdir)
+                parts, state, start, step_rng = prepare(setup, config, checkpointer, writer, watch)
+            runs.save_config(config, workdir)
             if start:
                 writer.log(f"resumed from step {start} in {workdir}")
-            evaluators = setup.evaluators
-
-            def evaluate(step, state, names):
-                results = {}
-                for name in names:
-                    values = evaluators[name].run(state)
-                    scalars = {k: v for k, v in values.items() if not hasattr(v, "shape")}
-                    for key, image in values.items():
-                        if key not in scalars:
-                            writer.image(step, key, image, os.path.join(workdir, f"{key}.png"))
-                    if scalars:
-                        writer.scalars(step, scalars)
-                    results[name] = values
-                return results
-
-            def periodic(step, state):
-                due = [
-                    n for n, e in evaluators.items() if e.every and step % e.every == 0 and step != config.total_steps
-                ]
-                evaluate(step, state, due)
-
-            result = loop.run(
-                config,
-                workdir,
-                state=state,
-                start=start,
-                rng=step_rng,
-                step_fn=step_fn,
-                iterator=iterator,
-                batch_sharding=batch_sharding,
-                checkpointer=checkpointer,
-                writer=writer,
-                global_batch=setup.global_batch,
-                schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
-                preemption_watch=watch,
-                periodic=periodic,
-                host_state=host_state,
-            )
+            evaluations = Evaluations(setup.evaluators, writer, workdir, config.total_steps)
+            parts = dataclasses.replace(parts, periodic=evaluations.periodic)
+            result = loop.run(config, workdir, parts, state=state, start=start, rng=step_rng)
             if result.stopped:
                 return {"step": result.step, "stopped": True, "preempted": result.preempted, **result.metrics}
             checkpointer.wait()  # the final checkpoint is complete (a SIGTERM meanwhile only set the flag)
@@ -210,12 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
                 return {"step": result.step, "stopped": True, "preempted": True, **result.metrics}
             with watch.interruptible("the final evaluation"):
-                final = evaluate(result.step, result.state, list(evaluators))
-            metrics = {"step": result.step, **result.metrics}
-            for name, values in final.items():
-                writer.log(evaluators[name].summary(values))
-                metrics |= {k: v for k, v in values.items() if not hasattr(v, "shape")}
-            return metrics
+                final = evaluations.final(result.step, result.state.variables)
+            return {"step": result.step, **result.metrics, **final}
         except preemption.Preempted as stop:
             if stop.phase == "set-up":
                 writer.log("preempted during set-up, before training: nothing new to save; rerun the same command")
@@ -235,30 +222,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if checkpointer is not None and not (failed and jax.process_count() > 1):
                 checkpointer.close()
             writer.close()
-
-
-def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """``WORKDIR/config.json``: the run's own description, for tools that read its checkpoints."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as file:
-            file.write(config.to_json_best_effort(indent=1))
-
-
-def load_run(workdir: str | pathlib.Path, step: int | None = None):
-    """``(config, method, params, step)`` of a run's latest checkpoint (or of ``step``), on this host's first
-    local device (each process of a multi-host job reads it whole). ``params`` are the trained parameters;
-    a run with running statistics or frozen parameters has them in ``method``'s ``Variables`` via
-    ``load_variables``."""
-    config, method, variables, step = load_variables(workdir, step)
-    return config, method, variables.params, step
-
-
-def load_variables(workdir: str | pathlib.Path, step: int | None = None):
-    """``(config, method, Variables, step)`` of a run's latest checkpoint (or of ``step``); see ``load_run``."""
-    config = checkpoint.read_run_config(workdir, "prmim_jax")
-    method = methods.build(config)
-    tx = method.optimizer(config.batch_size, config.total_steps)
-    step, state = checkpoint.restore_on_local_device(
-        workdir, lambda: train_step.init_state(method, tx, jax.random.key(0), 1), step
-    )
-    return config, method, state.variables, step

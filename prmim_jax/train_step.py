@@ -8,26 +8,11 @@ arrive as uint8 pixels (the pipeline's default): the step normalises them
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax
 import jax
 import optax
-from flax.training import train_state
 
 from prmim_jax.methods import Method, Variables
-
-
-class TrainState(train_state.TrainState):
-    """Optimizer state and trained ``params``, plus what a method carries untrained: ``frozen`` parameters
-    (a teacher) and ``batch_stats`` (running statistics); both ``{}`` when the method has none."""
-
-    frozen: Any = flax.struct.field(default_factory=dict)
-    batch_stats: Any = flax.struct.field(default_factory=dict)
-
-    @property
-    def variables(self) -> Variables:
-        return Variables(self.params, self.frozen, self.batch_stats)
+from prmim_jax.runs import TrainState
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, method: Method):
@@ -48,11 +33,3 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, method: Method
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
-
-
-def init_state(method: Method, tx, rng: jax.Array, batch_size: int) -> TrainState:
-    """A fresh state (boxed parameters, ``tx``'s optimizer state) for batches of ``batch_size``."""
-    variables = method.init(rng, method.example_batch(batch_size))
-    return TrainState.create(
-        apply_fn=None, params=variables.params, tx=tx, frozen=variables.frozen, batch_stats=variables.batch_stats
-    )

@@ -17,11 +17,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from prmim_jax import masking
-from prmim_jax.models import mae
+from prmim_jax import base_config, masking, methods, optim, runs
+from prmim_jax.data import schema
+from prmim_jax.evaluate import eval_config
+from prmim_jax.methods import classify
+from prmim_jax.models import classifier, mae
 
 # Much of the suite compiles the same program more than once (a tiny run trained, stopped and resumed; one
 # step in several tests). JAX's persistent compilation cache, in a directory of this test process's own,
@@ -93,3 +97,39 @@ def tiny_variables(tiny_mae, tiny_batch):
 @pytest.fixture
 def tiny_params(tiny_variables):
     return nn.unbox(tiny_variables)["params"]
+
+
+def mae_experiment():
+    """An experiment config with MAE's Table 13 defaults (ViT-B/16, PR-MIM's method section, kNN at the end)
+    that a test shrinks to its needs."""
+    return base_config.experiment_config(
+        model=mae.model_config("B/16"),
+        method=methods.method_config("prmim"),
+        evals=ml_collections.ConfigDict(dict(knn=eval_config("knn"))),
+    )
+
+
+def finetune_experiment():
+    """A fine-tuning experiment with MAE's Table 14 defaults (ViT-B/16) that a test shrinks to its needs."""
+    return base_config.experiment_config(
+        batch_size=1024,
+        model=classifier.classifier_config("B/16"),
+        method=classify.default_config(),
+        init=classify.init_config(),
+        mixing=classify.mixing_config(),
+        optimizer=optim.classifier_optimizer_config(),
+        data=schema.data_config(
+            source="tfds",
+            name="imagenet2012",
+            crop_scale=(0.08, 1.0),
+            rand_augment="rand-m9-mstd0.5-inc1",
+            random_erase_prob=0.25,
+        ),
+        evals=ml_collections.ConfigDict(dict(accuracy=eval_config("accuracy"))),
+    )
+
+
+def load_run(workdir, step=None):
+    """``(config, method, params, step)`` of a run (``runs.load``): the trained parameters most tests compare."""
+    run = runs.load(workdir, step)
+    return run.config, run.method, run.variables.params, run.step

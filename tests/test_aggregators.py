@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from prmim_jax import masking
-from prmim_jax.models import aggregate, tokens, vit
+from prmim_jax.models import aggregate, layers, tokens, vit
 
 WIDTH = 8
 HEADS = 2
@@ -149,7 +149,7 @@ def test_gradients_reach_every_parameter_and_the_present_features_the_output_rea
 
     param_grads, feature_grads = jax.grad(contracted, argnums=(0, 1))(variables, features)
     for path, grad in jax.tree_util.tree_leaves_with_path(param_grads):
-        names = vit.path_names(path)
+        names = layers.path_names(path)
         if names[-2:] == ["key", "bias"]:
             # q . (k + b) shifts every score of a query by the same q . b: softmax ignores it.
             continue
@@ -212,7 +212,7 @@ def grouped_convolution(grid_nhwc, kernel):
 def reference_layer_norm(x, scale, bias):
     mean = x.mean(-1, keepdims=True)
     variance = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / jnp.sqrt(variance + vit.LAYER_NORM_EPS) * scale + bias
+    return (x - mean) / jnp.sqrt(variance + layers.LAYER_NORM_EPS) * scale + bias
 
 
 def test_convnext_equals_a_convnext_block_over_the_whole_grid_read_at_the_thrown_tokens():

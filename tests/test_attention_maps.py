@@ -16,17 +16,18 @@ from PIL import Image
 from test_train import losses_by_step, read_metrics, tiny_config
 
 from prmim_jax import attention_maps, methods, train
-from prmim_jax.data import pipeline, transforms
+from prmim_jax.data import pipeline, schema, transforms
+from prmim_jax.models import attention as attention_lib
 from prmim_jax.models import mae, vit
 
 # --- the encoder's cls attention ------------------------------------------------------------------------
 
 
 def test_last_block_cls_attention_is_the_softmax_of_the_last_blocks_cls_query():
-    encoder = mae.encoder_of(mae.build_mae(tiny_model_config()))  # 14x14 tokens, 4 heads, 2 blocks
+    encoder = vit.encoder_like(mae.build_mae(tiny_model_config()))  # 14x14 tokens, 4 heads, 2 blocks
     images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 28, 28, 1)).astype(np.float32))
     params = nn.unbox(jax.jit(encoder.init)(jax.random.key(0), images))["params"]
-    tokens, attention = vit.last_block_cls_attention(encoder, {"params": params}, images)
+    tokens, attention = attention_lib.last_block_cls_attention(encoder, {"params": params}, images)
     # Nothing else changes: the same tokens, bit for bit, as a plain apply.
     np.testing.assert_array_equal(tokens, encoder.apply({"params": params}, images))
     assert attention.shape == (2, 4, 196) and attention.dtype == jnp.float32
@@ -120,7 +121,7 @@ def test_each_process_keeps_a_share_and_the_shares_add_up_to_every_map():
 
 
 def test_the_map_pass_reads_each_process_the_rows_it_keeps():
-    data = pipeline.data_config(source="fashion_mnist")
+    data = schema.data_config(source="fashion_mnist")
     source = pipeline.make_source(data, "train")
     dataset = pipeline.eval_dataset(data, "train", batch_size=8, process_index=1, process_count=2, whole_image=True)
     first = next(iter(dataset))
@@ -150,7 +151,7 @@ def amt_config(root, **overrides):
     config.method = methods.method_config(
         "mae", reconstruction="progressive", sampler="amt", throw_ratio=0.25, amt_warmup_epochs=1, amt_interval=2
     )
-    config.data = pipeline.data_config(
+    config.data = schema.data_config(
         source="image_folder", path=str(root), image_size=28, channels=1, mean=(0.5,), std=(0.25,), eval_split="train"
     )
     config.evals = ml_collections.ConfigDict()

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, ImageEnhance
 
 from prmim_jax import masking, mixing
-from prmim_jax.data import augment, pipeline
+from prmim_jax.data import augment, pipeline, schema
 
 MAE_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 TINY_TRAIN = 10
@@ -37,7 +37,7 @@ def noise_fashion_dir(tmp_path_factory):
 
 def finetune_config(directory, **overrides):
     values = dict(crop_scale=(0.08, 1.0), rand_augment=MAE_RAND_AUGMENT, random_erase_prob=0.25)
-    return pipeline.data_config(path=str(directory), **(values | overrides))
+    return schema.data_config(path=str(directory), **(values | overrides))
 
 
 def take(ds_or_iterator, count):
@@ -335,13 +335,13 @@ def test_mix_batch_jits_on_a_batch_sharded_over_eight_devices():
 
 
 def test_augmentation_keys_are_off_by_default_and_checked():
-    config = pipeline.data_config()
+    config = schema.data_config()
     assert config.rand_augment is None and config.random_erase_prob == 0.0
     assert tuple(config.crop_scale) == (0.2, 1.0)  # pretraining's; fine-tuning configs set (0.08, 1.0)
     with pytest.raises(ValueError, match=r"data\.rand_augment.*'rand-m9-mtsd0\.5'"):
-        pipeline.data_config(rand_augment="rand-m9-mtsd0.5")
+        schema.data_config(rand_augment="rand-m9-mtsd0.5")
     with pytest.raises(ValueError, match=r"random_erase_prob=1\.5 must lie in \[0, 1\]"):
-        pipeline.data_config(random_erase_prob=1.5)
+        schema.data_config(random_erase_prob=1.5)
 
 
 def test_finetune_batches_have_the_documented_shapes(noise_fashion_dir):
@@ -355,7 +355,7 @@ def test_finetune_batches_have_the_documented_shapes(noise_fashion_dir):
 
 
 def test_without_augmentations_finetune_images_are_the_pretraining_crops(noise_fashion_dir):
-    plain = pipeline.data_config(path=str(noise_fashion_dir))
+    plain = schema.data_config(path=str(noise_fashion_dir))
     finetune = take(pipeline.finetune_dataset(plain, global_batch=4), 2)
     layout = masking.TokenLayout((14, 14), 0.75)
     pretrain = take(pipeline.pretrain_dataset(plain, layout, "random", global_batch=4), 2)

@@ -22,10 +22,10 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import xla_flags
+from conftest import load_run, xla_flags
 from test_train import losses_by_step, read_metrics, tiny_config
 
-from prmim_jax import checkpoint, loop, train
+from prmim_jax import checkpoint, checkpoint_integrity, loop, train
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -152,7 +152,7 @@ DAMAGES = {
     "iterator position changed": (move_iterator_forward, rf"{ITERATOR_FILE} has changed \(sha256 mismatch"),
     # Without checksums (a step saved before them) orbax's own error is the sign of damage.
     "no checksums, deleted iterator file": (
-        lambda d: [(d / checkpoint.CHECKSUMS).unlink(), (d / ITERATOR_FILE).unlink()],
+        lambda d: [(d / checkpoint_integrity.CHECKSUMS).unlink(), (d / ITERATOR_FILE).unlink()],
         rf"{ITERATOR_FILE} is missing",
     ),
 }
@@ -161,13 +161,17 @@ DAMAGES = {
 def test_every_saved_step_carries_checksums_of_all_its_files(saved_run):
     for step in (2, 4):
         step_dir = saved_run.workdir / "checkpoints" / str(step)
-        manifest = json.loads((step_dir / checkpoint.CHECKSUMS).read_text())
+        manifest = json.loads((step_dir / checkpoint_integrity.CHECKSUMS).read_text())
         files = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
         # Everything but what orbax writes after the step is hashed (see the checkpoint module).
-        assert set(manifest["files"]) == files - {"_CHECKPOINT_METADATA", "commit_success.txt", checkpoint.CHECKSUMS}
+        assert set(manifest["files"]) == files - {
+            "_CHECKPOINT_METADATA",
+            "commit_success.txt",
+            checkpoint_integrity.CHECKSUMS,
+        }
         assert {ITERATOR_FILE, "state/_METADATA"} <= set(manifest["files"])
         assert manifest["step"] == step and manifest["process_count"] == 1
-        assert checkpoint.verify_checksums(step_dir) == (manifest, [])
+        assert checkpoint_integrity.verify_checksums(step_dir) == (manifest, [])
     assert checkpoint_dirs(saved_run.workdir) == ["2", "4"]  # no temporary or partial files left
 
 
@@ -189,7 +193,7 @@ def test_damaged_newest_step_is_moved_aside_and_the_previous_step_restored(saved
 
 def test_flipped_bytes_restore_silently_wrong_values_without_checksums(saved_run, copy):
     # Why checksums: orbax alone restores the flipped chunk as other numbers, with no error.
-    (copy / "checkpoints/4" / checkpoint.CHECKSUMS).unlink()
+    (copy / "checkpoints/4" / checkpoint_integrity.CHECKSUMS).unlink()
     flip_8_bytes(copy / "checkpoints/4", ADAM_MU_CHUNK)
     start, state, _ = resume(saved_run, copy)
     assert start == 4
@@ -242,13 +246,13 @@ def test_a_checkpoint_of_two_processes_resumes_only_with_two_but_reads_with_one(
         step_dir = copy / "checkpoints" / str(step)
         (step_dir / ITERATOR_FILE).rename(step_dir / "data/process_0-of-2.json")
         shutil.copy(step_dir / "data/process_0-of-2.json", step_dir / "data/process_1-of-2.json")
-        checkpoint.write_checksums(step_dir, step, process_count=2)
+        checkpoint_integrity.write_checksums(step_dir, step, process_count=2)
         if not with_checksums:
-            (step_dir / checkpoint.CHECKSUMS).unlink()
+            (step_dir / checkpoint_integrity.CHECKSUMS).unlink()
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"written by 2 processes, but 1 are resuming"):
         resume(saved_run, copy)
     assert checkpoint_dirs(copy) == ["2", "4"]
-    _, _, params, step = train.load_run(copy)  # readers need no iterator state
+    _, _, params, step = load_run(copy)  # readers need no iterator state
     assert step == 4
     assert_trees_equal(params, saved_run.states[4].params)
 
@@ -256,19 +260,19 @@ def test_a_checkpoint_of_two_processes_resumes_only_with_two_but_reads_with_one(
 def test_readers_skip_a_damaged_step_and_leave_it_in_place(saved_run, copy, caplog):
     flip_8_bytes(copy / "checkpoints/4", PARAMS_CHUNK)
     with caplog.at_level(logging.WARNING, logger="prmim_jax"):
-        _, _, params, step = train.load_run(copy)
+        _, _, params, step = load_run(copy)
     assert step == 2
     assert_trees_equal(params, saved_run.states[2].params)
     assert any("is damaged" in r.getMessage() and "read step 2 instead" in r.getMessage() for r in caplog.records)
     assert checkpoint_dirs(copy) == ["2", "4"]
     with pytest.raises(checkpoint.CheckpointDamagedError, match=r"checkpoints/4: .* has changed"):
-        train.load_run(copy, step=4)  # the step asked for, or an error
+        load_run(copy, step=4)  # the step asked for, or an error
     with pytest.raises(FileNotFoundError, match=r"has no step 3; its steps are \[2, 4\]"):
-        train.load_run(copy, step=3)
+        load_run(copy, step=3)
 
 
 def test_a_step_without_checksums_is_restored_unverified(saved_run, copy):
-    (copy / "checkpoints/4" / checkpoint.CHECKSUMS).unlink()
+    (copy / "checkpoints/4" / checkpoint_integrity.CHECKSUMS).unlink()
     start, state, _ = resume(saved_run, copy)
     assert start == 4
     assert_trees_equal(state, saved_run.states[4])
@@ -279,8 +283,8 @@ def test_a_step_without_checksums_is_restored_unverified(saved_run, copy):
 TWO_PROCESS_WORKER = """
 import json, sys
 sys.path.insert(0, {root!r})
-from prmim_jax import main
-main.initialize_distributed({address!r}, 2, {process_id})
+from prmim_jax import distributed
+distributed.initialize_distributed({address!r}, 2, {process_id})
 import jax, numpy as np
 from jax.experimental import multihost_utils
 from prmim_jax import checkpoint
@@ -401,7 +405,7 @@ def test_a_kill_during_a_save_leaves_the_previous_step_verified_and_restorable(t
     assert step in (2, 3) and data_state == {"next_index": step}
     expected = np.random.default_rng(0).normal(size=(20, 25_000)).astype(np.float32) + step
     np.testing.assert_array_equal(np.asarray(state["w"]), expected)
-    assert checkpoint.verify_checksums(tmp_path / "checkpoints" / str(step))[1] == []
+    assert checkpoint_integrity.verify_checksums(tmp_path / "checkpoints" / str(step))[1] == []
 
 
 def test_a_failed_save_stops_the_run_at_the_next_step_with_one_message(tmp_path):

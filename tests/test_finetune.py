@@ -12,17 +12,19 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import finetune_experiment, load_run
 from test_train import tiny_config
 
 from prmim_jax import loop, optim, sharding, train, train_step
-from prmim_jax.data import pipeline
+from prmim_jax.data import pipeline, schema
 from prmim_jax.methods import classify
 from prmim_jax.models import classifier, vit
+from prmim_jax.tools import robustness
 
 
 def tiny_finetune_config(**overrides):
     """The encoder of ``test_train.tiny_config`` (width 32, one block, patch 4) as a 10-class classifier."""
-    config = classify.experiment_config()
+    config = finetune_experiment()
     config.batch_size = 64
     config.total_steps = 4
     config.model = classifier.classifier_config(
@@ -30,7 +32,7 @@ def tiny_finetune_config(**overrides):
     )
     config.optimizer = optim.classifier_optimizer_config(base_lr=4e-3, layer_decay=0.75, warmup_steps=1)
     config.mixing = classify.mixing_config(mixup_alpha=0.0, cutmix_alpha=0.0)
-    config.data = pipeline.data_config(source="fashion_mnist", crop_scale=(0.35, 1.0))
+    config.data = schema.data_config(source="fashion_mnist", crop_scale=(0.35, 1.0))
     config.evals.accuracy.update(batch_size=400)
     config.log_every = 2
     config.checkpoint_every = 2
@@ -56,7 +58,7 @@ def test_fresh_fine_tune_starts_from_the_pretrained_encoder(pretrained_workdir):
     config = tiny_finetune_config()
     config.init.workdir = pretrained_workdir
     _, _, state = fresh_state(config)
-    *_, pretrained, _ = train.load_run(pretrained_workdir)
+    *_, pretrained, _ = load_run(pretrained_workdir)
     loaded = jax.device_get(state.params["encoder"])
     for path, value in jax.tree_util.tree_leaves_with_path(loaded):
         if path[0].key != "pos_embedding":  # everything else is the pretrained value (the final norm is unused)
@@ -117,7 +119,7 @@ def run_steps(config, steps=2):
     initial = jax.device_get(state.params)
     initial_stats = jax.device_get(state.batch_stats)
     step_fn, batch_sharding = loop.jit_step(
-        lambda s, b, r: train_step.train_step(s, b, r, method=setup.method), setup.mesh, setup.rules, shardings
+        lambda s, b, r: train_step.train_step(s, b, r, method=setup.method), setup.placement, shardings
     )
     rng = np.random.default_rng(0)
     for i in range(steps):
@@ -202,7 +204,7 @@ def test_short_fine_tune_of_a_pretrained_encoder_learns_fashion_mnist(pretrained
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 100
     assert result["accuracy"] > 0.4, result  # chance is 0.1; 0.55 when written
-    predict, data = classify.load_classifier(tmp_path)
+    predict, data = robustness.load_classifier(tmp_path)
     data.num_workers = 0
     batch = next(iter(pipeline.eval_dataset(data, batch_size=400)))
     accuracy = np.mean(np.argmax(predict(batch["images"]), -1) == batch["labels"])

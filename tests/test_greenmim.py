@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import finetune_experiment, load_run, mae_experiment
 
-from prmim_jax import masking, methods, train
-from prmim_jax.data import pipeline
+from prmim_jax import masking, methods, runs, train
+from prmim_jax.data import schema
 from prmim_jax.methods import greenmim
 from prmim_jax.models import classifier, swin, vit
 from prmim_jax.models import greenmim as greenmim_lib
@@ -129,9 +130,9 @@ def test_its_parameters_are_a_dense_swins_and_fine_tune_as_one(encoder_and_param
 
 
 def tiny_experiment(**method_overrides) -> ml_collections.ConfigDict:
-    config = train.default_config()
+    config = mae_experiment()
     config.model = tiny_model_config()
-    config.data = pipeline.data_config(source="fashion_mnist")
+    config.data = schema.data_config(source="fashion_mnist")
     config.method = greenmim.default_config(**method_overrides)
     return config
 
@@ -170,11 +171,11 @@ def test_greenmim_with_pr_mim_pretrains_evaluates_and_a_swin_fine_tune_starts_fr
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 2 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
 
-    fine_tune = classify.experiment_config()
+    fine_tune = finetune_experiment()
     fine_tune.model = classifier.swin_classifier_config("T", **SIZES, num_classes=10)
     fine_tune.init.workdir = str(tmp_path)
     method = methods.build(fine_tune)
-    loaded = classify.pretrained_encoder(method.config, method.model.encoder)
-    _, _, pretrained, _ = train.load_run(tmp_path)
+    loaded = classify.pretrained_encoder(method.config, method.model.encoder, runs.load)
+    _, _, pretrained, _ = load_run(tmp_path)
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(pretrained["encoder"]), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_run, mae_experiment
 
 from prmim_jax import masking, methods, optim, train
-from prmim_jax.data import pipeline
-from prmim_jax.models import localmim, vit
+from prmim_jax.data import schema
+from prmim_jax.models import layers, localmim, vit
 from prmim_jax.targets import hog
 
 LOSS_ATOL = 1e-6  # measured: 4e-8 to 7e-8 on losses of about 2
@@ -129,7 +130,7 @@ def build_method(reconstruction, model_config=None, **overrides):
             model=model_config or ARCH.model_config(),
             method=section,
             optimizer=optim.optimizer_config(),
-            data=pipeline.data_config(),
+            data=schema.data_config(),
         )
     )
     return methods.build(config)
@@ -154,7 +155,7 @@ def random_params(method, batch, seed=2):
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
-        name = vit.path_names(path)[-1]
+        name = layers.path_names(path)[-1]
         noise = rng.normal(size=leaf.shape).astype(np.float32)
         if name == "scale":
             return 1.0 + 0.2 * noise
@@ -469,7 +470,7 @@ def test_impossible_levels_fail_when_built_with_the_fix(overrides, message):
 
 
 def test_localmim_with_pr_mim_trains_through_the_one_trainer(tmp_path):
-    config = train.default_config()
+    config = mae_experiment()
     config.seed = 0
     config.batch_size = 16
     config.total_steps = 3
@@ -487,12 +488,12 @@ def test_localmim_with_pr_mim_trains_through_the_one_trainer(tmp_path):
     )
     config.method = methods.method_config("localmim", reconstruction="progressive", throw_ratio=0.3, kernel_size=3)
     config.optimizer.update(base_lr=1e-3, warmup_steps=1)
-    config.data = pipeline.data_config(source="fashion_mnist")
+    config.data = schema.data_config(source="fashion_mnist")
     config.evals.knn.update(every=0, k=5, train_examples=200, test_examples=100, batch_size=40)
     config.log_every = 1
     config.checkpoint_every = 3
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 3 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
-    saved_config, method, params, step = train.load_run(tmp_path)
+    saved_config, method, params, step = load_run(tmp_path)
     assert step == 3 and saved_config.method.name == "localmim" and method.layout.num_thrown == round(49 * 0.3)
     assert "aggregation" in params["level_0"]

@@ -17,20 +17,21 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from conftest import load_run
 from test_train import tiny_config
 from test_transformers_equivalence import MASK_RATIO, Arch, hf_model, hf_to_official
 
 from prmim_jax import masking, methods, optim, train
-from prmim_jax.data import pipeline
+from prmim_jax.data import schema
 from prmim_jax.interop import mae_checkpoint
 from prmim_jax.methods import mff as mff_method
+from prmim_jax.models import layers, vit
 from prmim_jax.models import mae as mae_lib
-from prmim_jax.models import vit
 
 LOSS_ATOL = 1e-5
 OUTPUT_ATOL = 2e-5
 FUSED_BLOCKS = (1, 3)  # of 4: two projected blocks and the last
-DEFAULT_SECTIONS = dict(optimizer=optim.optimizer_config(), data=pipeline.data_config())
+DEFAULT_SECTIONS = dict(optimizer=optim.optimizer_config(), data=schema.data_config())
 ARCH = Arch("gray_28px_patch2_depth4", 28, 2, 1, 32, 4, 4, 32, 1, 4)
 
 
@@ -157,7 +158,7 @@ def random_params(method, batch, seed: int) -> dict:
 
     def value(path, shape):
         noise = 0.2 * rng.normal(size=shape.shape).astype(np.float32)
-        return 1.0 + noise if vit.path_names(path)[-1] == "scale" else noise
+        return 1.0 + noise if layers.path_names(path)[-1] == "scale" else noise
 
     return jax.tree_util.tree_map_with_path(value, shapes)
 
@@ -205,7 +206,7 @@ def test_mff_with_pr_mim_trains_through_the_one_trainer(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 1 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
     assert result["fusion_weight_1"] + result["fusion_weight_2"] == pytest.approx(1.0)
-    _, method, params, _ = train.load_run(tmp_path)
+    _, method, params, _ = load_run(tmp_path)
     assert method.name == "mff" and method.throwing.progressive and "fusion" in params
     module, encoder = method.encoder(params)
     assert module.apply({"params": encoder}, np.zeros((1, 28, 28, 1), np.float32)).shape == (1, 50, 32)

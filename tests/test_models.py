@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model_config
 
 from prmim_jax import masking
-from prmim_jax.models import mae, vit
+from prmim_jax.models import layers, mae, vit
 
 
 def test_sincos_table_layout_is_col_then_row_with_a_zero_cls_row():
@@ -123,7 +123,7 @@ def test_every_parameter_names_its_logical_axes(tiny_variables):
 
 def test_flattened_cpu_matmuls_change_no_parameter_value_or_gradient(monkeypatch, tiny_mae, tiny_batch):
     # On the CPU backend every linear layer multiplies [B, T, D] activations as one [B T, D] matrix (faster
-    # weight gradients, vit.flattens_tokens); a model must not depend on it: same tree, loss and gradients.
+    # weight gradients, layers.flattens_tokens); a model must not depend on it: same tree, loss and gradients.
     images, ids = tiny_batch
 
     def loss_and_grads():
@@ -136,9 +136,9 @@ def test_flattened_cpu_matmuls_change_no_parameter_value_or_gradient(monkeypatch
 
         return jax.tree.map(lambda x: x.shape, variables), *jax.jit(jax.value_and_grad(loss))(params)
 
-    assert vit.flattens_tokens()  # the suite runs on the CPU backend
+    assert layers.flattens_tokens()  # the suite runs on the CPU backend
     shapes, flat_loss, flat_grads = loss_and_grads()
-    monkeypatch.setattr(vit, "flattens_tokens", lambda: False)
+    monkeypatch.setattr(layers, "flattens_tokens", lambda: False)
     layered_shapes, layered_loss, layered_grads = loss_and_grads()
     assert shapes == layered_shapes
     np.testing.assert_allclose(flat_loss, layered_loss, rtol=1e-6)

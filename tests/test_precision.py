@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
-from prmim_jax import masking, methods, optim, train_step
+from prmim_jax import masking, methods, optim, runs, train_step
 from prmim_jax.methods import mae as mae_method
+from prmim_jax.models import attention as attention_lib
 from prmim_jax.models import classifier, mae, vit
 
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
@@ -47,12 +48,12 @@ BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.
     ],
 )
 def test_attention_implementation_table(dtype, head_dim, backend, capability, requested, expected):
-    assert vit.attention_implementation(dtype, head_dim, backend, requested, capability) == expected
+    assert attention_lib.attention_implementation(dtype, head_dim, backend, requested, capability) == expected
 
 
 def test_attention_with_a_bias_on_an_odd_length_sequence_stays_on_xla():
     # cuDNN's training kernel needs even lengths with an additive bias (SimMIM's 1 + 196 tokens).
-    assert vit.attention_implementation(BF16, 64, "gpu", "auto", (9, 0), odd_length_bias=True) == "xla"
+    assert attention_lib.attention_implementation(BF16, 64, "gpu", "auto", (9, 0), odd_length_bias=True) == "xla"
 
 
 def refusing_cudnn(monkeypatch, refused: list):
@@ -75,7 +76,7 @@ def test_auto_attention_runs_on_xla_where_jaxs_cudnn_refuses_the_shapes_even_und
     query, key, value = (jax.random.normal(jax.random.key(i), (2, 197, 4, 8)) for i in range(3))
 
     def loss(query, implementation, insist):
-        return jnp.sum(vit.fused_attention(query, key, value, None, implementation, insist) ** 2)
+        return jnp.sum(attention_lib.fused_attention(query, key, value, None, implementation, insist) ** 2)
 
     expected = jax.value_and_grad(loss)(query, "xla", False)
     got = jax.value_and_grad(loss)(query, "cudnn", False)
@@ -88,7 +89,7 @@ def test_explicit_cudnn_attention_that_jax_refuses_is_jaxs_error_not_a_silent_fa
     refusing_cudnn(monkeypatch, [])
     query = jnp.ones((2, 197, 4, 8))
     with pytest.raises(NotImplementedError, match="Unsupported sequence length Q 197"):
-        vit.fused_attention(query, query, query, None, "cudnn", True)
+        attention_lib.fused_attention(query, query, query, None, "cudnn", True)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,7 @@ def test_explicit_cudnn_attention_that_jax_refuses_is_jaxs_error_not_a_silent_fa
 )
 def test_cudnn_where_it_cannot_run_is_an_error_naming_the_fix(dtype, head_dim, backend, capability, reason):
     with pytest.raises(ValueError, match=reason) as error:
-        vit.attention_implementation(dtype, head_dim, backend, "cudnn", capability)
+        attention_lib.attention_implementation(dtype, head_dim, backend, "cudnn", capability)
     assert "attention_impl='xla'" in str(error.value)
 
 
@@ -134,8 +135,8 @@ def test_cpu_attention_computes_jax_attention_and_its_gradient(bias_shape):
     args = (query, key, value) if bias is None else (query, key, value, bias)
     argnums = tuple(range(1, len(args) + 1))
     expected = jax.grad(loss, argnums)(jax.nn.dot_product_attention, *args)
-    actual = jax.grad(loss, argnums)(vit.cpu_attention, *args)
-    np.testing.assert_allclose(vit.cpu_attention(*args), jax.nn.dot_product_attention(*args), atol=1e-6)
+    actual = jax.grad(loss, argnums)(attention_lib.cpu_attention, *args)
+    np.testing.assert_allclose(attention_lib.cpu_attention(*args), jax.nn.dot_product_attention(*args), atol=1e-6)
     for want, got in zip(expected, actual, strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=2e-6)
@@ -197,7 +198,7 @@ def train_losses(dtype: str, steps: int, batch_size: int = 8, seed: int = 0):
     """Losses of ``steps`` MAE steps of the tiny model on fixed synthetic images, and the final train state.
 
     The one place this test uses the training API (``methods.mae.from_sections``,
-    ``train_step.init_state``, ``train_step.train_step``).
+    ``runs.init_state``, ``train_step.train_step``).
     """
     method = mae_method.from_sections(
         tiny_model_config(dtype=dtype),
@@ -205,7 +206,7 @@ def train_losses(dtype: str, steps: int, batch_size: int = 8, seed: int = 0):
         optimizer=optim.optimizer_config(base_lr=1e-3, warmup_steps=10),
     )
     tx = method.optimizer(batch_size, steps)
-    state = nn.unbox(train_step.init_state(method, tx, jax.random.key(seed), batch_size))
+    state = nn.unbox(runs.init_state(method, tx, jax.random.key(seed), batch_size))
     step = jax.jit(functools.partial(train_step.train_step, method=method))
     images = smooth_images(np.random.default_rng(seed), batch_size)
     noise_rng = np.random.default_rng(seed + 1)  # the same masks in every run

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
-from prmim_jax import masking, methods, optim, train_step
+from prmim_jax import masking, methods, optim, runs, train_step
 from prmim_jax.methods import mae as mae_family
 from prmim_jax.models import aggregate, mae, vit
 
@@ -158,7 +158,7 @@ def jit_step(method):
 
 def compiled_step(model, method, images, ids):
     tx = optim.build_optimizer(optim.optimizer_config(), global_batch=images.shape[0], total_steps=10)
-    state = nn.unbox(train_step.init_state(method, tx, jax.random.key(0), images.shape[0]))
+    state = nn.unbox(runs.init_state(method, tx, jax.random.key(0), images.shape[0]))
     return jit_step(method).lower(state, make_batch(images, ids), jax.random.key(0)).compile()
 
 
@@ -186,7 +186,7 @@ def test_training_steps_lower_the_prmim_loss():
     _, method = build("prmim", 0.5, sampler="furthest")
     images, ids = batch_for(method, batch=8)
     tx = optim.build_optimizer(optim.optimizer_config(base_lr=2e-2), global_batch=256, total_steps=100)
-    state = nn.unbox(train_step.init_state(method, tx, jax.random.key(0), images.shape[0]))
+    state = nn.unbox(runs.init_state(method, tx, jax.random.key(0), images.shape[0]))
     step = jit_step(method)
     batch = make_batch(images, ids)
     losses = []

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from prmim_jax.data import pipeline, sources
+from prmim_jax import distributed
+from prmim_jax.data import pipeline, schema, sources
 from prmim_jax.evaluate import robustness
+from prmim_jax.tools import robustness as robustness_tool
 
 NUM_CLASSES = 1000
 # Wnids of each dataset's README / Hendrycks' eval.py, with their position in ImageNet-1k's sorted wnids.
@@ -181,7 +183,7 @@ def mock_tfds():
 
 def base_config():
     """The fine-tuning run's data section, as load_classifier would return it (small images)."""
-    return pipeline.data_config(source="tfds", name="imagenet2012", image_size=16)
+    return schema.data_config(source="tfds", name="imagenet2012", image_size=16)
 
 
 def true_labels(name, split):
@@ -243,26 +245,22 @@ def test_evaluate_imagenet_c_on_mock_data_gives_15_ces(mock_tfds):
 def test_imagenet_c_configs_keep_the_transform_but_skip_the_crop():
     config = robustness.with_dataset(base_config(), "imagenet2012_corrupted/fog_1", data_dir="/data/tfds")
     assert config.eval_crop_pct == 1.0 and config.image_size == 16 and config.data_dir == "/data/tfds"
-    assert config.eval_split == "validation" and config.mean == pipeline.IMAGENET_MEAN
+    assert config.eval_split == "validation" and config.mean == schema.IMAGENET_MEAN
     assert robustness.with_dataset(base_config(), "imagenet_r").eval_crop_pct == 0.875
 
 
 def test_cli_writes_json_and_a_table(mock_tfds, monkeypatch, tmp_path, capsys):
-    from prmim_jax import main as main_lib
-
     calls = []
 
     def load_classifier(workdir):
         calls.append(workdir)
         return (lambda images: one_hot_logits([robustness.IMAGENET_R_CLASSES[0]] * len(images))), base_config()
 
-    from prmim_jax.methods import classify
-
-    monkeypatch.setattr(classify, "load_classifier", load_classifier)
-    monkeypatch.setattr(main_lib, "initialize_distributed", lambda *args: None)
+    monkeypatch.setattr(robustness_tool, "load_classifier", load_classifier)
+    monkeypatch.setattr(distributed, "initialize_distributed", lambda *args: None)
     out = tmp_path / "results.json"
     argv = ["--workdir", str(tmp_path), "--datasets", "imagenet_a,imagenet_r:test,imagenet_v2", "--out", str(out)]
-    robustness.main([*argv, "--batch_size", str(BATCH)])
+    robustness_tool.main([*argv, "--batch_size", str(BATCH)])
     results = json.loads(pathlib.Path(out).read_text())
     assert calls == [str(tmp_path)]
     assert set(results) == {"imagenet_a:test", "imagenet_r:test", "imagenet_v2:test"}
@@ -277,12 +275,11 @@ def test_cli_writes_json_and_a_table(mock_tfds, monkeypatch, tmp_path, capsys):
 
 def test_cli_evaluates_a_fine_tuned_checkpoint_on_mock_imagenet_a(mock_tfds, tmp_path):
     # A real fine-tuning run (two steps of a tiny 1000-class classifier on Fashion-MNIST) read back by
-    # classify.load_classifier: the whole path a user takes, on mock ImageNet-A.
+    # tools.robustness.load_classifier: the whole path a user takes, on mock ImageNet-A.
     from test_finetune import tiny_finetune_config
 
     from prmim_jax import train
     from prmim_jax.evaluate import eval_config
-    from prmim_jax.methods import classify
 
     config = tiny_finetune_config(total_steps=2, batch_size=8)
     config.model.num_classes = 1000
@@ -291,13 +288,13 @@ def test_cli_evaluates_a_fine_tuned_checkpoint_on_mock_imagenet_a(mock_tfds, tmp
     config.evals.robustness = eval_config("robustness", datasets="imagenet_a", batch_size=8)
     final = train.train_and_evaluate(config, str(tmp_path / "ft"))
     out = tmp_path / "robustness.json"
-    robustness.main(
+    robustness_tool.main(
         ["--workdir", str(tmp_path / "ft"), "--datasets", "imagenet_a", "--batch_size", "8", "--out", str(out)]
     )
     result = json.loads(out.read_text())["imagenet_a:test"]
     assert result["count"] == NUM_EXAMPLES and 0.0 <= result["accuracy"] <= 1.0
     assert final["imagenet_a:test/accuracy"] == result["accuracy"]
-    predict, data = classify.load_classifier(tmp_path / "ft")
+    predict, data = robustness_tool.load_classifier(tmp_path / "ft")
     batch = next(iter(pipeline.eval_dataset(robustness.with_dataset(data, "imagenet_a"), batch_size=8)))
     predicted = robustness.predictions(predict(batch["images"]), robustness.IMAGENET_A_CLASSES)
     assert set(predicted.tolist()) <= set(robustness.IMAGENET_A_CLASSES)

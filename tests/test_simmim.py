@@ -23,7 +23,7 @@ import transformers
 from prmim_jax import masking
 from prmim_jax.interop import hf_simmim
 from prmim_jax.interop.mae_checkpoint import CheckpointMismatchError
-from prmim_jax.models import aggregate, simmim, vit
+from prmim_jax.models import aggregate, layers, simmim, vit
 
 LOSS_ATOL = 1e-5
 OUTPUT_ATOL = 2e-5
@@ -103,7 +103,7 @@ def hf_model(arch: Arch, seed: int):
         num_attention_heads=arch.heads,
         intermediate_size=4 * arch.width,
         hidden_act="gelu",
-        layer_norm_eps=vit.LAYER_NORM_EPS,
+        layer_norm_eps=layers.LAYER_NORM_EPS,
         qkv_bias=True,
         encoder_stride=arch.patch_size,
         attn_implementation="eager",
@@ -279,7 +279,7 @@ def test_relative_bias_is_one_table_shared_by_every_block():
     model = tiny_model()
     layout = masking.TokenLayout(model.grid, MASK_RATIO, mask_unit=2)
     params = init_params(model, random_images((2, 28, 28, 1)), sample_ids(layout, 2))
-    flat = {"/".join(vit.path_names(path)): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {"/".join(layers.path_names(path)): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     tables = [name for name in flat if "relative_position_bias" in name]
     assert tables == ["encoder/relative_position_bias"]
     assert flat[tables[0]].shape == (simmim.relative_position_bias_size((14, 14)), 4)

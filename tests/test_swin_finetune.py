@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_run
 from PIL import Image
 from test_config_validation import load_config
 from test_finetune import tiny_finetune_config
 
-from prmim_jax import methods, train
-from prmim_jax.data import pipeline
+from prmim_jax import methods, runs, train
+from prmim_jax.data import schema
 from prmim_jax.interop import swin_checkpoint
 from prmim_jax.methods import classify
 from prmim_jax.models import swin
@@ -39,7 +40,7 @@ def swin_run(tmp_path_factory):
             pixels = rng.integers(0, 256, size=(20, 20), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "train" / label / f"{i}.png")
     config = tiny_swin_finetune_config(batch_size=8, total_steps=2, checkpoint_every=2)
-    config.data = pipeline.data_config(
+    config.data = schema.data_config(
         source="image_folder", path=str(root), eval_split="train", image_size=16, channels=1, mean=(0.5,), std=(0.25,)
     )
     config.evals.accuracy.batch_size = 16
@@ -50,7 +51,7 @@ def swin_run(tmp_path_factory):
 def test_a_swin_fine_tunes_and_is_evaluated_through_the_one_trainer(swin_run):
     workdir, result = swin_run
     assert result["step"] == 2 and np.isfinite(result["loss"]) and 0.0 <= result["accuracy"] <= 1.0
-    config, method, params, step = train.load_run(workdir)
+    config, method, params, step = load_run(workdir)
     assert step == 2 and config.model.architecture == "swin"
     assert isinstance(method.model.encoder, swin.SwinTransformer) and set(params) == {"encoder", "head"}
 
@@ -58,7 +59,7 @@ def test_a_swin_fine_tunes_and_is_evaluated_through_the_one_trainer(swin_run):
 def pretrained_encoder(config):
     """What a fresh run of ``config`` starts its encoder from, checked to fit the classifier's encoder."""
     method = methods.build(config)
-    encoder = classify.pretrained_encoder(method.config, method.model.encoder)
+    encoder = classify.pretrained_encoder(method.config, method.model.encoder, runs.load)
     fresh = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.key(0), method.example_batch(1)).params))
     assert jax.tree.map(np.shape, encoder) == jax.tree.map(lambda s: s.shape, fresh["encoder"])
     return encoder
@@ -66,7 +67,7 @@ def pretrained_encoder(config):
 
 def test_a_run_starts_from_a_swin_workdir_at_another_window_with_resized_tables(swin_run):
     workdir, _ = swin_run
-    *_, trained, _ = train.load_run(workdir)
+    *_, trained, _ = load_run(workdir)
     config = tiny_swin_finetune_config()
     config.init.workdir = workdir
     config.model.window_size = 4  # stage 0: one 4x4 window (7x7 offsets); stage 1 stays one 2x2 window

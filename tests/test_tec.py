@@ -25,21 +25,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import load_run
 from test_train import tiny_config
 from test_transformers_equivalence import Arch, hf_model, hf_to_official
 
-from prmim_jax import masking, methods, optim, train
-from prmim_jax.data import pipeline
+from prmim_jax import masking, methods, optim, runs, train
+from prmim_jax.data import schema
 from prmim_jax.interop import mae_checkpoint, vit_checkpoint, weight_files
 from prmim_jax.methods import mae, tec
+from prmim_jax.models import layers, vit
 from prmim_jax.models import tec as tec_lib
-from prmim_jax.models import vit
 
 ATOL = 2e-5
 ARCH = Arch("gray_28px_patch2_depth4", 28, 2, 1, 32, 4, 4, 32, 1, 4)
 TOP_K = 5
 TEMPERATURE = 1.8  # the MAE-teacher recipe's; the iBOT recipe's 1.0 would not exercise it
-DEFAULT_SECTIONS = dict(optimizer=optim.optimizer_config(), data=pipeline.data_config())
+DEFAULT_SECTIONS = dict(optimizer=optim.optimizer_config(), data=schema.data_config())
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +87,7 @@ def hf_teacher(arch: Arch, seed: int):
         num_attention_heads=arch.heads,
         intermediate_size=4 * arch.width,
         hidden_act="gelu",
-        layer_norm_eps=vit.LAYER_NORM_EPS,
+        layer_norm_eps=layers.LAYER_NORM_EPS,
         qkv_bias=True,
         attn_implementation="eager",
     )
@@ -226,7 +227,7 @@ def t_linear(x, p):
 
 
 def t_norm(x, p):
-    return F.layer_norm(x, (x.shape[-1],), t(p["scale"]), t(p["bias"]), eps=vit.LAYER_NORM_EPS)
+    return F.layer_norm(x, (x.shape[-1],), t(p["scale"]), t(p["bias"]), eps=layers.LAYER_NORM_EPS)
 
 
 def t_mlp(x, p):
@@ -355,7 +356,7 @@ def random_values(shapes, seed: int):
 
     def value(path, shape):
         noise = 0.2 * rng.normal(size=shape.shape).astype(np.float32)
-        return 1.0 + noise if vit.path_names(path)[-1] == "scale" else noise
+        return 1.0 + noise if layers.path_names(path)[-1] == "scale" else noise
 
     return jax.tree_util.tree_map_with_path(value, nn.unbox(shapes))
 
@@ -409,7 +410,7 @@ def test_a_run_without_a_teacher_says_what_to_set_and_what_to_pretrain_first(tmp
             methods.build(config)
     empty = tec_method(teacher=dict(checkpoint=None, workdir=str(tmp_path)))
     with pytest.raises(ValueError, match=r"config\.json is missing.*pretrain one first"):
-        empty.teacher_weights()
+        empty.teacher_weights(runs.load)
     deit = {"cls_token": np.zeros((1, 1, 32), np.float32), "dist_token": np.zeros((1, 1, 32), np.float32)}
     weight_files.write(deit, tmp_path / "deit.safetensors")
     with pytest.raises(mae_checkpoint.CheckpointMismatchError, match="distilled DeiT"):
@@ -435,8 +436,8 @@ def test_tec_with_pr_mim_trains_through_the_one_trainer_on_a_teacher_run(tmp_pat
     assert result["step"] == 1 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
     assert result["loss"] == pytest.approx(result["feature_loss"] + result["attention_loss"], rel=1e-5)
 
-    _, method, variables, _ = train.load_variables(tmp_path / "student")
-    _, _, teacher_params, _ = train.load_run(tmp_path / "teacher")
+    _, method, variables, _ = runs.load(tmp_path / "student")
+    _, _, teacher_params, _ = load_run(tmp_path / "teacher")
     # The teacher is the run's encoder, untouched by training (frozen: no gradient, no optimizer state).
     loaded = variables.frozen["teacher"]
     np.testing.assert_array_equal(loaded["pos_embedding"], vit.sincos_2d(32, (7, 7)))

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import xla_flags
+from conftest import load_run, mae_experiment, xla_flags
 
 from prmim_jax import masking, methods, sharding, train
-from prmim_jax.data import pipeline
+from prmim_jax.data import schema
 from prmim_jax.evaluate import eval_config
 from prmim_jax.models import mae
 
@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def tiny_config(**overrides):
     """A 28x28 Fashion-MNIST run small enough for a few seconds a step on CPU: 7x7 grid (patch 4)."""
-    config = train.default_config()
+    config = mae_experiment()
     config.seed = 0
     config.batch_size = 16
     config.total_steps = 6
@@ -42,7 +42,7 @@ def tiny_config(**overrides):
     )
     config.method = methods.method_config("prmim", sampler="furthest", throw_ratio=0.5)
     config.optimizer.update(base_lr=1e-3, warmup_steps=1)
-    config.data = pipeline.data_config(source="fashion_mnist")
+    config.data = schema.data_config(source="fashion_mnist")
     config.evals.knn.update(every=0, k=5, train_examples=200, test_examples=100, batch_size=40)
     config.log_every = 1
     config.checkpoint_every = 3
@@ -161,7 +161,7 @@ def test_fashion_mnist_run_saves_checkpoints_pictures_metrics_and_reports_knn(tm
 
 def test_mock_tfds_pretraining_run(tmp_path):
     config = tiny_config(total_steps=2, checkpoint_every=2)
-    config.data = pipeline.data_config(
+    config.data = schema.data_config(
         source="tfds", name="imagenet2012", image_size=28, channels=1, mean=(0.5,), std=(0.25,)
     )
     config.evals.knn.update(train_examples=16, test_examples=16, batch_size=8)
@@ -200,8 +200,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 WORKER = """
 import json, sys
-from prmim_jax import main, train
-main.initialize_distributed({address!r}, {processes}, {process_id}) if {processes} > 1 else None
+from prmim_jax import distributed, train
+distributed.initialize_distributed({address!r}, {processes}, {process_id}) if {processes} > 1 else None
 sys.path.insert(0, {tests!r})
 from test_train import tiny_config
 config = tiny_config(total_steps=4, checkpoint_every=2, batch_size=8, picture_every=2)
@@ -255,8 +255,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert (tmp_path / "two" / "reconstruction.png").exists()
     # Tools that read a run (load_run, pictures, fine-tuning init, robustness) read one saved by two
     # processes in this one process: they restore the state only, not the per-process iterator files.
-    _, _, two_params, two_step = train.load_run(tmp_path / "two")
-    _, _, one_params, _ = train.load_run(tmp_path / "one")
+    _, _, two_params, two_step = load_run(tmp_path / "two")
+    _, _, one_params, _ = load_run(tmp_path / "one")
     assert two_step == 4
     for a, b in zip(jax.tree_util.tree_leaves(two_params), jax.tree_util.tree_leaves(one_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=SHARDING_ATOL)
@@ -267,7 +267,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
 
 def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(tmp_path):
-    from prmim_jax.evaluate import pictures
+    from prmim_jax.tools import pictures
 
     runs = []
     for name in ("mae", "prmim"):
@@ -291,7 +291,7 @@ def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(
     assert not np.all(rows[3] == orange, axis=-1).any() and np.all(rows[3] == green, axis=-1).any()
     assert np.all(rows[5] == orange, axis=-1).any()
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
-        train.load_run(tmp_path)
+        load_run(tmp_path)
 
 
 # --- other frameworks through the same trainer ---------------------------------------------------
@@ -307,6 +307,6 @@ def test_simmim_with_pr_mim_trains_through_the_one_trainer(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 4 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
     assert (tmp_path / "reconstruction.png").stat().st_size > 0
-    saved_config, method, params, step = train.load_run(tmp_path)
+    saved_config, method, params, step = load_run(tmp_path)
     assert step == 4 and saved_config.method.reconstruction == "progressive" and "aggregator" in params
     assert method.layout.mask_unit == 1 and method.layout.num_thrown == round(49 * 0.2)

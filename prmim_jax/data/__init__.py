@@ -11,15 +11,13 @@ state = iterator.get_state()  # a JSON-serialisable dict; iterator.set_state(sta
 """
 
 from prmim_jax.data.pipeline import (
-    SOURCES,
-    check_config,
-    data_config,
     eval_dataset,
     finetune_dataset,
     local_batch_size,
     make_source,
     pretrain_dataset,
 )
+from prmim_jax.data.schema import SOURCES, check_config, data_config
 
 __all__ = [
     "SOURCES",

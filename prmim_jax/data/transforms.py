@@ -66,8 +66,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-from prmim_jax import masking
-
 _BICUBIC = Image.Resampling.BICUBIC
 JPEG_DECODERS = ("simplejpeg", "pillow")
 CROP_RESAMPLERS = ("opencv", "pillow")
@@ -523,38 +521,6 @@ class Normalize(grain.transforms.Map):
         rows *= np.tile(self._scale, width)
         rows += np.tile(self._offset, width)
         return element | {"image": rows.reshape(height, width, channels)}
-
-
-@dataclasses.dataclass(frozen=True)
-class DrawTokenNoise(grain.transforms.RandomMap):
-    """Adds ``'token_noise'``: this image's ``[2, N] float32`` from ``masking.draw_noise``."""
-
-    layout: masking.TokenLayout
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return element | {"token_noise": masking.draw_noise(rng, self.layout)}
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleTokens(grain.transforms.Map):
-    """A training batch -> the same with token sets drawn by ``sampler`` over the whole batch at once.
-
-    Input: ``{'images', 'labels', 'token_noise': [B, 2, N] float32, ...}``.
-    Output: the same without ``token_noise`` and with ``'ids_visible': [B,
-    N_vis]``, ``'ids_decoded': [B, N_dec]``, ``'ids_thrown': [B, N_thr]`` int32
-    (the convention of ``prmim_jax.masking``).
-    """
-
-    sampler: str
-    layout: masking.TokenLayout
-
-    def __post_init__(self):
-        masking.check_sampler(self.sampler, self.layout)
-
-    def map(self, batch: dict) -> dict:
-        batch = dict(batch)
-        ids = masking.sample(self.sampler, batch.pop("token_noise"), self.layout)
-        return batch | {"ids_visible": ids.visible, "ids_decoded": ids.decoded, "ids_thrown": ids.thrown}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,8 +9,8 @@ import optax
 from ml_collections import config_dict
 
 from prmim_jax import sharding
-from prmim_jax.data import pipeline
-from prmim_jax.evaluate import check_batch_size, in_process
+from prmim_jax.data import pipeline, schema
+from prmim_jax.evaluate import check_batch_size
 
 
 def default_config() -> dict:
@@ -27,39 +26,39 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
     return {"correct": jnp.sum(correct * mask), "count": jnp.sum(mask), "loss": jnp.sum(loss * mask)}
 
 
-class Evaluator:
-    """``{'accuracy', 'eval_loss'}`` of ``Method.logits`` on ``split``."""
+PREDICTS = "logits"  # the method's predict function this evaluator reads (``prmim_jax.methods``)
+MISSING = (
+    "evaluator 'accuracy' needs a classifier but method {method} has no logits; use it with method 'classify', "
+    "or remove it from config.evals."
+)
 
-    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
-        if method.logits is None:
-            raise ValueError(
-                f"evaluator 'accuracy' needs a classifier but method {method.name!r} has no logits; "
-                "use it with method 'classify', or remove it from config.evals."
-            )
-        check_batch_size("accuracy", section.batch_size, setup)
-        self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
-        self.split = section.split or config.data.eval_split
-        pipeline.check_split(config.data, self.split, "split" if section.split else "data.eval_split")
-        self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+
+class Evaluator:
+    """``{'accuracy', 'eval_loss'}`` of the method's ``logits`` on ``split``."""
+
+    def __init__(self, predict_fn, *, data: ml_collections.ConfigDict, section, placement: sharding.Placement):
+        check_batch_size("accuracy", section.batch_size, placement)
+        self.placement, self.data, self.section, self.every = placement, data, section, section.every
+        self.split = section.split or data.eval_split
+        schema.check_split(data, self.split, "split" if section.split else "data.eval_split")
 
         def step(variables, batch):
-            logits = method.logits(variables, method.normalize(batch["images"]))
-            return eval_sums(logits, batch["labels"], batch["mask"])
+            return eval_sums(predict_fn(variables, batch["images"]), batch["labels"], batch["mask"])
 
         self._step = jax.jit(step)
 
-    def run(self, state) -> dict:
+    def run(self, variables) -> dict:
         dataset = pipeline.eval_dataset(
-            in_process(self.data),
+            pipeline.in_process(self.data),
             self.split,
             batch_size=self.section.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
         totals = {"correct": 0.0, "count": 0.0, "loss": 0.0}
-        with jax.set_mesh(self.setup.mesh), nn.logical_axis_rules(self.setup.rules):
+        with self.placement.active():
             for batch in dataset:
-                sums = self._step(state.variables, sharding.global_batch(batch, self.batch_sharding))
+                sums = self._step(variables, self.placement.global_batch(batch))
                 for key, value in jax.device_get(sums).items():
                     totals[key] += float(value)
         return {"accuracy": totals["correct"] / totals["count"], "eval_loss": totals["loss"] / totals["count"]}

@@ -1,7 +1,7 @@
 """k-nearest-neighbour classification on frozen encoder features.
 
-Features are the mean of the encoder's patch tokens after its final norm (every
-token visible), L2-normalised; a query's class scores are the neighbours'
+Features are the encoder's pooled features (``EncoderOutput.pooled``: the mean of
+its patch tokens after its final norm, every token visible), L2-normalised; a query's class scores are the neighbours'
 ``exp(similarity / temperature)`` summed per class (the weighted kNN of
 Wu et al. 2018, as used by DINO), with ``k`` neighbours.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,9 +25,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from prmim_jax import sharding
-from prmim_jax.data import pipeline
-from prmim_jax.evaluate import check_batch_size, in_process
-from prmim_jax.models import swin
+from prmim_jax.data import pipeline, schema, transforms
+from prmim_jax.evaluate import check_batch_size
 
 RAW_PIXEL_LIMIT = 4096  # values per image up to which the raw-pixel kNN runs beside the encoder's
 
@@ -38,12 +36,16 @@ def default_config() -> dict:
     return dict(every=0, k=20, temperature=0.07, train_examples=10000, test_examples=10000, batch_size=256)
 
 
-class Evaluator:
-    """kNN top-1 accuracy of the features of the encoder the method leaves (``Method.encoder``)."""
+PREDICTS = "pooled"  # the method's predict function this evaluator reads (``prmim_jax.methods``)
+MISSING = "evaluator 'knn' needs an encoder's pooled features; method {method} has none."
 
-    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
-        self.setup, self.data, self.section, self.every = setup, config.data, section, section.every
-        check_batch_size("kNN", section.batch_size, setup)
+
+class Evaluator:
+    """kNN top-1 accuracy of the pooled features of the encoder the method leaves (its ``pooled`` predictions)."""
+
+    def __init__(self, predict_fn, *, data: ml_collections.ConfigDict, section, placement: sharding.Placement):
+        self.placement, self.data, self.section, self.every = placement, data, section, section.every
+        check_batch_size("kNN", section.batch_size, placement)
         for key in ("train_examples", "test_examples"):
             if not isinstance(section[key], int) or section[key] < 1:
                 raise ValueError(f"kNN {key}={section[key]!r} must be a positive integer; change {key}.")
@@ -55,28 +57,24 @@ class Evaluator:
             )
         # The memory bank comes from data.split and the queries from data.eval_split: both must exist, and the
         # bank hold k images (known without reading them, except for TFDS).
-        pipeline.check_split(config.data, config.data.split, "data.split")
-        pipeline.check_split(config.data, config.data.eval_split, "data.eval_split")
-        bank = pipeline.split_size(config.data, config.data.split, at_most=section.k)
+        schema.check_split(data, data.split, "data.split")
+        schema.check_split(data, data.eval_split, "data.eval_split")
+        bank = schema.split_size(data, data.split, at_most=section.k)
         if bank is not None and bank < section.k:
             raise ValueError(
-                f"kNN k={section.k} exceeds the {bank} images of data.split={config.data.split!r}, its memory bank; "
+                f"kNN k={section.k} exceeds the {bank} images of data.split={data.split!r}, its memory bank; "
                 f"set k to at most {bank}."
             )
-        self.encoder, _ = method.encoder()
-        self._method = method
-        self.batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
-        self._features = jax.jit(
-            lambda params, images: encoder_features(self.encoder, params, method.normalize(images))
-        )
-        self._raw_features = jax.jit(lambda images: raw_pixel_features(method.normalize(images)))
+        self._features = jax.jit(lambda variables, images: unit_norm(predict_fn(variables, images)))
+        mean, std = tuple(data.mean), tuple(data.std)
+        self._raw_features = jax.jit(lambda images: raw_pixel_features(transforms.normalize_images(images, mean, std)))
         self.raw_pixels_accuracy = None  # computed at the first evaluation (it does not change)
-        self.with_raw_pixels = config.data.image_size**2 * config.data.channels <= RAW_PIXEL_LIMIT
+        self.with_raw_pixels = data.image_size**2 * data.channels <= RAW_PIXEL_LIMIT
 
     def _batches(self, split: str, limit: int):
         batch = self.section.batch_size
         dataset = pipeline.eval_dataset(
-            in_process(self.data),
+            pipeline.in_process(self.data),
             split,
             batch_size=batch,
             process_index=jax.process_index(),
@@ -84,16 +82,14 @@ class Evaluator:
         )
         return itertools.islice(iter(dataset), math.ceil(limit / batch))
 
-    def run(self, state) -> dict:
-        setup, section = self.setup, self.section
-        _, encoder_params = self._method.encoder(state.params)
-
+    def run(self, variables) -> dict:
+        section = self.section
         raw = self.with_raw_pixels and self.raw_pixels_accuracy is None
 
         def features(local_images):
-            images = sharding.global_batch(local_images, self.batch_sharding)
-            with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-                encoded = self._features(encoder_params, images)
+            images = self.placement.global_batch(local_images)
+            with self.placement.active():
+                encoded = self._features(variables, images)
                 return (encoded, self._raw_features(images)) if raw else (encoded,)
 
         train_features, train_labels = collect_features(
@@ -121,21 +117,15 @@ class Evaluator:
         return line
 
 
-def encoder_features(encoder, encoder_params, images: jax.Array) -> jax.Array:
-    """``images [B, H, W, C]`` -> ``[B, width]`` float32, unit L2 norm: the mean of the patch tokens (a ViT),
-    or a Swin's own pooling (its final norm, then the mean)."""
-    output = encoder.apply({"params": encoder_params}, images)
-    if isinstance(output, swin.SwinOutput):
-        pooled = output.pooled
-    else:
-        pooled = jnp.mean(output[:, 1:].astype(jnp.float32), axis=1)
-    return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
+def unit_norm(features: jax.Array) -> jax.Array:
+    """``[B, D]`` -> ``[B, D] float32`` of unit L2 norm (kNN's cosine similarity is then a dot product)."""
+    features = features.astype(jnp.float32)
+    return features / jnp.linalg.norm(features, axis=-1, keepdims=True).clip(1e-12)
 
 
 def raw_pixel_features(images: jax.Array) -> jax.Array:
     """``images [B, H, W, C]`` (normalised) -> ``[B, H * W * C]`` float32, unit L2 norm: kNN's raw-pixel baseline."""
-    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
-    return flat / jnp.linalg.norm(flat, axis=-1, keepdims=True).clip(1e-12)
+    return unit_norm(images.reshape(images.shape[0], -1))
 
 
 def collect_features(feature_fn, batches) -> tuple[tuple[np.ndarray, ...], np.ndarray]:

@@ -1,15 +1,6 @@
-"""Reconstruction pictures: original / visible tokens / reconstruction / token map.
+"""The reconstruction picture of a run (the paper's Fig. 7 for one method), drawn every ``every`` steps and at the end.
 
-Rows of the picture, one column per image, upscaled to at least 112 pixels:
-1. the original image;
-2. what the encoder sees: visible patches, masked patches grey;
-3. the reconstruction, unmarked: visible patches as given, masked patches from
-   the model's predictions (norm-pix predictions are mapped back with each
-   original patch's mean and variance, as MAE's visualisation does); a thrown
-   patch nothing predicts (partial reconstruction) stays black;
-4. the token map (``token_map`` of ``token_marks``): each token's cell light grey
-   (visible), green (decoded by the decoder) or orange (thrown: reconstructed
-   by the aggregation under PR-MIM, by nothing under partial reconstruction).
+The rows (original, visible tokens, reconstruction, token map) are ``prmim_jax.pictures``'.
 """
 
 from __future__ import annotations
@@ -17,108 +8,15 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
-from prmim_jax import masking
-from prmim_jax.data import pipeline
-from prmim_jax.evaluate import in_process
-from prmim_jax.models import mae as mae_lib
-from prmim_jax.models import vit
+from prmim_jax import pictures, sharding
+from prmim_jax.data import pipeline, schema
 
-VISIBLE_CELL = (0.82, 0.82, 0.82)  # light grey: the white gaps still part the images
-DECODED_CELL = (0.1, 0.7, 0.2)
-THROWN_CELL = (1.0, 0.55, 0.0)
-MASKED_GREY = 0.5
-
-
-def picture_rows(
-    images: np.ndarray,
-    ids: masking.TokenIds,
-    output: mae_lib.MAEOutput,
-    patch_size: int,
-    mean,
-    std,
-    norm_pix: bool = True,
-) -> np.ndarray:
-    """``images [B, H, W, C]`` (normalised) and the model's output -> ``[3, B, H, W, 3]`` float in [0, 1]."""
-    images = np.asarray(images, np.float32)
-    batch, height, width, channels = images.shape
-    grid = (height // patch_size, width // patch_size)
-    raw = np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
-    patches = np.asarray(vit.patchify(raw, patch_size))  # [B, N, p*p*C] in [0, 1]
-
-    def denormalise(pred, token_ids):
-        pred = np.asarray(pred, np.float32)
-        if not norm_pix:
-            return np.clip(pred * np.asarray(std).mean() + np.asarray(mean).mean(), 0, 1)
-        target = np.take_along_axis(np.asarray(vit.patchify(images, patch_size)), token_ids[..., None], axis=1)
-        mu, var = target.mean(-1, keepdims=True), target.var(-1, ddof=1, keepdims=True)
-        pixels = pred * np.sqrt(var + mae_lib.NORM_PIX_EPS) + mu
-        pixels = pixels.reshape(*pixels.shape[:2], -1, channels) * np.asarray(std) + np.asarray(mean)
-        return np.clip(pixels.reshape(*pred.shape), 0, 1)
-
-    rows = np.arange(batch)[:, None]
-    visible_only = np.full_like(patches, MASKED_GREY)
-    visible_only[rows, ids.visible] = patches[rows, ids.visible]
-    reconstruction = np.zeros_like(patches)
-    reconstruction[rows, ids.visible] = patches[rows, ids.visible]
-    reconstruction[rows, ids.decoded] = denormalise(output.pred_decoded, ids.decoded)
-    if output.pred_thrown is not None and ids.thrown.shape[1]:
-        reconstruction[rows, ids.thrown] = denormalise(output.pred_thrown, ids.thrown)
-
-    def to_rgb(flat):
-        tiles = flat.reshape(batch, -1, patch_size, patch_size, channels)
-        return np.repeat(tiles, 3, axis=-1) if channels == 1 else tiles
-
-    def to_images(tiles):
-        return np.asarray(vit.unpatchify(tiles.reshape(batch, tiles.shape[1], -1), patch_size, grid))
-
-    return np.stack([to_images(to_rgb(patches)), to_images(to_rgb(visible_only)), to_images(to_rgb(reconstruction))])
-
-
-def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
-    """``[B, N] int8``: 0 visible, 1 decoded, 2 thrown."""
-    marks = np.zeros((ids.visible.shape[0], num_tokens), np.int8)
-    rows = np.arange(len(marks))[:, None]
-    marks[rows, ids.decoded] = 1
-    marks[rows, ids.thrown] = 2
-    return marks
-
-
-def token_map(marks: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
-    """``marks [B, N]`` (``token_marks``) -> ``[B, H, W, 3]`` in [0, 1]: each token's ``patch_size`` cell light grey
-    (visible), green (decoded) or orange (thrown), with a grey line between cells of 3 pixels or more."""
-    colours = np.asarray([VISIBLE_CELL, DECODED_CELL, THROWN_CELL], np.float32)
-    cells = colours[np.asarray(marks)].reshape(len(marks), *grid, 1, 1, 3)
-    cells = np.broadcast_to(cells, (len(marks), *grid, patch_size, patch_size, 3)).copy()
-    if patch_size >= 3:
-        cells[..., -1, :, :] = cells[..., :, -1, :] = MASKED_GREY
-    return cells.transpose(0, 1, 3, 2, 4, 5).reshape(len(marks), grid[0] * patch_size, grid[1] * patch_size, 3)
-
-
-def tile(rows: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
-    """``[R, B, H, W, 3]`` in [0, 1] -> one ``uint8`` image, R rows by B columns, each image upscaled ``scale``
-    times (nearest neighbour), white gaps."""
-    num_rows, batch, height, width, _ = rows.shape
-    height, width = height * scale, width * scale
-    canvas = np.ones((num_rows * (height + gap) - gap, batch * (width + gap) - gap, 3), np.float32)
-    for r in range(num_rows):
-        for b in range(batch):
-            image = rows[r, b].repeat(scale, 0).repeat(scale, 1)
-            canvas[r * (height + gap) : r * (height + gap) + height, b * (width + gap) : b * (width + gap) + width] = (
-                image
-            )
-    return (canvas * 255).round().astype(np.uint8)
-
-
-def picture_scale(image_size) -> int:
-    """How many times a picture upscales images of ``image_size`` (an int or ``(h, w)``): to at least 112 pixels."""
-    side = image_size if isinstance(image_size, int) else min(image_size)
-    return max(1, -(-112 // side))
-
-
-def save_png(image: np.ndarray, path) -> None:
-    Image.fromarray(image).save(path)
+PREDICTS = "picture"  # the method's predict function this evaluator reads (``prmim_jax.methods``)
+MISSING = (
+    "evaluator 'reconstruction' needs a method that reconstructs images; {method} does not. "
+    "Remove it from config.evals."
+)
 
 
 def default_config() -> dict:
@@ -127,32 +25,24 @@ def default_config() -> dict:
 
 
 class Evaluator:
-    """``{'reconstruction': uint8 picture}`` of ``Method.picture`` on the first images of ``data.eval_split``."""
+    """``{'reconstruction': uint8 picture}`` of the method's ``picture`` on the first images of ``data.eval_split``."""
 
-    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
-        if method.picture is None:
-            raise ValueError(
-                f"evaluator 'reconstruction' needs a method that reconstructs images; {method.name!r} does not. "
-                "Remove it from config.evals."
-            )
-        self.method, self.data, self.section, self.every = method, config.data, section, section.every
-        pipeline.check_split(config.data, config.data.eval_split, "data.eval_split")  # its pictures come from there
+    def __init__(self, predict_fn, *, data: ml_collections.ConfigDict, section, placement: sharding.Placement):
+        del placement  # the picture is drawn on the host from parameters gathered whole
+        self.predict_fn, self.data, self.section, self.every = predict_fn, data, section, section.every
+        schema.check_split(data, data.eval_split, "data.eval_split")  # its pictures come from there
         if not isinstance(section.num_images, int) or section.num_images < 1:
             raise ValueError(f"num_images={section.num_images!r} must be a positive integer; change num_images.")
-        self.image_size = config.model.image_size
         self._images = None  # read on first use: runs without pictures never open the eval split for them
 
-    def run(self, state) -> dict:
+    def run(self, variables) -> dict:
         if self._images is None:
-            images = next(iter(pipeline.eval_dataset(in_process(self.data), batch_size=self.section.num_images)))[
-                "images"
-            ]
-            self._images = np.asarray(self.method.normalize(images))
-        params = multihost_utils.process_allgather(state.params, tiled=True)  # whole on every host
-        rows, marks, patch_size = self.method.picture(params, self._images, self.section.seed)
-        grid = (rows.shape[2] // patch_size, rows.shape[3] // patch_size)
-        rows = np.concatenate([rows, token_map(marks, grid, patch_size)[None]])
-        return {"reconstruction": tile(rows, scale=picture_scale(self.image_size))}
+            dataset = pipeline.eval_dataset(pipeline.in_process(self.data), batch_size=self.section.num_images)
+            self._images = np.asarray(next(iter(dataset))["images"])
+        variables = multihost_utils.process_allgather(variables, tiled=True)  # whole on every host
+        picture = self.predict_fn(variables, self._images, self.section.seed)
+        rows = picture.with_token_map()
+        return {"reconstruction": pictures.tile(rows, scale=pictures.picture_scale(self.data.image_size))}
 
     def summary(self, results: dict) -> str:
         return f"reconstruction picture: {results['reconstruction'].shape[1]}x{results['reconstruction'].shape[0]}"

@@ -1,7 +1,7 @@
 """Robustness and transfer of a fine-tuned ImageNet classifier: ImageNet-A, -R, -C, -V2, -Sketch, ...
 
-    python -m prmim_jax.evaluate.robustness --workdir FINETUNE_WORKDIR \\
-        --datasets imagenet_a,imagenet_r,imagenet2012_corrupted,imagenet_v2 --data_dir ~/tensorflow_datasets
+Scoring, and the ``robustness`` evaluator; the command line for a finished run is
+``prmim_jax.tools.robustness``.
 
 Every dataset is read through TFDS (prepared beforehand in ArrayRecord form,
 ``tfds build NAME --file_format=array_record``; nothing is downloaded here) by
@@ -47,19 +47,19 @@ only, the identity at 224), as in Hendrycks' ``test.py`` (``CenterCrop(224)``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from prmim_jax.data import pipeline
+from prmim_jax import sharding
+from prmim_jax.data import pipeline, schema
 
 logger = logging.getLogger(__name__)
 
@@ -67,30 +67,10 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 """This process's ``images [b, H, W, C] float32`` -> its ``logits [b, num_classes]`` (numpy-convertible)."""
 
 # Sorted indices into ImageNet-1k's sorted wnids (see the module docstring for the sources).
-# fmt: off
-IMAGENET_A_CLASSES: tuple[int, ...] = (
-    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105, 107,
-    108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295, 298, 301,
-    306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336, 347, 361, 363,
-    372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438, 445, 456, 457, 461,
-    462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552, 557, 561, 562, 569, 572,
-    573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668, 677, 682, 684, 687, 701, 704,
-    719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786, 792, 797, 802, 803, 804, 813, 815,
-    820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880, 888, 890, 897, 900, 907, 913, 924, 932,
-    933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972, 980, 981, 984, 986, 987, 988,
-)
-IMAGENET_R_CLASSES: tuple[int, ...] = (
-    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105, 107,
-    113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187, 195, 199,
-    203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267, 269, 276, 277,
-    281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327, 330, 334, 335, 337,
-    338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393, 397, 401, 407, 413, 414,
-    425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476, 483, 487, 515, 546, 555, 558,
-    570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658, 701, 717, 724, 763, 768, 774, 776,
-    779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883, 889, 895, 907, 928, 931, 932, 933, 934,
-    936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965, 967, 980, 981, 983, 988,
-)
-# fmt: on
+# The 200 classes of ImageNet-A and of ImageNet-R, as sorted indices into the 1000 (module docstring).
+_SUBSETS = json.loads((pathlib.Path(__file__).parent / "imagenet_class_subsets.json").read_text())
+IMAGENET_A_CLASSES: tuple[int, ...] = tuple(_SUBSETS["imagenet_a"])
+IMAGENET_R_CLASSES: tuple[int, ...] = tuple(_SUBSETS["imagenet_r"])
 DATASET_CLASS_SUBSETS: dict[str, tuple[int, ...]] = {
     "imagenet_a": IMAGENET_A_CLASSES,
     "imagenet_r": IMAGENET_R_CLASSES,
@@ -331,7 +311,7 @@ def with_dataset(
     if name.split("/")[0] == IMAGENET_C:
         values["eval_crop_pct"] = 1.0
     config = ml_collections.ConfigDict(values | overrides)
-    pipeline.check_config(config)
+    schema.check_config(config)
     return config
 
 
@@ -444,28 +424,31 @@ def default_config() -> dict:
     )
 
 
+PREDICTS = "logits"  # the method's predict function this evaluator reads (``prmim_jax.methods``)
+MISSING = (
+    "evaluator 'robustness' needs a classifier but method {method} has no logits; use it with method 'classify', "
+    "or remove it from config.evals."
+)
+
+
 class Evaluator:
     """``{'<name>:<split>/accuracy': ...}`` (and ImageNet-C's mCE) of a classifier method during or after training.
 
-    The classifier's variables are gathered whole on every process (as ``methods.classify.load_classifier``
-    reads a finished run), and each process scores its part of every dataset.
+    The classifier's variables are gathered whole on every process (as ``prmim_jax.tools.robustness`` reads a
+    finished run), and each process scores its part of every dataset.
     """
 
-    def __init__(self, method, setup, config: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
-        if method.logits is None:
-            raise ValueError(
-                f"evaluator 'robustness' needs a classifier but method {method.name!r} has no logits; "
-                "use it with method 'classify', or remove it from config.evals."
-            )
+    def __init__(self, predict_fn, *, data: ml_collections.ConfigDict, section, placement: sharding.Placement):
+        del placement  # the variables are gathered whole: each process scores its own rows
         if section.batch_size % jax.process_count():
             raise ValueError(f"robustness batch_size={section.batch_size} must split over the processes; change it.")
-        self.method, self.data, self.section, self.every = method, config.data, section, section.every
+        self.data, self.section, self.every = data, section, section.every
         self.datasets = parse_datasets(section.datasets)
-        self._apply = jax.jit(lambda variables, images: method.logits(variables, method.normalize(images)))
+        self._apply = jax.jit(predict_fn)
         self.results: dict = {}
 
-    def run(self, state) -> dict:
-        variables = multihost_utils.process_allgather(state.variables, tiled=True)
+    def run(self, variables) -> dict:
+        variables = multihost_utils.process_allgather(variables, tiled=True)
 
         def predict_fn(images):
             return np.asarray(self._apply(variables, images))
@@ -486,40 +469,3 @@ class Evaluator:
 
     def summary(self, results: dict) -> str:
         return format_table(self.results)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="the fine-tuning run's workdir (load_classifier reads it)")
-    parser.add_argument(
-        "--datasets",
-        default="imagenet_a,imagenet_r,imagenet2012_corrupted,imagenet_v2",
-        help="comma-separated TFDS NAME[:SPLIT]; imagenet2012_corrupted alone is the whole ImageNet-C (mCE)",
-    )
-    parser.add_argument("--data_dir", default=None, help="TFDS data directory (default: the fine-tuning config's)")
-    parser.add_argument("--batch_size", type=int, default=256, help="global evaluation batch")
-    parser.add_argument("--out", default=None, help="results JSON (default: WORKDIR/robustness.json)")
-    parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-process runs)")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from prmim_jax import main as main_lib
-    from prmim_jax.methods.classify import load_classifier
-
-    main_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    predict_fn, data_config = load_classifier(args.workdir)
-    results = evaluate_datasets(
-        predict_fn, data_config, parse_datasets(args.datasets), batch_size=args.batch_size, data_dir=args.data_dir
-    )
-    if jax.process_index() == 0:
-        out = epath.Path(args.out or epath.Path(args.workdir) / "robustness.json")
-        out.write_text(json.dumps(results, indent=2, sort_keys=True))
-        print(format_table(results))
-        print(f"results: {out}")
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,12 @@
 """Methods as plug-ins: a framework (MAE, SimMIM, ...) or a task (fine-tuning) is one module, looked up by name.
 
 ``config.method.name`` names a module of this package (``prmim_jax.methods.<name>``),
-as big_vision looks up models by name. The module's ``build(config) -> Method``
-takes the whole experiment config and returns an object with the small protocol
-below; the one trainer (``prmim_jax.train``) and the evaluators
-(``prmim_jax.evaluate``) use only that protocol, never a method's name.
+as big_vision looks up models by name. The module declares itself with one
+``REGISTRATION = methods.Registration(...)``: its ``Method`` class (built from the
+whole experiment config), its method section's defaults, the model section it
+reads and any further sections. The trainer (``prmim_jax.train``) and the
+evaluators (``prmim_jax.evaluate``) use only the protocol below, never a
+method's name.
 
 The protocol (``Method``), both halves of a method's work:
 
@@ -20,42 +22,46 @@ The protocol (``Method``), both halves of a method's work:
   updated running statistics.
 - ``optimizer(global_batch, total_steps)``: the optax transformation.
 - ``encoder(params=None) -> (module, encoder params)``: the encoder the method
-  leaves for evaluation, fine-tuning and export (``module.apply({'params': p},
-  images)`` gives ``[B, 1 + N, D]`` tokens, cls first, or a Swin's ``SwinOutput``); params None without them.
-- ``load_pretrained(params, shardings) -> params``: a fresh run's starting
-  parameters (a classifier loads its pretrained encoder); default: as initialised.
-- ``load_frozen(frozen, shardings) -> frozen``: a fresh run's frozen
-  parameters (a teacher's weights, read from disk); default: as initialised.
-- optional capabilities, ``None`` when the method has none: ``picture``
-  (reconstruction pictures), ``logits`` (classifiers).
-- ``host_state(setup)``: per-image host state that a sampler keeps across steps
-  (AMT's attention maps, ``prmim_jax.attention_maps``), or None (the default).
-  The trainer calls its ``sample(host batch) -> training batch`` on every batch,
-  ``refresh(step, state) -> log line | None`` after every step (before that
-  step's checkpoint), and saves ``state_dict()`` / restores
-  ``load_state_dict(arrays)`` (``{name: numpy array}``, this process's share)
-  with every checkpoint.
+  leaves for evaluation, fine-tuning and export; every such module has
+  ``features(images) -> models.features.EncoderOutput`` (one output type for
+  every architecture), ``tokens_normalized``, ``architecture``, ``layer_id`` and
+  ``adapt_pretrained``. ``params`` None gives ``(module, None)``.
+- ``predict_fns() -> {name: fn}``: what evaluators and tools are given (big_vision's
+  ``predict_fn``), each on ``(variables, images)`` with images as the pipeline
+  gives them (uint8 pixels or normalised floats): ``features`` (``EncoderOutput``)
+  and ``pooled`` (``[B, D] float32``) for every method, ``logits`` (``[B, K] float32``)
+  for classifiers, ``picture`` (``(variables, images, seed) -> Picture``) for
+  methods that reconstruct pixels.
+- ``load_pretrained(params, shardings, load_run)`` and ``load_frozen(frozen,
+  shardings, load_run)``: a fresh run's starting and frozen parameters (a
+  classifier's pretrained encoder, TEC's teacher); ``load_run(workdir) ->
+  TrainedRun`` reads another run (``prmim_jax.runs.load``, passed in by the trainer).
+- ``host_state(placement, global_batch) -> HostState | None``: per-image state a
+  sampler keeps across steps (AMT's attention maps), declared by ``HostState``.
 
 Adding a framework: write ``prmim_jax/methods/<name>.py`` with
-``default_config(**overrides)`` (its method section), ``experiment_config()``
-(every key its runs read, with defaults: the reference ``config_validation``
-holds configs to) and ``build(config)``; a
-config sets ``config.method = <name>.default_config(...)``. Methods with a thrown
-set share ``prmim_jax.methods.throwing`` (sampler, rho_d, the three
-reconstructions and the aggregator).
+``default_config(**overrides)`` (its method section), a ``Method`` subclass and
+``REGISTRATION``; its model under ``prmim_jax/models/``; a config under
+``configs/``; tests. Methods with a thrown set share ``prmim_jax.methods.throwing``
+(sampler, rho_d, the three reconstructions and the aggregator).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import difflib
 import importlib
-from typing import Any
+import pkgutil
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import flax
 import jax
 import ml_collections
 import numpy as np
 
+from prmim_jax import sharding
 from prmim_jax.data import transforms
 from prmim_jax.data.pipeline import HostTransforms  # re-exported: part of the protocol
 
@@ -74,6 +80,38 @@ class Variables:
     params: Any
     frozen: Any = flax.struct.field(default_factory=dict)
     batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+class TrainedRun(NamedTuple):
+    """A run read from its workdir (``prmim_jax.runs.load``): its config, method, variables and step."""
+
+    config: ml_collections.ConfigDict
+    method: Method
+    variables: Variables
+    step: int
+
+
+RunLoader = Callable[[str], TrainedRun]  # workdir -> its latest checkpoint's run
+
+
+class HostState(Protocol):
+    """Per-image state a sampler keeps on the hosts across steps (``Method.host_state``; AMT's attention maps).
+
+    The trainer calls ``sample`` on every host batch, ``refresh`` after every step (before that step's
+    checkpoint), and saves ``state_dict()`` / restores ``load_state_dict`` with every checkpoint.
+    """
+
+    def sample(self, batch: dict) -> dict:
+        """A host batch -> the training batch (``batch_spec``'s arrays)."""
+
+    def refresh(self, step: int, params) -> str | None:
+        """After ``step`` steps with trained ``params``: updates the state when due; a line for the log then."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """This process's share, ``{name: array}``, for its checkpoint."""
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restores ``state_dict``'s arrays."""
 
 
 class Method(abc.ABC):
@@ -108,29 +146,36 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def encoder(self, params=None) -> tuple[Any, Any]:
-        """``(encoder module, its params or None)``: ``module.apply({'params': p}, images [B, H, W, C])`` ->
-        ``[B, 1 + N, D]``."""
+        """``(encoder module, its params or None)``: the module's ``features(images [B, H, W, C])`` is an
+        ``EncoderOutput``."""
 
-    def load_pretrained(self, params, shardings):
+    def features(self, variables: Variables, images):
+        """``images [B, H, W, C]`` (uint8 pixels or normalised) -> the encoder's ``EncoderOutput``, inference mode."""
+        module, params = self.encoder(variables.params)
+        return module.apply({"params": params}, self.normalize(images), method=module.features)
+
+    def pooled(self, variables: Variables, images) -> jax.Array:
+        """``images [B, H, W, C]`` -> ``[B, D] float32``: the encoder's pooled features (kNN's)."""
+        return self.features(variables, images).pooled
+
+    def predict_fns(self) -> dict[str, Callable]:
+        """The predict functions of the module docstring this method has."""
+        return {"features": self.features, "pooled": self.pooled}
+
+    def load_pretrained(self, params, shardings, load_run: RunLoader):
         """A fresh run's starting parameters (laid out as ``shardings``); default: ``params`` as initialised."""
-        del shardings
+        del shardings, load_run
         return params
 
-    def load_frozen(self, frozen, shardings):
+    def load_frozen(self, frozen, shardings, load_run: RunLoader):
         """A fresh run's frozen parameters (laid out as ``shardings``); default: ``frozen`` as initialised."""
-        del shardings
+        del shardings, load_run
         return frozen
 
-    def host_state(self, setup):
-        """The per-image host state of the module docstring for the trainer's ``setup``; default: None."""
-        del setup
+    def host_state(self, placement: sharding.Placement, global_batch: int) -> HostState | None:
+        """The per-image host state of the module docstring; default: None (a sampler that keeps none)."""
+        del placement, global_batch
         return None
-
-    # Optional capabilities (None when the method has none):
-    # picture(params, images [b, H, W, C] normalised, seed) -> (rows [3, b, H, W, 3] in [0, 1], marks [b, N], patch)
-    picture = None
-    # logits(variables, images [B, H, W, C]) -> [B, num_classes] float32
-    logits = None
 
     def normalize(self, images):
         """``images [..., C]`` uint8 pixels (the pipeline's default) -> float32 normalised per ``config.data``,
@@ -141,6 +186,41 @@ class Method(abc.ABC):
     def example_batch(self, batch_size: int) -> dict:
         """Zeros shaped like ``batch_spec`` (initialisation needs values, not only shapes)."""
         return {k: np.zeros(s.shape, s.dtype) for k, s in self.batch_spec(batch_size).items()}
+
+
+def load_into(fresh, loaded, shardings, mismatch: Callable[[str, tuple, tuple], str]):
+    """``loaded`` (a tree of host arrays with at least ``fresh``'s leaves) laid out as ``fresh`` is: each leaf cast
+    to the fresh leaf's dtype and put with its sharding (``shardings``, the tree's). A shape that differs is a
+    ``ValueError`` of ``mismatch(name, loaded shape, needed shape)``, the leaf named by its path."""
+
+    def put(path, old, leaf_sharding):
+        new = loaded
+        for key in path:
+            new = new[key.key]
+        if np.shape(new) != old.shape:
+            raise ValueError(mismatch("/".join(k.key for k in path), np.shape(new), old.shape))
+        return jax.device_put(np.asarray(new).astype(old.dtype), leaf_sharding)
+
+    return jax.tree_util.tree_map_with_path(put, fresh, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What a method module declares (``REGISTRATION``), so that nothing has to be found by convention.
+
+    ``method``: the ``Method`` class, built from a whole experiment config. ``section``: its method section's
+    defaults (``default_config(**overrides)``). ``model``: the model section a config's own is held to
+    (given that section: a classifier's is a ViT's or a Swin's). ``sections``: the further sections its
+    runs read, with their defaults (fine-tuning's ``init`` and ``mixing``, its own ``optimizer``).
+    ``placeholders``: method-section keys that let the method be built where its external inputs are absent,
+    for tools that only compile it (TEC's teacher checkpoint, whose path nothing reads before a run starts).
+    """
+
+    method: type[Method]
+    section: Callable[..., ml_collections.ConfigDict]
+    model: Callable[[ml_collections.ConfigDict | None], ml_collections.ConfigDict]
+    sections: Callable[[], dict] = dict
+    placeholders: dict = dataclasses.field(default_factory=dict)
 
 
 def canonical_section(method: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -154,45 +234,48 @@ def canonical_section(method: ml_collections.ConfigDict) -> ml_collections.Confi
     return section
 
 
-def module(name: str):
-    """The method module ``prmim_jax.methods.<name>``; ``ValueError`` (listing the choices) when there is none."""
+def registration(name: str) -> Registration:
+    """The ``Registration`` of method module ``name``; ``ValueError`` (listing the choices) when there is none."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(
             f"method.name={name!r} is not a module name; set --config.method.name to one of {available()}."
         )
     try:
-        return importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as error:
         if error.name != f"{__name__}.{name}":
             raise
-        import difflib
-
+        module = None
+    if not isinstance(getattr(module, "REGISTRATION", None), Registration):
         match = difflib.get_close_matches(name, available(), n=1)
         hint = f" (did you mean {match[0]!r}?)" if match else ""
-        raise ValueError(
-            f"unknown method {name!r}; choose one of {available()} for --config.method.name{hint}."
-        ) from None
+        raise ValueError(f"unknown method {name!r}; choose one of {available()} for --config.method.name{hint}.")
+    return module.REGISTRATION
+
+
+def registered() -> list[str]:
+    """The module names under ``prmim_jax/methods`` that declare a ``REGISTRATION`` (the registry is the package)."""
+    names = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "REGISTRATION", None), Registration):
+            names.append(info.name)
+    return sorted(names)
 
 
 def available() -> list[str]:
-    """Module names under ``prmim_jax/methods`` that provide ``build`` (the registry is the package)."""
-    import pkgutil
-
-    names = []
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and hasattr(importlib.import_module(f"{__name__}.{info.name}"), "build"):
-            names.append(info.name)
-    return sorted(names) + sorted(LEGACY_NAMES)
+    """Every name ``method.name`` takes: the registered modules and the legacy names."""
+    return registered() + sorted(LEGACY_NAMES)
 
 
 def method_config(name: str = "prmim", **overrides) -> ml_collections.ConfigDict:
     """The method section for ``name`` (a module or a legacy name) with ``overrides``, from the module's defaults."""
     module_name, legacy = LEGACY_NAMES.get(name, (name, {}))
-    return module(module_name).default_config(**(legacy | overrides))
+    return registration(module_name).section(**(legacy | overrides))
 
 
 def build(config: ml_collections.ConfigDict) -> Method:
     """The ``Method`` of an experiment config; raises ``ValueError`` with the fix, before anything compiles."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; the caller's config stays as it is
     config.method = canonical_section(config.method)
-    return module(config.method.name).build(config)
+    return registration(config.method.name).method(config)

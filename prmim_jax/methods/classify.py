@@ -26,19 +26,16 @@ Experiment config keys read here: ``model`` (``classifier.classifier_config``),
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from ml_collections import config_dict
 
-from prmim_jax import checkpoint, mixing, optim
+from prmim_jax import checkpoint, config_args, mixing, optim
 from prmim_jax.interop import mae_checkpoint, swin_checkpoint
-from prmim_jax.methods import HostTransforms, Method, Variables
-from prmim_jax.models import classifier, swin, vit
+from prmim_jax.methods import HostTransforms, Method, Registration, RunLoader, Variables, build, load_into
+from prmim_jax.models import classifier, vit
 from prmim_jax.models import mae as mae_lib
 
 
@@ -47,42 +44,9 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name="classify") | overrides)
 
 
-def experiment_config() -> ml_collections.ConfigDict:
-    """``train.default_config()`` made a fine-tuning experiment: MAE's fine-tuning defaults (ViT-B, Table 14);
-    every key a fine-tuning run reads (``config_validation`` compares configs with it)."""
-    from prmim_jax import train
-    from prmim_jax.data import pipeline
-    from prmim_jax.evaluate import eval_config
-
-    config = train.default_config()
-    config.batch_size = 1024
-    config.method = default_config()
-    config.init = init_config()
-    config.model = classifier.classifier_config("B/16")
-    config.optimizer = optim.classifier_optimizer_config()
-    config.mixing = mixing_config()
-    config.data = pipeline.data_config(
-        source="tfds",
-        name="imagenet2012",
-        crop_scale=(0.08, 1.0),
-        rand_augment="rand-m9-mstd0.5-inc1",
-        random_erase_prob=0.25,
-    )
-    config.evals = ml_collections.ConfigDict(dict(accuracy=eval_config("accuracy")))
-    return config
-
-
 def init_config(**overrides) -> ml_collections.ConfigDict:
-    """``config.init``: where the encoder comes from. Typed ``None`` so ``--config.init.workdir=...`` works."""
-    config = ml_collections.ConfigDict(
-        dict(
-            workdir=config_dict.placeholder(str),
-            mae_checkpoint=config_dict.placeholder(str),
-            swin_checkpoint=config_dict.placeholder(str),
-        )
-    )
-    config.update(overrides)
-    return config
+    """``config.init``: where the encoder comes from (``workdir``, ``mae_checkpoint``, ``swin_checkpoint``)."""
+    return config_args.optional_strings("workdir", "mae_checkpoint", "swin_checkpoint", **overrides)
 
 
 def mixing_config(**overrides) -> ml_collections.ConfigDict:
@@ -191,12 +155,16 @@ class Classification(Method):
         return self.model.encoder, None if params is None else params["encoder"]
 
     def logits(self, variables: Variables, images: jax.Array) -> jax.Array:
-        """``images [B, H, W, C] -> [B, num_classes] float32``, inference mode."""
-        return self.model.apply(_apply_variables(variables), images, train=False)
+        """``images [B, H, W, C]`` (uint8 pixels or normalised) -> ``[B, num_classes] float32``, inference mode."""
+        return self.model.apply(_apply_variables(variables), self.normalize(images), train=False)
 
-    def load_pretrained(self, params: dict, shardings: dict) -> dict:
-        """``params`` with the encoder of ``config.init`` in place of the random one, laid out as ``shardings``."""
-        encoder = pretrained_encoder(self.config, self.model.encoder)
+    def predict_fns(self) -> dict:
+        return super().predict_fns() | {"logits": self.logits}
+
+    def load_pretrained(self, params: dict, shardings: dict, load_run: RunLoader) -> dict:
+        """``params`` with the encoder of ``config.init`` in place of the random one, laid out as ``shardings``
+        (``load_run`` reads a pretraining run)."""
+        encoder = pretrained_encoder(self.config, self.model.encoder, load_run)
         if encoder is None:
             return params
         fresh = params["encoder"]
@@ -205,22 +173,13 @@ class Classification(Method):
             raise ValueError(
                 f"the pretrained encoder lacks {sorted(missing)}; was it trained with another architecture?"
             )
-
-        def loaded(path, old, sharding_):
-            new = encoder
-            for key in path:
-                new = new[key.key]
-            if new.shape != old.shape:
-                name = "/".join(k.key for k in path)
-                raise ValueError(f"pretrained encoder's {name} is {new.shape}; the classifier needs {old.shape}.")
-            return jax.device_put(new.astype(old.dtype), sharding_)
-
-        return dict(params) | {"encoder": jax.tree_util.tree_map_with_path(loaded, fresh, shardings["encoder"])}
-
-
-def model_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The reference a ``model`` section is validated against: its architecture's keys and defaults."""
-    return classifier.model_defaults(model)
+        loaded = load_into(
+            fresh,
+            encoder,
+            shardings["encoder"],
+            lambda name, got, need: f"pretrained encoder's {name} is {got}; the classifier needs {need}.",
+        )
+        return dict(params) | {"encoder": loaded}
 
 
 def _check_init(init: ml_collections.ConfigDict, architecture: str) -> None:
@@ -243,49 +202,33 @@ def _check_init(init: ml_collections.ConfigDict, architecture: str) -> None:
         )
 
 
-# What a pretrained encoder must share with the classifier's (a Swin's window may differ: its tables are resized).
-_ENCODER_FIELDS = {
-    vit.Encoder: ("width", "depth", "num_heads", "mlp_dim", "patch_size"),
-    swin.SwinTransformer: ("width", "depths", "num_heads", "mlp_ratio", "patch_size"),
-}
-
-
 def _check_pretrained_encoder(workdir: str, encoder) -> None:
-    from prmim_jax import methods
-
+    """``ValueError`` unless the run in ``workdir`` leaves an encoder of ``encoder``'s ``architecture``, read from
+    its saved config alone (before anything is loaded)."""
     try:
         pretraining = checkpoint.read_run_config(workdir, "pretraining")
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"init.workdir={workdir}: {error} Then point it at a prmim_jax pretraining workdir."
         ) from None
-    pretrained, _ = methods.build(pretraining).encoder()
-    fields = _ENCODER_FIELDS[type(encoder)]
-    ours, theirs = (tuple(_field(e, f) for f in fields) for e in (encoder, pretrained))
-    if type(pretrained) is not type(encoder) or ours != theirs:
+    pretrained, _ = build(pretraining).encoder()
+    if pretrained.architecture != encoder.architecture:
         raise ValueError(
-            f"init.workdir={workdir} pretrained a {type(pretrained).__name__} of ({', '.join(fields)}) {theirs}, "
-            f"but model asks for a {type(encoder).__name__} of {ours}; make model's variant and sizes match the "
-            "pretraining run's (and its architecture)."
+            f"init.workdir={workdir} pretrained an encoder of {pretrained.architecture}, but model asks for "
+            f"{encoder.architecture}; make model's variant and sizes match the pretraining run's (and its "
+            "architecture)."
         )
 
 
-def _field(module, name: str):
-    value = getattr(module, name, None)
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def pretrained_encoder(config: ml_collections.ConfigDict, encoder) -> dict | None:
-    """The pretrained encoder's parameters for ``encoder`` (numpy, host memory), or ``None`` without ``init``.
-
-    A ViT's ``pos_embedding`` is the pretraining grid's sin-cos table resized to ``encoder.grid``; a
-    Swin's relative position tables are resized to ``encoder``'s windows (a checkpoint's head is dropped).
+def pretrained_encoder(config: ml_collections.ConfigDict, encoder, load_run: RunLoader) -> dict | None:
+    """The pretrained encoder's parameters for ``encoder`` (numpy, host memory), or ``None`` without ``init``,
+    adapted by ``encoder.adapt_pretrained``: a ViT's ``pos_embedding`` is the pretraining grid's table resized
+    to ``encoder.grid``, a Swin's relative position tables are resized to its windows (a checkpoint's head is
+    dropped). ``load_run`` reads ``init.workdir``.
     """
     if config.init.workdir:
-        from prmim_jax import train
-
-        _, method, params, _ = train.load_run(config.init.workdir)
-        pretrained, params = method.encoder(params)
+        run = load_run(config.init.workdir)
+        pretrained, params = run.method.encoder(run.variables.params)
     elif config.init.mae_checkpoint:
         mae = mae_lib.MaskedAutoencoder(
             patch_size=encoder.patch_size,
@@ -300,50 +243,17 @@ def pretrained_encoder(config: ml_collections.ConfigDict, encoder) -> dict | Non
             decoder_num_heads=1,
             decoder_mlp_dim=16,
         )
-        pretrained, params = mae_lib.encoder_of(mae), mae_checkpoint.load(config.init.mae_checkpoint, mae)["encoder"]
+        pretrained, params = vit.encoder_like(mae), mae_checkpoint.load(config.init.mae_checkpoint, mae)["encoder"]
     elif config.init.get("swin_checkpoint"):
         pretrained, params = encoder, swin_checkpoint.load(config.init.swin_checkpoint, encoder)
     else:
         return None
-    return adapt_encoder(params, pretrained, encoder)
+    return encoder.adapt_pretrained(params, pretrained)
 
 
-def adapt_encoder(params: dict, pretrained, encoder) -> dict:
-    """The parameters ``params`` of the ``pretrained`` encoder module, as host numpy arrays for ``encoder``
-    (the classifier's): a ViT's position table resized to ``encoder.grid`` (the pretraining's fixed sin-cos
-    table where it had no learned one), a Swin's relative position tables to ``encoder``'s windows."""
-    params = jax.tree.map(np.asarray, params)
-    if isinstance(encoder, swin.SwinTransformer):
-        return swin.resize_relative_position_tables(params, encoder)
-    if "pos_embedding" not in params:  # pretrained with the fixed sin-cos table
-        table = vit.sincos_2d(pretrained.width, pretrained.grid)
-        params["pos_embedding"] = np.asarray(vit.interpolate_pos_embedding(table, pretrained.grid, encoder.grid))
-    else:
-        params["pos_embedding"] = np.asarray(
-            vit.interpolate_pos_embedding(jnp.asarray(params["pos_embedding"]), pretrained.grid, encoder.grid)
-        )
-    return params
-
-
-def build(config: ml_collections.ConfigDict) -> Classification:
-    return Classification(config)
-
-
-def load_classifier(workdir: str | os.PathLike):
-    """``(predict_fn, data_config)`` of a fine-tuning run's latest checkpoint, on this host's devices.
-
-    ``predict_fn(images [b, H, W, C] uint8 pixels, or float32 normalised per
-    ``data_config``) -> logits [b, num_classes] numpy float32``, jitted; ``data_config`` is the
-    run's data section (image size, normalisation, evaluation crop).
-    """
-    from prmim_jax import train
-
-    config, method, variables, _ = train.load_variables(workdir)
-    if method.logits is None:
-        raise ValueError(f"{workdir} is a {method.name!r} run, not a classifier; point it at a fine-tuning workdir.")
-    apply = jax.jit(lambda variables, images: method.logits(variables, method.normalize(images)))
-
-    def predict_fn(images):
-        return np.asarray(apply(variables, images))
-
-    return predict_fn, config.data
+REGISTRATION = Registration(
+    Classification,
+    default_config,
+    model=classifier.model_defaults,
+    sections=lambda: dict(init=init_config(), mixing=mixing_config(), optimizer=optim.classifier_optimizer_config()),
+)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from prmim_jax.methods import mae, throwing
+from prmim_jax.methods import Registration, mae, throwing
 from prmim_jax.models import greenmim as greenmim_lib
 
 
@@ -27,17 +27,6 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     reconstruction = overrides.pop("reconstruction", "full")
     keys = throwing.throwing_config(reconstruction) | dict(name="greenmim", norm_pix_loss=True)
     return ml_collections.ConfigDict(keys | overrides)
-
-
-def experiment_config() -> ml_collections.ConfigDict:
-    """Every key a GreenMIM-family run reads, with its defaults (the trainer's, GreenMIM's Swin-B and method);
-    ``config_validation`` compares configs with it."""
-    from prmim_jax import train
-
-    config = train.default_config()
-    config.model = greenmim_lib.model_config("B")
-    config.method = default_config()
-    return config
 
 
 class GreenMaskedAutoencoding(mae.MaskedAutoencoding):
@@ -60,5 +49,4 @@ class GreenMaskedAutoencoding(mae.MaskedAutoencoding):
         return self.model.encoder.dense(), None if params is None else params["encoder"]
 
 
-def build(config: ml_collections.ConfigDict) -> GreenMaskedAutoencoding:
-    return GreenMaskedAutoencoding(config)
+REGISTRATION = Registration(GreenMaskedAutoencoding, default_config, model=lambda given: greenmim_lib.model_config())

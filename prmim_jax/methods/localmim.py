@@ -37,8 +37,9 @@ import jax
 import ml_collections
 
 from prmim_jax import masking
-from prmim_jax.methods import Variables, throwing
+from prmim_jax.methods import Registration, Variables, throwing
 from prmim_jax.models import localmim as localmim_lib
+from prmim_jax.models import vit
 from prmim_jax.targets import hog
 
 
@@ -52,21 +53,10 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
-def experiment_config() -> ml_collections.ConfigDict:
-    """Every key a LocalMIM-family run reads, with its defaults (the trainer's, LocalMIM's ViT-B/16 model and
-    method); ``config_validation`` compares configs with it."""
-    from prmim_jax import train
-
-    config = train.default_config()
-    config.model = localmim_lib.model_config("B/16")
-    config.method = default_config()
-    return config
-
-
 class LocalMultiScaleReconstruction(throwing.ThrowingMethod):
     """``Method`` of the module docstring; ``model`` is the ``models.localmim.LocalMIM`` it trains."""
 
-    picture = None  # HOG targets: no pixels to draw
+    reconstructs_pixels = False  # HOG targets: no pixels to draw
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -112,8 +102,9 @@ class LocalMultiScaleReconstruction(throwing.ThrowingMethod):
         return loss, metrics, variables.batch_stats
 
     def encoder(self, params=None):
-        return localmim_lib.encoder_of(self.model), None if params is None else params["encoder"]
+        return vit.encoder_like(self.model), None if params is None else params["encoder"]
 
 
-def build(config: ml_collections.ConfigDict) -> LocalMultiScaleReconstruction:
-    return LocalMultiScaleReconstruction(config)
+REGISTRATION = Registration(
+    LocalMultiScaleReconstruction, default_config, model=lambda given: localmim_lib.model_config()
+)

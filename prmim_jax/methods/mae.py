@@ -28,8 +28,10 @@ import jax
 import ml_collections
 
 from prmim_jax import masking, optim
-from prmim_jax.methods import Variables, canonical_section, throwing
+from prmim_jax.data import schema
+from prmim_jax.methods import Registration, Variables, canonical_section, throwing
 from prmim_jax.models import mae as mae_lib
+from prmim_jax.models import vit
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
@@ -38,16 +40,6 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     reconstruction = overrides.pop("reconstruction", "full")
     keys = throwing.throwing_config(reconstruction) | dict(name="mae", norm_pix_loss=True)
     return ml_collections.ConfigDict(keys | overrides)
-
-
-def experiment_config() -> ml_collections.ConfigDict:
-    """Every key an MAE-family run reads, with its defaults (``train.default_config()``: MAE's Table 13);
-    ``config_validation`` compares configs with it."""
-    from prmim_jax import train
-
-    config = train.default_config()
-    config.method = default_config()
-    return config
 
 
 class MaskedAutoencoding(throwing.ThrowingMethod):
@@ -100,19 +92,16 @@ class MaskedAutoencoding(throwing.ThrowingMethod):
         return self.objective(variables.params, batch["images"], throwing.batch_ids(batch)), {}, variables.batch_stats
 
     def encoder(self, params=None):
-        return mae_lib.encoder_of(self.model), None if params is None else params["encoder"]
+        return vit.encoder_like(self.model), None if params is None else params["encoder"]
 
 
-def build(config: ml_collections.ConfigDict) -> MaskedAutoencoding:
-    return MaskedAutoencoding(config)
+REGISTRATION = Registration(MaskedAutoencoding, default_config, model=lambda given: mae_lib.model_config())
 
 
 def from_sections(model_config: ml_collections.ConfigDict, method_section: ml_collections.ConfigDict, **rest):
     """The method of an experiment with these ``model`` and ``method`` sections and default optimizer and data
     (tools, benchmarks and tests that need a method without a whole experiment); ``rest``: more sections."""
-    from prmim_jax.data import pipeline
-
-    sections = dict(optimizer=optim.optimizer_config(), data=pipeline.data_config()) | rest
+    sections = dict(optimizer=optim.optimizer_config(), data=schema.data_config()) | rest
     config = ml_collections.ConfigDict(dict(model=model_config, method=method_section) | sections)
     config.method = canonical_section(config.method)
     return MaskedAutoencoding(config)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from prmim_jax.methods import mae, throwing
+from prmim_jax.methods import Registration, mae, throwing
 from prmim_jax.models import mff as mff_lib
 
 OFFICIAL_FUSED_BLOCKS = (1, 3, 5, 7, 9)  # ViT-B, counted from 1; block 12 is fused as is
@@ -39,14 +39,6 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
         name="mff", norm_pix_loss=True, fused_blocks=OFFICIAL_FUSED_BLOCKS
     )
     return ml_collections.ConfigDict(keys | overrides)
-
-
-def experiment_config() -> ml_collections.ConfigDict:
-    """Every key an MFF-family run reads, with its defaults (MAE's experiment with MFF's method section);
-    ``config_validation`` compares configs with it."""
-    config = mae.experiment_config()
-    config.method = default_config()
-    return config
 
 
 class MultiLevelFeatureFusion(mae.MaskedAutoencoding):
@@ -65,7 +57,7 @@ class MultiLevelFeatureFusion(mae.MaskedAutoencoding):
         return loss, metrics, batch_stats
 
     def encoder(self, params=None):
-        """The plain ViT encoder (``models.mae.encoder_of``); its final norm is the fusion's ``norm``."""
+        """The plain ViT encoder (``vit.encoder_like``); its final norm is the fusion's ``norm``."""
         module, _ = super().encoder()
         if params is None:
             return module, None
@@ -74,5 +66,4 @@ class MultiLevelFeatureFusion(mae.MaskedAutoencoding):
         return module, encoder
 
 
-def build(config: ml_collections.ConfigDict) -> MultiLevelFeatureFusion:
-    return MultiLevelFeatureFusion(config)
+REGISTRATION = Registration(MultiLevelFeatureFusion, default_config, model=mae.REGISTRATION.model)

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 
 from prmim_jax import masking
-from prmim_jax.methods import Variables, throwing
+from prmim_jax.methods import Registration, Variables, throwing
 from prmim_jax.models import simmim as simmim_lib
 
 
@@ -41,17 +41,6 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     keys = throwing.throwing_config(reconstruction, mask_ratio=0.6, throw_ratio=0.0 if full else 0.3)
     keys |= dict(name="simmim", mask_patch_size=32, throw_granularity="token")
     return ml_collections.ConfigDict(keys | overrides)
-
-
-def experiment_config() -> ml_collections.ConfigDict:
-    """Every key a SimMIM-family run reads, with its defaults (the trainer's, SimMIM's ViT-B/16 model and method);
-    ``config_validation`` compares configs with it."""
-    from prmim_jax import train
-
-    config = train.default_config()
-    config.model = simmim_lib.model_config("B/16")
-    config.method = default_config()
-    return config
 
 
 class MaskedImageModeling(throwing.ThrowingMethod):
@@ -108,5 +97,4 @@ class MaskedImageModeling(throwing.ThrowingMethod):
         return self.model.apply({"params": params}, images, ids.visible, ids.decoded, ids.thrown)
 
 
-def build(config: ml_collections.ConfigDict) -> MaskedImageModeling:
-    return MaskedImageModeling(config)
+REGISTRATION = Registration(MaskedImageModeling, default_config, model=lambda given: simmim_lib.model_config())

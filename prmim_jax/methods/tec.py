@@ -15,7 +15,7 @@ The teacher (``teacher`` subsection; exactly one of its sources):
 - ``checkpoint``: an official ViT checkpoint in MAE / DeiT / DINO / iBOT
   layout (``.pth`` or ``.safetensors``, ``interop.vit_checkpoint``);
 - ``workdir``: one of our pretraining runs (its latest checkpoint, the encoder
-  its method leaves: ``train.load_run``);
+  its method leaves: ``prmim_jax.runs.load``);
 - ``variant``: its size (``'B/16'``); None: the student's encoder size.
 
 Its parameters are the run's ``frozen`` variables: created sharded like the
@@ -35,11 +35,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
-from prmim_jax import masking
+from prmim_jax import config_args, masking
 from prmim_jax.interop import vit_checkpoint
-from prmim_jax.methods import Variables, throwing
+from prmim_jax.methods import Registration, RunLoader, Variables, load_into, throwing
 from prmim_jax.models import tec as tec_lib
 from prmim_jax.models import vit
 
@@ -52,16 +51,8 @@ TEACHER_HOWTO = (
 
 
 def teacher_config(**overrides) -> ml_collections.ConfigDict:
-    """The ``teacher`` subsection; typed ``None`` so that ``--config.method.teacher.<key>=...`` works."""
-    config = ml_collections.ConfigDict(
-        dict(
-            checkpoint=config_dict.placeholder(str),
-            workdir=config_dict.placeholder(str),
-            variant=config_dict.placeholder(str),
-        )
-    )
-    config.update(overrides)
-    return config
+    """The ``teacher`` subsection: ``checkpoint``, ``workdir``, ``variant`` (module docstring)."""
+    return config_args.optional_strings("checkpoint", "workdir", "variant", **overrides)
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
@@ -80,22 +71,11 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(keys | overrides)
 
 
-def experiment_config() -> ml_collections.ConfigDict:
-    """Every key a TEC-family run reads, with its defaults (the trainer's, TEC's ViT-B/16 student and method);
-    ``config_validation`` compares configs with it."""
-    from prmim_jax import train
-
-    config = train.default_config()
-    config.model = tec_lib.model_config("B/16")
-    config.method = default_config()
-    return config
-
-
 class TargetEnhancedConditional(throwing.ThrowingMethod):
     """``Method`` of the module docstring: ``model`` is the ``TecStudent`` it trains, ``teacher`` the frozen
     ``vit.Encoder``."""
 
-    picture = None  # the student predicts features, not pixels
+    reconstructs_pixels = False  # the student predicts features, not pixels
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -168,31 +148,27 @@ class TargetEnhancedConditional(throwing.ThrowingMethod):
         return loss, metrics, variables.batch_stats
 
     def encoder(self, params=None):
-        """The plain ViT (``models.tec.student_encoder``), the input adaptor folded into its cls token."""
-        module = tec_lib.student_encoder(self.model)
+        """The plain ViT (``vit.encoder_like``), the input adaptor folded into its cls token."""
+        module = vit.encoder_like(self.model)
         return module, None if params is None else tec_lib.fold_cls_token_mlp(params["encoder"])
 
-    def load_frozen(self, frozen, shardings):
-        """``frozen`` with the teacher's weights from ``method.teacher`` in place, laid out as ``shardings``."""
-        weights = self.teacher_weights()
+    def load_frozen(self, frozen, shardings, load_run: RunLoader):
+        """``frozen`` with the teacher's weights from ``method.teacher`` in place, laid out as ``shardings``
+        (``load_run`` reads a teacher run)."""
+        weights = self.teacher_weights(load_run)
         fresh = frozen["teacher"]
         if set(weights) != set(fresh):
             raise ValueError(f"the teacher has parameters {sorted(weights)}; the model needs {sorted(fresh)}.")
 
-        def loaded(path, old, sharding):
-            new = weights
-            for key in path:
-                new = new[key.key]
-            if new.shape != old.shape:
-                name = "/".join(k.key for k in path)
-                raise ValueError(
-                    f"the teacher's {name} is {new.shape}; a {self.teacher_size} teacher needs {old.shape}."
-                )
-            return jax.device_put(np.asarray(new).astype(old.dtype), sharding)
+        loaded = load_into(
+            fresh,
+            weights,
+            shardings["teacher"],
+            lambda name, got, need: f"the teacher's {name} is {got}; a {self.teacher_size} teacher needs {need}.",
+        )
+        return dict(frozen) | {"teacher": loaded}
 
-        return dict(frozen) | {"teacher": jax.tree_util.tree_map_with_path(loaded, fresh, shardings["teacher"])}
-
-    def teacher_weights(self) -> dict:
+    def teacher_weights(self, load_run: RunLoader) -> dict:
         """The teacher's parameters (float32 numpy, the ``teacher`` encoder's tree) from ``method.teacher``."""
         source = self.config.method.teacher
         if source.checkpoint:
@@ -201,18 +177,16 @@ class TargetEnhancedConditional(throwing.ThrowingMethod):
                     f"method.teacher.checkpoint={source.checkpoint} does not exist; {TEACHER_HOWTO}."
                 )
             return vit_checkpoint.load(source.checkpoint, self.teacher, self.model.channels)
-        return self.weights_of_run(source.workdir)
+        return self.weights_of_run(source.workdir, load_run)
 
-    def weights_of_run(self, workdir: str) -> dict:
+    def weights_of_run(self, workdir: str, load_run: RunLoader) -> dict:
         """The encoder a prmim_jax run leaves (``Method.encoder``) as teacher parameters (its fixed sin-cos
         table becomes the learned table's value); ``ValueError`` when its size is not the teacher's."""
-        from prmim_jax import train
-
         try:
-            _, method, params, _ = train.load_run(workdir)
+            run = load_run(workdir)
         except FileNotFoundError as error:
             raise ValueError(f"method.teacher.workdir={workdir}: {error} {TEACHER_HOWTO}.") from None
-        module, encoder = method.encoder(params)
+        module, encoder = run.method.encoder(run.variables.params)
         fields = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size")
         theirs, ours = (
             tuple(tuple(v) if isinstance(v, tuple) else v for v in (getattr(e, f) for f in fields))
@@ -256,5 +230,9 @@ def present_tokens(ids: masking.TokenIds, num_tokens: int) -> jax.Array:
     return jnp.zeros((present.shape[0], num_tokens), bool).at[rows, present].set(True)
 
 
-def build(config: ml_collections.ConfigDict) -> TargetEnhancedConditional:
-    return TargetEnhancedConditional(config)
+REGISTRATION = Registration(
+    TargetEnhancedConditional,
+    default_config,
+    model=lambda given: tec_lib.model_config(),
+    placeholders=dict(teacher=dict(checkpoint="teacher weights, never read")),
+)

@@ -34,9 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from prmim_jax import masking, optim
-from prmim_jax.data import transforms
-from prmim_jax.evaluate import reconstruction as pictures
+from prmim_jax import attention_maps, config_args, masking, masking_transforms, optim, pictures
 from prmim_jax.methods import HostTransforms, Method
 from prmim_jax.models import aggregate
 
@@ -134,9 +132,9 @@ class Throwing:
         draws them in the trainer from its attention maps (``host_state``), so its batches carry the noise,
         each image's source index and its crop instead."""
         if self.sampler == "amt":
-            return HostTransforms(transforms.DrawTokenNoise(self.layout), element_info=True)
+            return HostTransforms(masking_transforms.DrawTokenNoise(self.layout), element_info=True)
         return HostTransforms(
-            transforms.DrawTokenNoise(self.layout), transforms.SampleTokens(self.sampler, self.layout)
+            masking_transforms.DrawTokenNoise(self.layout), masking_transforms.SampleTokens(self.sampler, self.layout)
         )
 
     def ids_spec(self, batch_size: int) -> dict[str, tuple[tuple[int, int], type]]:
@@ -174,9 +172,7 @@ def complete_section(given: ml_collections.ConfigDict, default_config) -> ml_col
     section = default_config(reconstruction=given.get("reconstruction", "full"))
     unknown = set(given) - set(section)
     if unknown:
-        from prmim_jax.config_validation import closest_key
-
-        match = closest_key(min(unknown), section)
+        match = config_args.closest(min(unknown), section)
         hint = f" (did you mean --config.method.{match}?)" if match else ""
         raise ValueError(
             f"method section has unknown keys {sorted(unknown)}{hint}; the {section.name} method reads {sorted(section)}."
@@ -188,10 +184,12 @@ def complete_section(given: ml_collections.ConfigDict, default_config) -> ml_col
 class ThrowingMethod(Method):
     """What a framework with a thrown set shares: its batches (images and the token sets of ``throwing``),
     its sampler, and its picture. Subclasses set ``config``, ``throwing``, ``model`` (with ``image_size``,
-    ``channels``, ``patch_size``), ``norm_pix_loss`` and ``predict``."""
+    ``channels``, ``patch_size``), ``norm_pix_loss`` and ``predict``; one whose targets are not pixels
+    (HOG, a teacher's features) sets ``reconstructs_pixels`` False and draws no picture."""
 
     throwing: Throwing
     norm_pix_loss: bool = False
+    reconstructs_pixels: bool = True
 
     def predict(self, params, images, ids: masking.TokenIds):
         """The model's output (``pred_decoded``, ``pred_thrown``) for ``images`` and ``ids``, inference mode."""
@@ -209,13 +207,15 @@ class ThrowingMethod(Method):
     def host(self):
         return self.throwing.host
 
-    def host_state(self, setup):
+    def host_state(self, placement, global_batch: int):
         """``amt``'s attention maps (``prmim_jax.attention_maps.AttentionMaps``); None for the other samplers."""
         if self.throwing.sampler != "amt":
             return None
-        from prmim_jax import attention_maps
+        return attention_maps.AttentionMaps(self, placement, global_batch)
 
-        return attention_maps.AttentionMaps(self, setup)
+    def predict_fns(self) -> dict:
+        """The encoder's predictions, and ``picture`` where the method reconstructs pixels."""
+        return super().predict_fns() | ({"picture": self.picture} if self.reconstructs_pixels else {})
 
     def batch_spec(self, batch_size: int) -> dict:
         images = ((batch_size, *self.model.image_size, self.model.channels), np.float32)
@@ -226,14 +226,15 @@ class ThrowingMethod(Method):
         """``noise [B, 2, N]`` (``masking.draw_noise`` per image) -> this method's ``TokenIds``."""
         return self.throwing.sample(noise)
 
-    def picture(self, params, images: np.ndarray, seed: int = 0):
-        """Original / visible / reconstruction rows (``evaluate.reconstruction``) for ``images [b, H, W, C]``
-        (normalised), token sets from noise of ``seed``: the same visible tokens for every method."""
+    def picture(self, variables, images: np.ndarray, seed: int = 0) -> pictures.Picture:
+        """Original / visible / reconstruction rows (``prmim_jax.pictures``) for ``images [b, H, W, C]`` (uint8
+        pixels or normalised), token sets from noise of ``seed``: the same visible tokens for every method."""
         data = self.config.data
+        images = np.asarray(self.normalize(images))
         rng = np.random.default_rng(seed)
         ids = self.sample(np.stack([masking.draw_noise(rng, self.layout) for _ in range(len(images))]))
-        output = self.predict(params, np.asarray(images), ids)
+        output = self.predict(variables.params, images, ids)
         rows = pictures.picture_rows(
             images, ids, output, self.model.patch_size, data.mean, data.std, self.norm_pix_loss
         )
-        return rows, pictures.token_marks(ids, self.layout.num_tokens), self.model.patch_size
+        return pictures.Picture(rows, pictures.token_marks(ids, self.layout.num_tokens), self.model.patch_size)

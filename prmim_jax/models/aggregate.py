@@ -73,7 +73,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prmim_jax.models import tokens, vit
+from prmim_jax.models import attention as attention_lib
+from prmim_jax.models import layers, tokens, vit
 
 
 @jax.custom_vjp
@@ -132,7 +133,26 @@ def _depthwise_bwd(residuals, cotangent):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-class ProgressiveAggregation(nn.Module):
+def depthwise_parameters(module: nn.Module, kernel_size: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """``(kernel [k, k, C], bias [C])`` of a depth-wise convolution, made in ``module``'s call, initialised as
+    PyTorch's Conv2d: U(+-1/k) (fan-in ``k * k`` per depth-wise channel)."""
+    bound = 1.0 / kernel_size
+    kernel = module.param(
+        "kernel", layers.logical(layers.uniform_init(bound), None, None, "embed"), (kernel_size, kernel_size, width)
+    )
+    return kernel, module.param("bias", layers.logical(layers.uniform_init(bound), "embed"), (width,))
+
+
+class WindowAggregation(nn.Module):
+    """What an aggregator that reads each thrown token's ``kernel_size x kernel_size`` window of the token
+    ``grid`` is built from (the depth-wise convolution, the average pool); ``dtype`` is the compute dtype."""
+
+    grid: tuple[int, int]
+    kernel_size: int = 7
+    dtype: jnp.dtype = jnp.float32
+
+
+class ProgressiveAggregation(WindowAggregation):
     """Features of the thrown tokens from the decoder outputs of the other tokens.
 
     ``features [B, M, C]`` at ``ids_present [B, M]`` (the visible and decoded
@@ -143,20 +163,10 @@ class ProgressiveAggregation(nn.Module):
     U(+-1/k) (fan-in ``k * k`` per depth-wise channel).
     """
 
-    grid: tuple[int, int]
-    kernel_size: int = 7
-    dtype: jnp.dtype = jnp.float32
-
     @nn.compact
     def __call__(self, features, ids_present, ids_thrown):
         batch, _, width = features.shape
-        bound = 1.0 / self.kernel_size
-        kernel = self.param(
-            "kernel",
-            vit.logical(vit.uniform_init(bound), None, None, "embed"),
-            (self.kernel_size, self.kernel_size, width),
-        )
-        bias = self.param("bias", vit.logical(vit.uniform_init(bound), "embed"), (width,))
+        kernel, bias = depthwise_parameters(self, self.kernel_size, width)
         num_tokens = self.grid[0] * self.grid[1]
         rows = jnp.arange(batch)[:, None]
         grid = jnp.zeros((batch, num_tokens, width), self.dtype).at[rows, ids_present].set(features.astype(self.dtype))
@@ -273,14 +283,7 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, grid):
-        width = grid.shape[-1]
-        bound = 1.0 / self.kernel_size
-        kernel = self.param(
-            "kernel",
-            vit.logical(vit.uniform_init(bound), None, None, "embed"),
-            (self.kernel_size, self.kernel_size, width),
-        )
-        bias = self.param("bias", vit.logical(vit.uniform_init(bound), "embed"), (width,))
+        kernel, bias = depthwise_parameters(self, self.kernel_size, grid.shape[-1])
         return depthwise_conv(grid.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
@@ -313,12 +316,12 @@ class ConvNeXtAggregation(nn.Module):
         if not self.whole_grid:
             # LayerNorm and MLP are per token: applying them only where the output is read is exact.
             mixed = tokens.take(mixed, ids_thrown)
-        branch = vit.MlpBlock(int(width * self.mlp_ratio), self.dtype, name="mlp")(
-            vit.layer_norm(self.dtype, "norm")(mixed)
+        branch = layers.MlpBlock(int(width * self.mlp_ratio), self.dtype, name="mlp")(
+            layers.layer_norm(self.dtype, "norm")(mixed)
         )
         if self.layer_scale_init is not None:
             scale = self.param(
-                "layer_scale", vit.logical(nn.initializers.constant(self.layer_scale_init), "embed"), (width,)
+                "layer_scale", layers.logical(nn.initializers.constant(self.layer_scale_init), "embed"), (width,)
             )
             branch = branch * scale.astype(self.dtype)
         if self.whole_grid:
@@ -332,7 +335,7 @@ class ThrownTokenBlock(nn.Module):
     """``vit.Block`` over ``x [B, N, C]`` read at the tokens ``ids [B, T]``: ``-> [B, T, C]``.
 
     Same parameter tree as ``vit.Block`` (``norm1``, ``attn``, ``norm2``,
-    ``mlp``). The attention runs over all ``N`` tokens (``vit.Attention``
+    ``mlp``). The attention runs over all ``N`` tokens (``attention.Attention``
     itself, so its implementation and precision choices hold here too); the
     second residual and the MLP, per token, run at the ``T`` read ones.
     """
@@ -344,10 +347,10 @@ class ThrownTokenBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, ids):
-        attention = vit.Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
-        attended = attention(vit.layer_norm(self.dtype, "norm1")(x))
+        attention = attention_lib.Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
+        attended = attention(layers.layer_norm(self.dtype, "norm1")(x))
         h = tokens.take(x + attended, ids)
-        h = h + vit.MlpBlock(self.mlp_dim, self.dtype, name="mlp")(vit.layer_norm(self.dtype, "norm2")(h))
+        h = h + layers.MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layers.layer_norm(self.dtype, "norm2")(h))
         return nn.with_logical_constraint(h, ("batch", "tokens", "embed"))
 
 
@@ -409,7 +412,7 @@ def _box_sum(grid: jax.Array, size: int) -> jax.Array:
     return grid
 
 
-class AveragePoolAggregation(nn.Module):
+class AveragePoolAggregation(WindowAggregation):
     """The mean of the present tokens in each thrown token's ``k x k`` window (``avgpool`` in the module docstring).
 
     ``(features [B, M, C], ids_present [B, M], ids_thrown [B, T]) -> [B, T, C] dtype``;
@@ -418,10 +421,6 @@ class AveragePoolAggregation(nn.Module):
     are float32 whatever ``dtype`` (49 bfloat16 adds would lose the mean's
     low bits).
     """
-
-    grid: tuple[int, int]
-    kernel_size: int = 7
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, features, ids_present, ids_thrown):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from prmim_jax.models import swin, vit
+from prmim_jax.models import layers, swin, vit
 
 POOLS = ("avg", "cls")
 HEADS = ("linear", "batchnorm_linear")
@@ -49,14 +49,14 @@ class Classifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = self.encoder(images, deterministic=not train)
-        if isinstance(x, swin.SwinOutput):
-            features = x.pooled  # a Swin pools itself: final norm, then the mean (float32)
-        elif self.pool == "avg":
-            # float32 head (vit's precision policy): the mean of the float32 residual stream, normed in float32.
-            features = vit.layer_norm(jnp.float32, "fc_norm")(jnp.mean(x[:, 1:].astype(jnp.float32), axis=1))
+        encoded = self.encoder.features(images, deterministic=not train)
+        if self.pool == "cls":
+            features = encoded.cls
+        elif self.encoder.tokens_normalized:
+            features = encoded.pooled  # the encoder pools its normalised tokens itself (a Swin: final norm, mean)
         else:
-            features = x[:, 0]
+            # MAE's mean pooling: the float32 mean of the un-normalised tokens, then its own LayerNorm (float32 head).
+            features = layers.layer_norm(jnp.float32, "fc_norm")(encoded.pooled)
         features = features.astype(jnp.float32)
         if self.head == "batchnorm_linear":
             features = nn.BatchNorm(
@@ -69,8 +69,8 @@ class Classifier(nn.Module):
             )(features)
         return nn.Dense(
             self.num_classes,
-            kernel_init=vit.logical(nn.initializers.truncated_normal(self.head_init_std), "embed", "classes"),
-            bias_init=vit.logical(nn.initializers.zeros, "classes"),
+            kernel_init=layers.logical(nn.initializers.truncated_normal(self.head_init_std), "embed", "classes"),
+            bias_init=layers.logical(nn.initializers.zeros, "classes"),
             name="head",
         )(features)
 
@@ -86,30 +86,17 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
     ``trainable_blocks`` (None: all; k: only the last k blocks, the final
     norms and the head train; 0: the head only), ``dtype`` (compute dtype;
     parameters, ``fc_norm``, head and logits stay float32), ``attention_impl``
-    (``vit.attention_implementation``), ``remat`` (``vit.remat_block``).
+    (``attention.attention_implementation``), ``remat`` (``vit.remat_block``).
     """
-    config = ml_collections.ConfigDict(
-        dict(
-            architecture="vit",
-            variant=variant,
-            # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
-            width=config_dict.placeholder(int),
-            depth=config_dict.placeholder(int),
-            num_heads=config_dict.placeholder(int),
-            patch_size=config_dict.placeholder(int),
-            mlp_ratio=4.0,
-            image_size=224,
-            channels=3,
-            num_classes=1000,
-            pool="avg",
-            head="linear",
-            head_init_std=2e-5,
-            drop_path_rate=0.1,
-            trainable_blocks=config_dict.placeholder(int),
-            dtype="float32",
-            attention_impl=config_dict.placeholder(str),
-            remat="none",
-        )
+    config = vit.backbone_config(
+        variant,
+        architecture="vit",
+        num_classes=1000,
+        pool="avg",
+        head="linear",
+        head_init_std=2e-5,
+        drop_path_rate=0.1,
+        trainable_blocks=config_dict.placeholder(int),
     )
     config.update(overrides)
     return config
@@ -140,7 +127,7 @@ def architecture(config: ml_collections.ConfigDict) -> str:
 
 def model_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Every key a model section of ``config``'s architecture has, with its default (what validation holds it to)."""
-    return swin_classifier_config() if architecture(config) == "swin" else classifier_config()
+    return swin_classifier_config() if config is not None and architecture(config) == "swin" else classifier_config()
 
 
 def _check_head(config: ml_collections.ConfigDict) -> None:
@@ -164,29 +151,18 @@ def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
                 f"pool={config.pool!r}: a Swin has no cls token; use pool='avg' (its final norm, then the mean)."
             )
         return Classifier(swin.build_swin(config), config.num_classes, "avg", config.head, config.head_init_std)
-    size = vit.encoder_size(config)
-    width, depth, num_heads, patch_size = size.width, size.depth, size.num_heads, size.patch_size
+    depth = vit.encoder_size(config).depth
     trainable = depth if config.trainable_blocks is None else config.trainable_blocks
     if not 0 <= trainable <= depth:
         raise ValueError(f"trainable_blocks={config.trainable_blocks} must lie in [0, depth={depth}] (or be None).")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
-    remat = config.get("remat", "none")
-    vit.check_model_options(jnp.dtype(config.dtype), (width // num_heads,), config.get("attention_impl"), remat)
+    fields = vit.backbone_fields(config)
+    del fields["channels"]  # the encoder reads any channels; the data section's are checked against the model's
     encoder = vit.Encoder(
-        patch_size=patch_size,
-        image_size=(config.image_size, config.image_size),
-        width=width,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_dim=int(width * config.mlp_ratio),
-        dtype=jnp.dtype(config.dtype),
-        attention_impl=config.get("attention_impl"),
+        **fields,
         final_norm=config.pool == "cls",
         learned_pos_embedding=True,
         drop_path_rate=config.drop_path_rate,
         frozen_blocks=depth - trainable,
-        remat=remat,
     )
     return Classifier(encoder, config.num_classes, config.pool, config.head, config.head_init_std)
 
@@ -200,7 +176,7 @@ def trainable_mask(params, depth: int, trainable_blocks: int | None):
     """
 
     def trains(path, _):
-        names = vit.path_names(path)
+        names = layers.path_names(path)
         if trainable_blocks is None or names[0] != "encoder":
             return True
         if "transformer" not in names:
@@ -213,37 +189,21 @@ def trainable_mask(params, depth: int, trainable_blocks: int | None):
     return jax.tree_util.tree_map_with_path(trains, params)
 
 
-def layer_ids(params, depth: int):
-    """Each parameter's layer for layer-wise lr decay of a ViT classifier: 0 embeddings, ``i + 1`` block ``i``,
-    ``depth + 1`` the rest."""
+def layer_ids(params, depth: int, encoder_layer_id=None):
+    """Each parameter's layer for layer-wise lr decay of a classifier: ``encoder_layer_id(names)`` for the encoder's
+    parameters (their path below ``encoder``; default ``vit.layer_id``: 0 embeddings, ``i + 1`` block ``i``),
+    ``depth + 1`` for the rest (norms and head)."""
+    encoder_layer_id = encoder_layer_id or functools.partial(vit.layer_id, depth=depth)
 
     def layer(path, _):
-        names = vit.path_names(path)
-        if names[0] != "encoder":
-            return depth + 1
-        block = next((n for n in names if n.startswith("block_")), None)
-        if block is not None:
-            return int(block.removeprefix("block_")) + 1
-        return depth + 1 if "transformer" in names else 0  # final norm | patch embed, cls, positions
-
-    return jax.tree_util.tree_map_with_path(layer, params)
-
-
-def swin_layer_ids(params, depths: tuple[int, ...]):
-    """Each parameter's layer for layer-wise lr decay of a Swin classifier (``swin.layer_id``: 0 the patch
-    embedding, blocks numbered across stages, a stage's merging with its last block); ``sum(depths) + 1`` the head."""
-
-    def layer(path, _):
-        names = vit.path_names(path)
-        return swin.layer_id(names[1:], depths) if names[0] == "encoder" else sum(depths) + 1
+        names = layers.path_names(path)
+        return encoder_layer_id(names[1:]) if names[0] == "encoder" else depth + 1
 
     return jax.tree_util.tree_map_with_path(layer, params)
 
 
 def lr_layers(model: Classifier):
     """``(depth, layer_ids_fn)`` for layer-wise lr decay of ``model``: the blocks counted (the head is layer
-    ``depth + 1``) and ``params -> a pytree of int layers``."""
+    ``depth + 1``) and ``params -> a pytree of int layers``, numbered by the encoder (``layer_id``)."""
     encoder = model.encoder
-    if isinstance(encoder, swin.SwinTransformer):
-        return encoder.depth, functools.partial(swin_layer_ids, depths=tuple(encoder.depths))
-    return encoder.depth, functools.partial(layer_ids, depth=encoder.depth)
+    return encoder.depth, functools.partial(layer_ids, depth=encoder.depth, encoder_layer_id=encoder.layer_id)

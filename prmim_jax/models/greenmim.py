@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from prmim_jax.models import layers, swin, tokens, vit
 from prmim_jax.models import mae as mae_lib
-from prmim_jax.models import swin, tokens, vit
 
 # Logits between tokens of different windows: their softmax weight is exactly 0 in float32, as when the
 # dense Swin never pairs them.
@@ -144,20 +144,10 @@ class VisibleSwin(swin.SwinTransformer):
         patches = tokens.take(vit.patchify(images, self.patch_size), token_ids.reshape(batch, -1))
         x = swin.embed_patches(patches, self.width, self.dtype)
         x = x.reshape(batch, units, side, side, self.width)
-        rates = swin.drop_path_rates(self.drop_path_rate, sum(self.depths))
-        for s, layout in enumerate(stages):
+        for s, (layout, stage) in enumerate(zip(stages, swin.stage_modules(self), strict=True)):
             stage_side = side >> s
             coords = unit_token_coords(ids_visible, self.unit_grid, stage_side).reshape(batch, -1, 2)
-            x = swin.SwinStage(
-                layout,
-                self.mlp_ratio,
-                rates[layout.first_block : layout.first_block + layout.depth],
-                downsample=s < len(stages) - 1,
-                dtype=self.dtype,
-                attention_impl=self.attention_impl,
-                remat=self.remat,
-                name=f"stage_{s}",
-            )(
+            x = stage(
                 x.reshape(batch, -1, x.shape[-1]),
                 deterministic,
                 windows_of=lambda shift, coords=coords, layout=layout: VisibleWindows(
@@ -221,8 +211,8 @@ class GreenMIM(nn.Module):
             encoder.remat,
             cls_token=False,
         )
-        self.decoder_norm = vit.layer_norm(jnp.float32)
-        self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
+        self.decoder_norm = layers.layer_norm(jnp.float32)
+        self.pixel_head = layers.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
         if self.aggregation_kernel:
             self.aggregation = mae_lib.decoder_aggregation(self.decoder, self.aggregator, self.aggregation_kernel)
 
@@ -243,16 +233,7 @@ def model_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
     """The model section: ``swin.model_config``'s keys (GreenMIM's Swin-B at 224, drop path 0 in pretraining)
     and MAE's decoder keys at GreenMIM's decoder (width 512, depth 1, 16 heads)."""
     config = swin.model_config(variant, drop_path_rate=0.0)
-    config.update(
-        dict(
-            decoder_width=512,
-            decoder_depth=1,
-            decoder_num_heads=16,
-            decoder_mlp_ratio=4.0,
-            aggregation_kernel=0,
-            aggregator="dwconv",
-        )
-    )
+    config.update(mae_lib.decoder_keys(width=512, depth=1, num_heads=16))
     config.update(overrides)
     return config
 
@@ -260,11 +241,7 @@ def model_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
 def build_greenmim(config: ml_collections.ConfigDict) -> GreenMIM:
     """A ``GreenMIM`` from a ``model_config``-shaped config; ``ValueError`` naming the fix on impossible sizes."""
     dense = swin.build_swin(config)
-    if config.decoder_width % config.decoder_num_heads or config.decoder_width % 4:
-        raise ValueError(
-            f"decoder_width={config.decoder_width} must be divisible by its number of heads "
-            f"({config.decoder_num_heads}) and by 4 (2-D sin-cos table)."
-        )
+    mae_lib.check_decoder(config)
     encoder = VisibleSwin(**swin_fields(dense))
     kernel = config.get("aggregation_kernel", 0)
     units = encoder.unit_grid

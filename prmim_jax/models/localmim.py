@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from prmim_jax.models import aggregate, vit
+from prmim_jax.models import aggregate, layers, vit
 from prmim_jax.models import mae as mae_lib
 
 HEAD_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -75,7 +75,7 @@ class LocalMIMOutput(NamedTuple):
 def pytorch_conv_init(fan_in: int) -> nn.initializers.Initializer:
     """PyTorch's default Conv2d / ConvTranspose2d weight and bias init, U(+-1/sqrt(fan_in)): the official model
     leaves its heads' convolutions at their defaults."""
-    return vit.uniform_init(1.0 / math.sqrt(fan_in))
+    return layers.uniform_init(1.0 / math.sqrt(fan_in))
 
 
 class UpsampleConv(nn.Module):
@@ -94,19 +94,10 @@ class UpsampleConv(nn.Module):
         batch, height, width, channels = grid.shape
         init = pytorch_conv_init(self.features * 4)
         # The output channels are named like the bias and the LayerNorm that read them.
-        kernel = self.param("kernel", vit.logical(init, None, None, None, "embed"), (2, 2, channels, self.features))
-        bias = self.param("bias", vit.logical(init, "embed"), (self.features,))
+        kernel = self.param("kernel", layers.logical(init, None, None, None, "embed"), (2, 2, channels, self.features))
+        bias = self.param("bias", layers.logical(init, "embed"), (self.features,))
         out = jnp.einsum("bhwc,ijco->bhiwjo", grid, kernel)
         return out.reshape(batch, 2 * height, 2 * width, self.features) + bias
-
-
-def mean_pool(grid: jax.Array, factor: int) -> jax.Array:
-    """``[B, H, W, ...]`` -> ``[B, H / factor, W / factor, ...]``: means over ``factor x factor`` blocks."""
-    if factor == 1:
-        return grid
-    batch, height, width = grid.shape[:3]
-    blocks = grid.reshape(batch, height // factor, factor, width // factor, factor, *grid.shape[3:])
-    return blocks.mean(axis=(2, 4))
 
 
 class ScaleHead(nn.Module):
@@ -122,21 +113,21 @@ class ScaleHead(nn.Module):
         width = grid.shape[-1]
         if self.scale == 4.0:
             x = UpsampleConv(width // 2, name="up_0")(grid)
-            x = vit.gelu(vit.layer_norm(jnp.float32, "norm")(x))
+            x = layers.gelu(layers.layer_norm(jnp.float32, "norm")(x))
             x = UpsampleConv(width // 4, name="up_1")(x)
         elif self.scale == 2.0:
             x = UpsampleConv(width // 2, name="up_0")(grid)
         elif self.scale == 1.0:
             x = grid
         elif self.scale == 0.5:
-            x = mean_pool(grid, 2)
+            x = layers.mean_pool(grid, 2)
         else:
             raise ValueError(f"scale={self.scale}; LocalMIM's heads exist for {HEAD_SCALES}.")
         fan_in = x.shape[-1]
-        return vit.FlatDense(
+        return layers.FlatDense(
             self.features,
-            kernel_init=vit.logical(pytorch_conv_init(fan_in), "embed", "patch"),
-            bias_init=vit.logical(pytorch_conv_init(fan_in), "patch"),
+            kernel_init=layers.logical(pytorch_conv_init(fan_in), "embed", "patch"),
+            bias_init=layers.logical(pytorch_conv_init(fan_in), "patch"),
             name="pred",
         )(x)
 
@@ -175,7 +166,7 @@ class Level(nn.Module):
         )
         if self.aggregation_kernel:
             self.aggregation = mae_lib.decoder_aggregation(self.decoder, self.aggregator, self.aggregation_kernel)
-        self.norm = vit.layer_norm(jnp.float32)
+        self.norm = layers.layer_norm(jnp.float32)
         self.head = ScaleHead(self.scale, self.features)
 
     def __call__(self, latent, ids_visible, ids_decoded, ids_thrown):
@@ -190,7 +181,7 @@ class Level(nn.Module):
         return self.head(grid.reshape(grid.shape[0], *self.grid, self.width))
 
 
-class LocalMIM(nn.Module):
+class LocalMIM(vit.VitFields):
     """Encoder with taps, one ``Level`` per tapped block (the module docstring).
 
     ``images [B, H, W, C]`` and the ids of ``prmim_jax.masking`` -> ``LocalMIMOutput``.
@@ -199,13 +190,6 @@ class LocalMIM(nn.Module):
     are ignored (``full``, ``partial``); ``> 0``: every level reconstructs them (PR-MIM).
     """
 
-    patch_size: int
-    image_size: tuple[int, int]
-    channels: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
     tap_blocks: tuple[int, ...] = (2, 4, 10, 12)
     scales: tuple[float, ...] = HEAD_SCALES
     decoder_width: int = 256
@@ -215,13 +199,6 @@ class LocalMIM(nn.Module):
     hog_bins: int = 9
     aggregation_kernel: int = 0
     aggregator: str = "dwconv"
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: str = "none"
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
 
     @property
     def hog_cells(self) -> tuple[int, ...]:
@@ -238,9 +215,9 @@ class LocalMIM(nn.Module):
             raise ValueError(f"images have {images.shape[-1]} channels; the model was built for {self.channels}.")
         if ids_thrown is None:
             ids_thrown = jnp.zeros((ids_visible.shape[0], 0), jnp.int32)
-        encoder = encoder_of(self, taps=tuple(block - 1 for block in self.tap_blocks[:-1]), name="encoder")
+        encoder = vit.encoder_like(self, taps=tuple(block - 1 for block in self.tap_blocks[:-1]), name="encoder")
         latent, tapped = encoder(images, ids_visible)
-        latents = [vit.layer_norm(self.dtype, f"tap_norm_{k}")(x) for k, x in enumerate(tapped)] + [latent]
+        latents = [layers.layer_norm(self.dtype, f"tap_norm_{k}")(x) for k, x in enumerate(tapped)] + [latent]
         predictions = tuple(
             Level(
                 self.grid,
@@ -262,24 +239,6 @@ class LocalMIM(nn.Module):
         return LocalMIMOutput(latent, predictions)
 
 
-def encoder_of(model: LocalMIM, taps: tuple[int, ...] | None = None, name: str | None = None) -> vit.Encoder:
-    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation;
-    ``taps`` (counted from 0) and ``name`` for the model itself."""
-    return vit.Encoder(
-        model.patch_size,
-        model.image_size,
-        model.width,
-        model.depth,
-        model.num_heads,
-        model.mlp_dim,
-        model.dtype,
-        model.attention_impl,
-        remat=model.remat,
-        taps=taps,
-        name=name,
-    )
-
-
 # ---------------------------------------------------------------- the objective
 
 
@@ -299,7 +258,7 @@ def weights_at_scale(weights: jax.Array, grid: tuple[int, int], scale: float) ->
     if scale >= 1:
         factor = int(scale)
         return jnp.repeat(jnp.repeat(weights, factor, axis=1), factor, axis=2)
-    return mean_pool(weights, round(1 / scale))
+    return layers.mean_pool(weights, round(1 / scale))
 
 
 def multiscale_loss(predictions, targets, weights: jax.Array, grid: tuple[int, int], scales) -> tuple[jax.Array, list]:
@@ -320,32 +279,20 @@ def multiscale_loss(predictions, targets, weights: jax.Array, grid: tuple[int, i
 
 
 def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
-    """The model section of a LocalMIM experiment, the official ViT defaults.
-
-    ``tap_blocks`` (counted from 1) ``None`` is the official rule ``(2, 4, depth - 2, depth)``.
-    ``width``, ``depth``, ``num_heads``, ``patch_size`` override the variant's.
+    """The model section of a LocalMIM experiment, the official ViT defaults: ``vit.backbone_config``'s keys,
+    ``tap_blocks`` (counted from 1; ``None`` is the official rule ``(2, 4, depth - 2, depth)``), ``scales``,
+    each level's decoder (``decoder_width`` 256, ``decoder_depth`` 1, ``decoder_num_heads`` 8,
+    ``decoder_mlp_ratio``) and ``hog_bins``.
     """
-    config = ml_collections.ConfigDict(
-        dict(
-            variant=variant,
-            width=None,
-            depth=None,
-            num_heads=None,
-            patch_size=None,
-            mlp_ratio=4.0,
-            image_size=224,
-            channels=3,
-            tap_blocks=None,
-            scales=HEAD_SCALES,
-            decoder_width=256,
-            decoder_depth=1,
-            decoder_num_heads=8,
-            decoder_mlp_ratio=4.0,
-            hog_bins=9,
-            dtype="float32",
-            attention_impl=None,
-            remat="none",
-        )
+    config = vit.backbone_config(
+        variant,
+        tap_blocks=None,
+        scales=HEAD_SCALES,
+        decoder_width=256,
+        decoder_depth=1,
+        decoder_num_heads=8,
+        decoder_mlp_ratio=4.0,
+        hog_bins=9,
     )
     config.update(overrides)
     return config
@@ -382,8 +329,7 @@ def build_localmim(
 ) -> LocalMIM:
     """A ``LocalMIM`` from a ``model_config``-shaped section; raises ``ValueError`` on impossible sizes."""
     size = vit.encoder_size(config)
-    image_size = config.image_size
-    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    image_size = vit.as_pair(config.image_size)
     grid = (image_size[0] // size.patch_size, image_size[1] // size.patch_size)
     tap_blocks = config.tap_blocks
     tap_blocks = (2, 4, size.depth - 2, size.depth) if tap_blocks is None else tuple(int(b) for b in tap_blocks)
@@ -393,23 +339,8 @@ def build_localmim(
         raise ValueError(
             f"decoder_width={config.decoder_width} must be divisible by decoder_num_heads={config.decoder_num_heads}."
         )
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
-    remat = config.get("remat", "none")
-    vit.check_model_options(
-        jnp.dtype(config.dtype),
-        (size.width // size.num_heads, config.decoder_width // config.decoder_num_heads),
-        config.get("attention_impl"),
-        remat,
-    )
     return LocalMIM(
-        patch_size=size.patch_size,
-        image_size=image_size,
-        channels=config.channels,
-        width=size.width,
-        depth=size.depth,
-        num_heads=size.num_heads,
-        mlp_dim=int(size.width * config.mlp_ratio),
+        **vit.backbone_fields(config, config.decoder_width // config.decoder_num_heads),
         tap_blocks=tap_blocks,
         scales=scales,
         decoder_width=config.decoder_width,
@@ -419,7 +350,4 @@ def build_localmim(
         hog_bins=config.hog_bins,
         aggregation_kernel=aggregation_kernel,
         aggregator=aggregator,
-        dtype=jnp.dtype(config.dtype),
-        attention_impl=config.get("attention_impl"),
-        remat=remat,
     )

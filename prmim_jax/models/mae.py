@@ -15,9 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_dict
 
-from prmim_jax.models import aggregate, mff, tokens, vit
+from prmim_jax.models import aggregate, layers, mff, tokens, vit
 
 NORM_PIX_EPS = 1e-6
 
@@ -56,35 +55,33 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, latent, ids_visible, ids_decoded):
-        batch, encoder_width = latent.shape[0], latent.shape[-1]
-        x = vit.dense(self.width, encoder_width, ("embed", "decoder_embed"), self.dtype, "embed")(latent)
-        mask_token = self.param(
-            "mask_token", vit.logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
-        )
-        stream = vit.residual_dtype(self.dtype)
-        masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(stream)
-        x = jnp.concatenate([x.astype(stream), masked], axis=1)
-
-        pos_table = jnp.asarray(vit.sincos_2d(self.width, self.grid))
-        pos_tokens = jnp.broadcast_to(pos_table[1:], (batch, *pos_table[1:].shape))
-        ids = jnp.concatenate([ids_visible, ids_decoded], axis=1)
-        pos = tokens.take(pos_tokens, ids)
-        if self.cls_token:
-            pos = jnp.concatenate([jnp.broadcast_to(pos_table[:1], (batch, 1, self.width)), pos], axis=1)
-        x = nn.with_logical_constraint(x + pos.astype(stream), ("batch", "tokens", "embed"))
-        return vit.Transformer(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.attention_impl,
-            final_norm=False,
-            remat=self.remat,
-            name="transformer",
-        )(x)
+        x = decoder_input(self, latent, ids_visible, ids_decoded, self.cls_token)
+        return vit.transformer_like(self, final_norm=False, name="transformer")(x)
 
 
-class MaskedAutoencoder(nn.Module):
+def decoder_input(module: nn.Module, latent, ids_visible, ids_decoded, cls_token: bool = True) -> jax.Array:
+    """MAE's decoder input, made in ``module``'s compact call (its parameters ``embed`` and ``mask_token``;
+    ``module`` has ``width``, ``grid``, ``dtype``): ``latent [B, (1 +) N_vis, D]`` embedded to ``width``, the
+    mask token at each of ``ids_decoded [B, N_dec]``, and the fixed sin-cos positions of ``ids_visible`` and
+    ``ids_decoded`` (and of the cls row, with ``cls_token``) added -> ``[B, (1 +) N_vis + N_dec, width]`` in the
+    residual stream's dtype, order (cls,) visible, decoded."""
+    batch, width = latent.shape[0], module.width
+    x = layers.dense(width, latent.shape[-1], ("embed", "decoder_embed"), module.dtype, "embed")(latent)
+    mask_token = module.param(
+        "mask_token", layers.logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, width)
+    )
+    stream = layers.residual_dtype(module.dtype)
+    masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], width)).astype(stream)
+    x = jnp.concatenate([x.astype(stream), masked], axis=1)
+    pos_table = jnp.asarray(vit.sincos_2d(width, module.grid))
+    pos_tokens = jnp.broadcast_to(pos_table[1:], (batch, *pos_table[1:].shape))
+    pos = tokens.take(pos_tokens, jnp.concatenate([ids_visible, ids_decoded], axis=1))
+    if cls_token:
+        pos = jnp.concatenate([jnp.broadcast_to(pos_table[:1], (batch, 1, width)), pos], axis=1)
+    return nn.with_logical_constraint(x + pos.astype(stream), ("batch", "tokens", "embed"))
+
+
+class MaskedAutoencoder(vit.VitFields):
     """Encoder, decoder, optional progressive aggregation, and MAE's pixel head (LayerNorm + linear).
 
     ``images [B, H, W, C]`` and the ids of ``prmim_jax.masking`` -> ``MAEOutput``.
@@ -96,39 +93,21 @@ class MaskedAutoencoder(nn.Module):
     blocks and the last (``models.mff``); the fusion holds the final norm.
     """
 
-    patch_size: int
-    image_size: tuple[int, int]
-    channels: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
     decoder_width: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     decoder_mlp_dim: int = 2048
     aggregation_kernel: int = 0
     aggregator: str = "dwconv"  # progressive reconstruction's design (models.aggregate.AGGREGATORS)
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: str = "none"
     fused_blocks: tuple[int, ...] = ()  # MFF: blocks (counted from 1) fused with the last; () for MAE
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.channels
 
     def setup(self):
         if self.fused_blocks:
             taps = (*(b - 1 for b in self.fused_blocks), self.depth - 1)  # counted from 0
-            self.encoder = encoder_of(self, final_norm=False, taps=taps)
+            self.encoder = vit.encoder_like(self, final_norm=False, taps=taps)
             self.fusion = mff.MultiLevelFusion(self.dtype)
         else:
-            self.encoder = encoder_of(self)
+            self.encoder = vit.encoder_like(self)
         self.decoder = Decoder(
             self.grid,
             self.decoder_width,
@@ -140,8 +119,8 @@ class MaskedAutoencoder(nn.Module):
             self.remat,
         )
         # The pixel head is float32 under any dtype (``vit``'s precision policy): its output is the loss's input.
-        self.decoder_norm = vit.layer_norm(jnp.float32)
-        self.pixel_head = vit.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
+        self.decoder_norm = layers.layer_norm(jnp.float32)
+        self.pixel_head = layers.dense(self.patch_dim, self.decoder_width, ("embed", "patch"), jnp.float32, "pred")
         if self.aggregation_kernel:
             self.aggregation = decoder_aggregation(self.decoder, self.aggregator, self.aggregation_kernel)
 
@@ -200,23 +179,6 @@ def pixel_predictions(model, features, ids_visible, ids_decoded, ids_thrown, pre
     return pred_decoded, pred_thrown, pred_visible
 
 
-def encoder_of(model: MaskedAutoencoder, **overrides) -> vit.Encoder:
-    """``model``'s encoder as a module of its own (its parameters are ``params['encoder']``), for evaluation;
-    ``overrides``: ``vit.Encoder`` fields to change (MFF's pretraining encoder: no final norm, taps)."""
-    return vit.Encoder(
-        model.patch_size,
-        model.image_size,
-        model.width,
-        model.depth,
-        model.num_heads,
-        model.mlp_dim,
-        model.dtype,
-        model.attention_impl,
-        remat=model.remat,
-        **overrides,
-    )
-
-
 def pixel_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
     """``[B, H, W, C] -> [B, N, p * p * C] float32`` reconstruction targets.
 
@@ -262,81 +224,72 @@ def reconstruction_loss(
 
 
 def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
-    """The model section of an experiment config, MAE's defaults.
-
-    ``variant`` ('Ti'|'S'|'B'|'L'|'H' '/' patch) sets the encoder; ``width``,
-    ``depth``, ``num_heads`` or ``patch_size`` in ``overrides`` replace the
-    variant's values (reduced-size test and ablation models).
+    """The model section of an experiment config, MAE's defaults: ``vit.backbone_config``'s keys (``variant``
+    'Ti'|'S'|'B'|'L'|'H' '/' patch sets the encoder; ``width``, ``depth``, ``num_heads`` or ``patch_size``
+    replace the variant's values) and the decoder's: ``decoder_width``, ``decoder_depth``,
+    ``decoder_num_heads``, ``decoder_mlp_ratio`` (512 x 8, 16 heads), ``aggregation_kernel`` and ``aggregator``
+    (PR-MIM's aggregation, set by the method).
     """
-    config = ml_collections.ConfigDict(
-        dict(
-            variant=variant,
-            # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
-            width=config_dict.placeholder(int),
-            depth=config_dict.placeholder(int),
-            num_heads=config_dict.placeholder(int),
-            patch_size=config_dict.placeholder(int),
-            mlp_ratio=4.0,
-            image_size=224,
-            channels=3,
-            decoder_width=512,
-            decoder_depth=8,
-            decoder_num_heads=16,
-            decoder_mlp_ratio=4.0,
-            aggregation_kernel=0,
-            aggregator="dwconv",
-            dtype="float32",
-            attention_impl=config_dict.placeholder(str),  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
-            remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
-        )
-    )
+    config = vit.backbone_config(variant, **decoder_keys(width=512, depth=8, num_heads=16))
     config.update(overrides)
     return config
 
 
-def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
-    """A ``MaskedAutoencoder`` from ``model_config``-shaped config; raises ``ValueError`` on impossible sizes."""
-    size = vit.encoder_size(config)
-    width, depth, num_heads, patch_size = size.width, size.depth, size.num_heads, size.patch_size
-    image_size = config.image_size
-    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+# The fields of a model with MAE's decoder and PR-MIM's aggregation of its outputs (``MaskedAutoencoder``'s,
+# ``models.tec.TecStudent``'s), set from the model section's ``decoder_keys``.
+DECODER_FIELDS = (
+    "decoder_width",
+    "decoder_depth",
+    "decoder_num_heads",
+    "decoder_mlp_dim",
+    "aggregation_kernel",
+    "aggregator",
+)
+
+
+def decoder_keys(width: int, depth: int, num_heads: int) -> dict:
+    """The model-section keys of an MAE decoder (also GreenMIM's), with PR-MIM's aggregation off (the method
+    turns it on): ``decoder_width``, ``decoder_depth``, ``decoder_num_heads``, ``decoder_mlp_ratio``,
+    ``aggregation_kernel``, ``aggregator``."""
+    return dict(
+        decoder_width=width,
+        decoder_depth=depth,
+        decoder_num_heads=num_heads,
+        decoder_mlp_ratio=4.0,
+        aggregation_kernel=0,
+        aggregator="dwconv",
+    )
+
+
+def check_decoder(config: ml_collections.ConfigDict) -> None:
+    """``ValueError`` naming the fix unless ``decoder_keys``' width splits into its heads and into the 2-D sin-cos
+    table's four quarters."""
     if config.decoder_width % config.decoder_num_heads or config.decoder_width % 4:
         raise ValueError(
             f"decoder_width={config.decoder_width} must be divisible by its number of heads "
             f"({config.decoder_num_heads}) and by 4 (2-D sin-cos table)."
         )
+
+
+def build_mae(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
+    """A ``MaskedAutoencoder`` from ``model_config``-shaped config; raises ``ValueError`` on impossible sizes."""
+    size = vit.encoder_size(config)
+    check_decoder(config)
     kernel = config.get("aggregation_kernel", 0)
-    grid = (image_size[0] // patch_size, image_size[1] // patch_size)
+    image_size = vit.as_pair(config.image_size)
+    grid = (image_size[0] // size.patch_size, image_size[1] // size.patch_size)
     if kernel and (kernel % 2 == 0 or kernel > min(grid)):
         raise ValueError(
             f"aggregation_kernel={kernel} must be odd and fit the {grid[0]}x{grid[1]} token grid; "
             "use a smaller odd kernel or a larger image / smaller patch."
         )
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
-    remat = config.get("remat", "none")
-    vit.check_model_options(
-        jnp.dtype(config.dtype),
-        (width // num_heads, config.decoder_width // config.decoder_num_heads),
-        config.get("attention_impl"),
-        remat,
-    )
     return MaskedAutoencoder(
-        patch_size=patch_size,
-        image_size=image_size,
-        channels=config.channels,
-        width=width,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_dim=int(width * config.mlp_ratio),
+        **vit.backbone_fields(config, config.decoder_width // config.decoder_num_heads),
         decoder_width=config.decoder_width,
         decoder_depth=config.decoder_depth,
         decoder_num_heads=config.decoder_num_heads,
         decoder_mlp_dim=int(config.decoder_width * config.decoder_mlp_ratio),
         aggregation_kernel=config.get("aggregation_kernel", 0),
         aggregator=config.get("aggregator", "dwconv"),
-        fused_blocks=mff.check_fused_blocks(config.fused_blocks, depth) if config.get("fused_blocks") else (),
-        dtype=jnp.dtype(config.dtype),
-        attention_impl=config.get("attention_impl"),
-        remat=remat,
+        fused_blocks=mff.check_fused_blocks(config.fused_blocks, size.depth) if config.get("fused_blocks") else (),
     )

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prmim_jax.models import vit
+from prmim_jax.models import layers
 
 
 class MultiLevelFusion(nn.Module):
@@ -40,15 +40,16 @@ class MultiLevelFusion(nn.Module):
     def __call__(self, blocks):
         *projected, last = blocks
         width = last.shape[-1]
-        weights = self.param("weights", vit.logical(nn.initializers.ones, None), (len(blocks),))
+        weights = self.param("weights", layers.logical(nn.initializers.ones, None), (len(blocks),))
         features = [
-            vit.dense(width, width, ("embed", None), self.dtype, f"projection_{k}")(x) for k, x in enumerate(projected)
+            layers.dense(width, width, ("embed", None), self.dtype, f"projection_{k}")(x)
+            for k, x in enumerate(projected)
         ] + [last]
         weights = jax.nn.softmax(weights.astype(jnp.float32))
-        stream = vit.residual_dtype(self.dtype)
+        stream = layers.residual_dtype(self.dtype)
         fused = sum(w * f.astype(stream) for w, f in zip(weights, features, strict=True))
         fused = nn.with_logical_constraint(fused, ("batch", "tokens", "embed"))
-        return vit.layer_norm(self.dtype, "norm")(fused)
+        return layers.layer_norm(self.dtype, "norm")(fused)
 
 
 def fusion_weights(params) -> jax.Array:

@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
-from prmim_jax.models import tokens, vit
+from prmim_jax.models import features as features_lib
+from prmim_jax.models import layers, tokens, vit
 
 RELATIVE_POSITION_BIASES = ("none", "shared")
 POSITION_EMBEDDINGS = ("none", "learned", "sincos")
@@ -108,7 +108,17 @@ def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
     return index
 
 
-class SimMIMEncoder(nn.Module):
+class SimMIMFields(vit.VitFields):
+    """``vit.VitFields`` and SimMIM's own, which its encoder and the whole model share: ``layer_scale_init``,
+    ``relative_position_bias``, ``position_embedding``, ``drop_path_rate`` (``SimMIMEncoder``'s docstring)."""
+
+    layer_scale_init: float | None = 0.1
+    relative_position_bias: str = "shared"
+    position_embedding: str = "none"
+    drop_path_rate: float = 0.0
+
+
+class SimMIMEncoder(SimMIMFields):
     """SimMIM's ViT: patch embedding, mask token, optional position embedding and shared relative bias, blocks.
 
     ``images [B, H, W, C]``, ``ids_visible [B, N_vis]``, ``ids_decoded [B, N_dec]``
@@ -131,23 +141,22 @@ class SimMIMEncoder(nn.Module):
     the final LayerNorm's, bfloat16 (``vit``'s precision policy).
     """
 
-    patch_size: int
-    image_size: tuple[int, int]
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    layer_scale_init: float | None = 0.1
-    relative_position_bias: str = "shared"
-    position_embedding: str = "none"
-    drop_path_rate: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: str = "none"
+    tokens_normalized = True  # ``features``' tokens come out of the final LayerNorm (``models.features``)
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+    def architecture(self) -> dict:
+        """What a pretrained encoder must share with this one for its parameters to load into it."""
+        return vit.vit_architecture(
+            self,
+            "simmim_vit",
+            layer_scale=self.layer_scale_init is not None,
+            relative_position_bias=self.relative_position_bias,
+            position_embedding=self.position_embedding,
+        )
+
+    def features(self, images, deterministic: bool = True) -> features_lib.EncoderOutput:
+        """``images [B, H, W, C]`` -> ``EncoderOutput`` of every token, no mask token (``features.from_sequence``)."""
+        return features_lib.from_sequence(self(images, deterministic=deterministic))
 
     @nn.compact
     def __call__(self, images, ids_visible=None, ids_decoded=None, deterministic: bool = True):
@@ -160,26 +169,26 @@ class SimMIMEncoder(nn.Module):
         if ids_visible is not None:
             # Only the visible patches are embedded: the official code embeds all and overwrites the masked ones.
             patches = tokens.take(patches, ids_visible)
-        x = vit.FlatDense(
+        x = layers.FlatDense(
             self.width,
             dtype=self.dtype,
-            kernel_init=vit.logical(truncated_normal(), "patch", "embed"),
-            bias_init=vit.logical(nn.initializers.zeros, "embed"),
+            kernel_init=layers.logical(truncated_normal(), "patch", "embed"),
+            bias_init=layers.logical(nn.initializers.zeros, "embed"),
             name="patch_embed",
         )(patches.astype(self.dtype))
-        stream = vit.residual_dtype(self.dtype)  # float32 under bfloat16: vit's precision policy
+        stream = layers.residual_dtype(self.dtype)  # float32 under bfloat16: vit's precision policy
         x = x.astype(stream)
         ids = None
         if ids_visible is not None:
             ids = ids_visible
             if ids_decoded is not None:
                 mask_token = self.param(
-                    "mask_token", vit.logical(truncated_normal(), None, None, "embed"), (1, 1, self.width)
+                    "mask_token", layers.logical(truncated_normal(), None, None, "embed"), (1, 1, self.width)
                 )
                 masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(stream)
                 x = jnp.concatenate([x, masked], axis=1)
                 ids = jnp.concatenate([ids_visible, ids_decoded], axis=1)
-        cls_token = self.param("cls_token", vit.logical(truncated_normal(), None, None, "embed"), (1, 1, self.width))
+        cls_token = self.param("cls_token", layers.logical(truncated_normal(), None, None, "embed"), (1, 1, self.width))
         cls_token = jnp.broadcast_to(cls_token, (batch, 1, self.width))
         position = self.position_table()
         if position is not None:
@@ -190,18 +199,14 @@ class SimMIMEncoder(nn.Module):
             cls_token = cls_token + position[:1]
         x = jnp.concatenate([cls_token.astype(stream), x], axis=1)
         x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
-        return vit.Transformer(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.attention_impl,
+        blocks = vit.transformer_like(
+            self,
             final_norm=True,
             drop_path_rate=self.drop_path_rate,
             layer_scale_init=self.layer_scale_init,
-            remat=self.remat,
             name="transformer",
-        )(x, deterministic, self.attention_bias(ids))
+        )
+        return blocks(x, deterministic, self.attention_bias(ids))
 
     def position_table(self):
         """``[1 + N, width] float32`` absolute embedding (cls row first), or None without one."""
@@ -212,7 +217,7 @@ class SimMIMEncoder(nn.Module):
         shape = (1 + self.grid[0] * self.grid[1], self.width)
         if self.position_embedding == "sincos":
             return jnp.asarray(vit.sincos_2d(self.width, self.grid))
-        return self.param("pos_embedding", vit.logical(truncated_normal(), None, "embed"), shape)
+        return self.param("pos_embedding", layers.logical(truncated_normal(), None, "embed"), shape)
 
     def attention_bias(self, ids):
         """The shared relative position bias of the sequence ``[cls, ids]`` (``relative_bias``), or None."""
@@ -224,7 +229,7 @@ class SimMIMEncoder(nn.Module):
             return None
         table = self.param(
             "relative_position_bias",
-            vit.logical(nn.initializers.zeros, None, "heads"),
+            layers.logical(nn.initializers.zeros, None, "heads"),
             (relative_position_bias_size(self.grid), self.num_heads),
         )
         return relative_bias(table.astype(self.dtype), self.grid, ids)  # cast once, not in every block
@@ -249,7 +254,7 @@ def relative_bias(table: jax.Array, grid: tuple[int, int], ids: jax.Array | None
     return nn.with_logical_constraint(jnp.transpose(pairs, (0, 3, 1, 2)), ("batch", "heads", None, None))
 
 
-class SimMIM(nn.Module):
+class SimMIM(SimMIMFields):
     """SimMIM's encoder and pixel head, with optional progressive reconstruction of thrown tokens.
 
     ``images [B, H, W, C]``, ``ids_visible [B, N_vis]``, ``ids_decoded [B, N_dec]``,
@@ -268,40 +273,18 @@ class SimMIM(nn.Module):
     ``aggregator``.
     """
 
-    patch_size: int
-    image_size: tuple[int, int]
-    channels: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    layer_scale_init: float | None = 0.1
-    relative_position_bias: str = "shared"
-    position_embedding: str = "none"
-    drop_path_rate: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: str = "none"
     aggregator: nn.Module | None = None
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.channels
 
     def setup(self):
         self.encoder = encoder_of(self)
         # The official head is a PyTorch Conv2d left at its default init: U(+-1/sqrt(fan_in)), fan_in = D.
         # It is float32 under any dtype (vit's precision policy): its output is the loss's input.
         bound = 1.0 / math.sqrt(self.width)
-        self.head = vit.FlatDense(
+        self.head = layers.FlatDense(
             self.patch_dim,
             dtype=jnp.float32,
-            kernel_init=vit.logical(vit.uniform_init(bound), "embed", "patch"),
-            bias_init=vit.logical(vit.uniform_init(bound), "patch"),
+            kernel_init=layers.logical(layers.uniform_init(bound), "embed", "patch"),
+            bias_init=layers.logical(layers.uniform_init(bound), "patch"),
         )
 
     def predict_pixels(self, features):
@@ -341,21 +324,7 @@ def encoder_of(model: SimMIM) -> SimMIMEncoder:
     every token, grid order, no mask token. Drop path stays at ``model``'s
     rate but is off unless ``deterministic=False``.
     """
-    return SimMIMEncoder(
-        model.patch_size,
-        model.image_size,
-        model.width,
-        model.depth,
-        model.num_heads,
-        model.mlp_dim,
-        model.layer_scale_init,
-        model.relative_position_bias,
-        model.position_embedding,
-        model.drop_path_rate,
-        model.dtype,
-        model.attention_impl,
-        model.remat,
-    )
+    return SimMIMEncoder(**vit.fields_of(model, SimMIMFields))
 
 
 def simmim_loss(
@@ -404,7 +373,7 @@ def official_init(params, rng: jax.Array):
     keys = jax.random.split(rng, len(leaves))
     redrawn = []
     for (path, leaf), key in zip(leaves, keys, strict=True):
-        names = vit.path_names(path)
+        names = layers.path_names(path)
         if names[:2] == ["encoder", "transformer"] and names[-1] == "kernel" and names[2].startswith("block_"):
             block = int(names[2].removeprefix("block_"))
             leaf = truncated_normal()(key, leaf.shape, leaf.dtype)
@@ -415,32 +384,15 @@ def official_init(params, rng: jax.Array):
 
 
 def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
-    """The model section of a SimMIM experiment config, the official ViT-B/16 recipe's values.
+    """The model section of a SimMIM experiment config, the official ViT-B/16 recipe's values:
+    ``vit.backbone_config``'s keys and ``layer_scale_init`` (0.1), ``relative_position_bias`` (``'shared'``),
+    ``position_embedding`` (``'none'``), ``drop_path_rate`` (0.1).
 
-    ``variant`` ('Ti'|'S'|'B'|'L'|'H' '/' patch) sets the encoder; ``width``,
-    ``depth``, ``num_heads`` or ``patch_size`` in ``overrides`` replace the
-    variant's values. The masking (32-pixel units, ratio 0.6) belongs to the
-    method section (``masking.TokenLayout(mask_unit=32 // patch_size)``).
+    The masking (32-pixel units, ratio 0.6) belongs to the method section
+    (``masking.TokenLayout(mask_unit=32 // patch_size)``).
     """
-    config = ml_collections.ConfigDict(
-        dict(
-            variant=variant,
-            # None: the variant's. Typed placeholders, so --config.model.patch_size=4 etc. can override them.
-            width=config_dict.placeholder(int),
-            depth=config_dict.placeholder(int),
-            num_heads=config_dict.placeholder(int),
-            patch_size=config_dict.placeholder(int),
-            mlp_ratio=4.0,
-            image_size=224,
-            channels=3,
-            layer_scale_init=0.1,
-            relative_position_bias="shared",
-            position_embedding="none",
-            drop_path_rate=0.1,
-            dtype="float32",
-            attention_impl=config_dict.placeholder(str),  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
-            remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
-        )
+    config = vit.backbone_config(
+        variant, layer_scale_init=0.1, relative_position_bias="shared", position_embedding="none", drop_path_rate=0.1
     )
     config.update(overrides)
     return config
@@ -453,9 +405,6 @@ def build_simmim(config: ml_collections.ConfigDict, aggregator: nn.Module | None
     unknown position or bias modes, a non-positive layer scale, a drop path
     rate outside [0, 1), an unknown dtype, or an ``attention_impl`` / ``remat`` that cannot run here.
     """
-    size = vit.encoder_size(config)
-    image_size = config.image_size
-    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if config.position_embedding not in POSITION_EMBEDDINGS:
         raise ValueError(
             f"position_embedding={config.position_embedding!r}: choose one of {POSITION_EMBEDDINGS} "
@@ -474,26 +423,11 @@ def build_simmim(config: ml_collections.ConfigDict, aggregator: nn.Module | None
         raise ValueError(f"layer_scale_init={config.layer_scale_init} must be positive, or None for no layer scale.")
     if not 0.0 <= config.drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate={config.drop_path_rate} must lie in [0, 1).")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={config.dtype!r}: choose 'float32' or 'bfloat16' (params stay float32).")
-    remat = config.get("remat", "none")
-    vit.check_model_options(
-        jnp.dtype(config.dtype), (size.width // size.num_heads,), config.get("attention_impl"), remat
-    )
     return SimMIM(
-        patch_size=size.patch_size,
-        image_size=image_size,
-        channels=config.channels,
-        width=size.width,
-        depth=size.depth,
-        num_heads=size.num_heads,
-        mlp_dim=int(size.width * config.mlp_ratio),
+        **vit.backbone_fields(config),
         layer_scale_init=config.layer_scale_init,
         relative_position_bias=config.relative_position_bias,
         position_embedding=config.position_embedding,
         drop_path_rate=config.drop_path_rate,
-        dtype=jnp.dtype(config.dtype),
-        attention_impl=config.get("attention_impl"),
-        remat=remat,
         aggregator=aggregator,
     )

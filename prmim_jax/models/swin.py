@@ -72,7 +72,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from prmim_jax.models import vit
+from prmim_jax.models import attention as attention_lib
+from prmim_jax.models import features as features_lib
+from prmim_jax.models import layers, vit
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's nn.LayerNorm default, the official Swin's
 MASK_VALUE = -100.0  # the official shifted-window mask between tokens of different regions
@@ -330,13 +332,13 @@ def _normal_init() -> nn.initializers.Initializer:
 
 
 def _layer_norm(dtype, name: str) -> nn.LayerNorm:
-    return vit.layer_norm(dtype, name, epsilon=LAYER_NORM_EPS)
+    return layers.layer_norm(dtype, name, epsilon=LAYER_NORM_EPS)
 
 
-class WindowAttention(vit.Attention):
+class WindowAttention(attention_lib.Attention):
     """Multi-head attention within groups of tokens, with a relative position bias: ``[B, G, N, D] -> [B, G, N, D]``.
 
-    ``vit.Attention`` (q, k, v, out kernels ``[D, heads, kv]`` / ``[heads, kv,
+    ``attention.Attention`` (q, k, v, out kernels ``[D, heads, kv]`` / ``[heads, kv,
     D]``, scale ``1 / sqrt(kv)``, float32 softmax, ``attention_impl``) applied to
     each of the ``G`` groups (windows) of ``N`` tokens, with the additive logits
     ``table[index] + mask``: ``relative_position_bias_table [(2 wh - 1)(2 ww - 1),
@@ -352,7 +354,7 @@ class WindowAttention(vit.Attention):
         batch, groups, tokens, width = x.shape
         table = self.param(
             "relative_position_bias_table",
-            vit.logical(_normal_init(), None, "heads"),
+            layers.logical(_normal_init(), None, "heads"),
             (relative_position_table_size(self.window_size), self.num_heads),
         )
         index = relative_position_index(tuple(self.window_size)) if relative_index is None else relative_index
@@ -397,7 +399,7 @@ class SwinBlock(nn.Module):
         grouped = windows.partition(_layer_norm(self.dtype, "norm1")(x))
         attended = attention(grouped, windows.attention_mask(), windows.relative_index())
         x = x + drop(windows.merge(attended))
-        mlp = vit.MlpBlock(self.mlp_dim, self.dtype, kernel_init=_normal_init(), name="mlp")
+        mlp = layers.MlpBlock(self.mlp_dim, self.dtype, kernel_init=_normal_init(), name="mlp")
         x = x + drop(mlp(_layer_norm(self.dtype, "norm2")(x)))
         return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
 
@@ -426,11 +428,11 @@ class PatchMerging(nn.Module):
         channels = x.shape[-1]
         parts = [x[..., row::2, col::2, :] for col in (0, 1) for row in (0, 1)]
         merged = _layer_norm(self.dtype, "norm")(jnp.concatenate(parts, axis=-1))
-        return vit.FlatDense(
+        return layers.FlatDense(
             2 * channels,
             use_bias=False,
             dtype=self.dtype,
-            kernel_init=vit.logical(_normal_init(), "embed", None),
+            kernel_init=layers.logical(_normal_init(), "embed", None),
             name="reduction",
         )(merged)
 
@@ -442,7 +444,7 @@ class SwinStage(nn.Module):
     2 width]`` with ``downsample``; tokens row-major on ``layout.grid``. Block ``j``
     uses ``ShiftedWindows(grid, window, shift if j is odd else 0)`` and drops its
     branches with ``drop_path_rates[j]``. The residual stream is
-    ``vit.residual_dtype(dtype)`` (float32 under bfloat16).
+    ``layers.residual_dtype(dtype)`` (float32 under bfloat16).
     """
 
     layout: StageLayout
@@ -530,6 +532,38 @@ class SwinTransformer(nn.Module):
         """The last stage's width, ``width * 2^(S-1)``."""
         return self.width * 2 ** (len(self.depths) - 1)
 
+    tokens_normalized = True  # ``features``' tokens come out of the final LayerNorm (``models.features``)
+
+    @property
+    def architecture(self) -> dict:
+        """What a pretrained encoder must share with this one for its parameters to load into it (the window may
+        differ: ``adapt_pretrained`` resizes the relative position tables)."""
+        return dict(
+            family="swin",
+            width=self.width,
+            depths=tuple(self.depths),
+            num_heads=tuple(self.num_heads),
+            mlp_ratio=self.mlp_ratio,
+            patch_size=self.patch_size,
+        )
+
+    def features(self, images, deterministic: bool = True) -> features_lib.EncoderOutput:
+        """``images [B, H, W, C]`` -> ``EncoderOutput``: the last stage's tokens after the final norm, no cls token,
+        pooled as the official Swin pools (the mean after the final norm)."""
+        output = self(images, deterministic)
+        tokens = output.features.reshape(output.features.shape[0], -1, output.features.shape[-1])
+        return features_lib.EncoderOutput(tokens, None, output.pooled)
+
+    def layer_id(self, names: list[str]) -> int:
+        """The layer of the parameter at ``names`` (its path in this Swin) for layer-wise lr decay (``layer_id``)."""
+        return layer_id(names, tuple(self.depths))
+
+    def adapt_pretrained(self, params: dict, pretrained: SwinTransformer) -> dict:
+        """The parameters ``params`` of the ``pretrained`` Swin as host numpy arrays for this one: the relative
+        position tables resized to this model's windows (``resize_relative_position_tables``)."""
+        del pretrained  # the tables carry their own window
+        return resize_relative_position_tables(jax.tree.map(np.asarray, params), self)
+
     @nn.compact
     def __call__(self, images, deterministic: bool = True) -> SwinOutput:
         if tuple(images.shape[1:]) != (*self.image_size, self.channels):
@@ -538,29 +572,39 @@ class SwinTransformer(nn.Module):
             )
         stages = self.stages
         x = embed_patches(vit.patchify(images, self.patch_size), self.width, self.dtype)
-        rates = drop_path_rates(self.drop_path_rate, self.depth)
-        for s, layout in enumerate(stages):
-            x = SwinStage(
-                layout,
-                self.mlp_ratio,
-                rates[layout.first_block : layout.first_block + layout.depth],
-                downsample=s < len(stages) - 1,
-                dtype=self.dtype,
-                attention_impl=self.attention_impl,
-                remat=self.remat,
-                name=f"stage_{s}",
-            )(x, deterministic)
+        for stage in stage_modules(self):
+            x = stage(x, deterministic)
         x = final_norm(x, self.dtype)
         pooled = jnp.mean(x.astype(jnp.float32), axis=1)
         logits = None
         if self.num_classes:
             logits = nn.Dense(
                 self.num_classes,
-                kernel_init=vit.logical(_normal_init(), "embed", "classes"),
-                bias_init=vit.logical(nn.initializers.zeros, "classes"),
+                kernel_init=layers.logical(_normal_init(), "embed", "classes"),
+                bias_init=layers.logical(nn.initializers.zeros, "classes"),
                 name="head",
             )(pooled)
         return SwinOutput(x.reshape(x.shape[0], *stages[-1].grid, x.shape[-1]), pooled, logits)
+
+
+def stage_modules(model: SwinTransformer) -> list[SwinStage]:
+    """``model``'s stages ``stage_<s>``, made in the calling (compact) method: each with its blocks' share of the
+    linear drop-path schedule over all blocks, and a patch merging after every stage but the last."""
+    stages = model.stages
+    rates = drop_path_rates(model.drop_path_rate, model.depth)
+    return [
+        SwinStage(
+            layout,
+            model.mlp_ratio,
+            rates[layout.first_block : layout.first_block + layout.depth],
+            downsample=s < len(stages) - 1,
+            dtype=model.dtype,
+            attention_impl=model.attention_impl,
+            remat=model.remat,
+            name=f"stage_{s}",
+        )
+        for s, layout in enumerate(stages)
+    ]
 
 
 def embed_patches(patches: jax.Array, width: int, dtype) -> jax.Array:
@@ -570,14 +614,14 @@ def embed_patches(patches: jax.Array, width: int, dtype) -> jax.Array:
     The official patch embedding is a Conv2d left at PyTorch's default init: U(+-1/sqrt(fan_in)).
     """
     bound = 1.0 / math.sqrt(patches.shape[-1])
-    x = vit.FlatDense(
+    x = layers.FlatDense(
         width,
         dtype=dtype,
-        kernel_init=vit.logical(vit.uniform_init(bound), "patch", "embed"),
-        bias_init=vit.logical(vit.uniform_init(bound), "embed"),
+        kernel_init=layers.logical(layers.uniform_init(bound), "patch", "embed"),
+        bias_init=layers.logical(layers.uniform_init(bound), "embed"),
         name="patch_embed",
     )(patches.astype(dtype))
-    x = _layer_norm(dtype, "patch_norm")(x).astype(vit.residual_dtype(dtype))
+    x = _layer_norm(dtype, "patch_norm")(x).astype(layers.residual_dtype(dtype))
     return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
 
 
@@ -600,7 +644,7 @@ _STAGE = re.compile(r"stage_(\d+)")
 def layer_id(names: list[str], depths: tuple[int, ...]) -> int:
     """A Swin parameter's layer for layer-wise lr decay (the official SimMIM / Swin fine-tuning rule).
 
-    ``names``: the parameter's path inside ``SwinTransformer`` (``vit.path_names``).
+    ``names``: the parameter's path inside ``SwinTransformer`` (``layers.path_names``).
     0 for the patch embedding and its norm; block ``j`` of stage ``s`` is
     ``sum(depths[:s]) + j + 1`` (blocks numbered across stages); a stage's
     ``downsample`` counts with that stage's last block, ``sum(depths[:s + 1])``;
@@ -682,7 +726,9 @@ def model_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
             channels=3,
             drop_path_rate=0.1,
             dtype="float32",
-            attention_impl=config_dict.placeholder(str),  # None / 'auto', 'xla', 'cudnn' (vit.attention_implementation)
+            attention_impl=config_dict.placeholder(
+                str
+            ),  # None / 'auto', 'xla', 'cudnn' (models.attention.attention_implementation)
             remat="none",  # 'none', 'dots_saveable', 'full' (vit.remat_block)
         )
     )
@@ -733,9 +779,9 @@ def check_attention(model: SwinTransformer) -> None:
     if model.remat not in vit.REMAT_POLICIES:
         raise ValueError(f"remat={model.remat!r}; choose one of {vit.REMAT_POLICIES}.")
     backend = jax.default_backend()
-    capability = vit.device_compute_capability() if model.attention_impl == "cudnn" else None
+    capability = attention_lib.device_compute_capability() if model.attention_impl == "cudnn" else None
     for layout in model.stages:  # also checks the geometry
-        vit.attention_implementation(
+        attention_lib.attention_implementation(
             model.dtype,
             layout.width // layout.num_heads,
             backend,

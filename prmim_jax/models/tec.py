@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from prmim_jax.models import aggregate, tokens, vit
+from prmim_jax.models import aggregate, layers, tokens, vit
+from prmim_jax.models import attention as attention_lib
 from prmim_jax.models import mae as mae_lib
 
 FEATURE_NORM_EPS = 1e-6
@@ -103,8 +104,8 @@ def attention_logits(block_params: dict, x: jax.Array, num_heads: int, dtype) ->
     fused paths."""
     width = x.shape[-1]
     head_dim = width // num_heads
-    normed = vit.layer_norm(dtype).apply({"params": block_params["norm1"]}, x)
-    project = vit.HeadProjection(num_heads, head_dim, nn.initializers.zeros, dtype)
+    normed = layers.layer_norm(dtype).apply({"params": block_params["norm1"]}, x)
+    project = attention_lib.HeadProjection(num_heads, head_dim, nn.initializers.zeros, dtype)
     query, key = (project.apply({"params": block_params["attn"][n]}, normed) for n in ("query", "key"))
     logits = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)
     return logits / np.sqrt(head_dim)
@@ -180,16 +181,16 @@ class FeatureAdaptor(nn.Module):
     @nn.compact
     def __call__(self, blocks: Sequence[jax.Array]):
         width = blocks[-1].shape[-1]
-        stream = vit.residual_dtype(self.dtype)
+        stream = layers.residual_dtype(self.dtype)
         x = jnp.concatenate([b.astype(stream) for b in blocks], axis=-1)
-        x = vit.layer_norm(self.dtype, "norm_before")(x)
+        x = layers.layer_norm(self.dtype, "norm_before")(x)
         fused = 0.0
         for g, chunk in enumerate(jnp.split(x, self.groups, axis=-1)):
-            y = vit.dense(width, chunk.shape[-1], ("embed", None), self.dtype, f"fuse_{g}")(chunk).astype(stream)
-            y = y + vit.MlpBlock(self.hidden, self.dtype, name=f"mlp_{g}")(y).astype(stream)
+            y = layers.dense(width, chunk.shape[-1], ("embed", None), self.dtype, f"fuse_{g}")(chunk).astype(stream)
+            y = y + layers.MlpBlock(self.hidden, self.dtype, name=f"mlp_{g}")(y).astype(stream)
             fused = fused + y
         fused = nn.with_logical_constraint(fused, ("batch", "tokens", "embed"))
-        return vit.layer_norm(self.dtype, "norm_after")(fused)
+        return layers.layer_norm(self.dtype, "norm_after")(fused)
 
 
 class DecoderInput(nn.Module):
@@ -203,23 +204,10 @@ class DecoderInput(nn.Module):
 
     @nn.compact
     def __call__(self, latent, ids_visible, ids_decoded):
-        batch = latent.shape[0]
-        x = vit.dense(self.width, latent.shape[-1], ("embed", "decoder_embed"), self.dtype, "embed")(latent)
-        mask_token = self.param(
-            "mask_token", vit.logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width)
-        )
-        stream = vit.residual_dtype(self.dtype)
-        masked = jnp.broadcast_to(mask_token, (batch, ids_decoded.shape[1], self.width)).astype(stream)
-        x = jnp.concatenate([x.astype(stream), masked], axis=1)
-        pos = jnp.asarray(vit.sincos_2d(self.width, self.grid))
-        pos_tokens = tokens.take(
-            jnp.broadcast_to(pos[1:], (batch, *pos[1:].shape)), jnp.concatenate([ids_visible, ids_decoded], axis=1)
-        )
-        pos = jnp.concatenate([jnp.broadcast_to(pos[:1], (batch, 1, self.width)), pos_tokens], axis=1)
-        return nn.with_logical_constraint(x + pos.astype(stream), ("batch", "tokens", "embed"))
+        return mae_lib.decoder_input(self, latent, ids_visible, ids_decoded)
 
 
-class TecStudent(nn.Module):
+class TecStudent(vit.VitFields):
     """The student of the module docstring. ``images [B, H, W, C]``, the ids of ``prmim_jax.masking`` and the
     teacher's ``query_ids [B, K]`` (None: no attention prediction) -> ``TecOutput``.
 
@@ -227,15 +215,8 @@ class TecStudent(nn.Module):
     ``aggregator`` (``models.aggregate``); ``attention`` builds the
     attention decoder; ``target_width`` / ``target_heads`` are the teacher's."""
 
-    patch_size: int
-    image_size: tuple[int, int]
-    channels: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    target_width: int
-    target_heads: int
+    target_width: int = 768  # the teacher's width and heads (a ViT-B's by default)
+    target_heads: int = 12
     decoder_width: int = 512
     decoder_depth: int = 2
     decoder_num_heads: int = 16
@@ -245,28 +226,9 @@ class TecStudent(nn.Module):
     attention: bool = True
     aggregation_kernel: int = 0
     aggregator: str = "dwconv"
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: str = "none"
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
 
     def setup(self):
-        self.encoder = vit.Encoder(
-            self.patch_size,
-            self.image_size,
-            self.width,
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.attention_impl,
-            remat=self.remat,
-            taps=tuple(range(self.depth)),
-            cls_token_mlp=self.cls_token_mlp,
-        )
+        self.encoder = vit.encoder_like(self, taps=tuple(range(self.depth)), cls_token_mlp=self.cls_token_mlp)
         self.adaptor = FeatureAdaptor(self.adaptor_groups, 4 * self.decoder_width, self.dtype)
         self.decoder_blocks = vit.Transformer(
             self.decoder_depth,
@@ -279,14 +241,14 @@ class TecStudent(nn.Module):
         )
         self.feature_input = DecoderInput(self.grid, self.decoder_width, self.dtype)
         # The heads are float32 under any dtype (``vit``'s precision policy): their outputs are the losses' inputs.
-        self.feature_norm = vit.layer_norm(jnp.float32)
-        self.feature_head = vit.dense(
+        self.feature_norm = layers.layer_norm(jnp.float32)
+        self.feature_head = layers.dense(
             self.target_width, self.decoder_width, ("embed", None), jnp.float32, "feature_head"
         )
         if self.attention:
             self.attention_input = DecoderInput(self.grid, self.decoder_width, self.dtype)
-            self.attention_norm = vit.layer_norm(jnp.float32)
-            self.attention_head = vit.dense(
+            self.attention_norm = layers.layer_norm(jnp.float32)
+            self.attention_head = layers.dense(
                 2 * self.target_width, self.decoder_width, ("embed", None), jnp.float32, "attention_head"
             )
         if self.aggregation_kernel:
@@ -349,21 +311,6 @@ class TecStudent(nn.Module):
         return logits / np.sqrt(self.target_width)
 
 
-def student_encoder(model: TecStudent) -> vit.Encoder:
-    """The plain ViT the student leaves for evaluation (its params: ``fold_cls_token_mlp(params['encoder'])``)."""
-    return vit.Encoder(
-        model.patch_size,
-        model.image_size,
-        model.width,
-        model.depth,
-        model.num_heads,
-        model.mlp_dim,
-        model.dtype,
-        model.attention_impl,
-        remat=model.remat,
-    )
-
-
 def fold_cls_token_mlp(encoder_params: dict) -> dict:
     """Encoder parameters with ``cls_token_mlp`` replaced by its output as the ``cls_token`` (float32), the
     parameters of an encoder without the input adaptor that computes the same."""
@@ -372,7 +319,7 @@ def fold_cls_token_mlp(encoder_params: dict) -> dict:
     params = {k: v for k, v in encoder_params.items() if k != "cls_token_mlp"}
     cls_token = jnp.asarray(encoder_params["cls_token"], jnp.float32)
     hidden = encoder_params["cls_token_mlp"]["fc1"]["kernel"].shape[-1]
-    params["cls_token"] = vit.MlpBlock(hidden).apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
+    params["cls_token"] = layers.MlpBlock(hidden).apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
     return params
 
 
@@ -397,25 +344,11 @@ def build_student(config: ml_collections.ConfigDict, target: vit.VitSize, attent
             "groups of consecutive blocks); 0 takes depth // 3, the official."
         )
     return TecStudent(
-        patch_size=probe.patch_size,
-        image_size=probe.image_size,
-        channels=probe.channels,
-        width=probe.width,
-        depth=probe.depth,
-        num_heads=probe.num_heads,
-        mlp_dim=probe.mlp_dim,
+        **vit.fields_of(probe, vit.VitFields),
+        **{name: getattr(probe, name) for name in mae_lib.DECODER_FIELDS},
         target_width=target.width,
         target_heads=target.num_heads,
-        decoder_width=probe.decoder_width,
-        decoder_depth=probe.decoder_depth,
-        decoder_num_heads=probe.decoder_num_heads,
-        decoder_mlp_dim=probe.decoder_mlp_dim,
         adaptor_groups=groups,
         cls_token_mlp=bool(config.get("cls_token_mlp", True)),
         attention=attention,
-        aggregation_kernel=probe.aggregation_kernel,
-        aggregator=probe.aggregator,
-        dtype=probe.dtype,
-        attention_impl=probe.attention_impl,
-        remat=probe.remat,
     )

@@ -37,6 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from prmim_jax.models import layers
+
 NUM_BINS = 9
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's
 
@@ -66,15 +68,6 @@ def pixel_histograms(images: jax.Array, bins: int = NUM_BINS) -> jax.Array:
     magnitude = jnp.sqrt(g_h * g_h + g_v * g_v)
     orientation = jnp.floor(jnp.arctan2(g_h, g_v) / math.pi * bins).astype(jnp.int32) % bins
     return jnp.where(orientation[..., None] == jnp.arange(bins), magnitude[..., None], 0.0)
-
-
-def _mean_pool(x: jax.Array, factor: int) -> jax.Array:
-    """``[B, H, W, ...]`` -> ``[B, H / factor, W / factor, ...]``, means over ``factor x factor`` blocks."""
-    if factor == 1:
-        return x
-    batch, height, width = x.shape[:3]
-    blocks = x.reshape(batch, height // factor, factor, width // factor, factor, *x.shape[3:])
-    return blocks.mean(axis=(2, 4))
 
 
 def _normalise(histograms: jax.Array) -> jax.Array:
@@ -108,12 +101,12 @@ def multiscale_hog(images: jax.Array, cells: tuple[int, ...], bins: int = NUM_BI
     finest = min(cells)
     # Every coarser cell is a block of finest cells, so it pools the finest means (a mean of equal-sized
     # means): the per-pixel histograms are read once, by one reduction that XLA fuses them into.
-    base = _mean_pool(pixel_histograms(images, bins), finest)
+    base = layers.mean_pool(pixel_histograms(images, bins), finest)
 
     def pooled(cell):
         if cell % finest:
-            return _mean_pool(pixel_histograms(images, bins), cell)
-        return _mean_pool(base, cell // finest)
+            return layers.mean_pool(pixel_histograms(images, bins), cell)
+        return layers.mean_pool(base, cell // finest)
 
     return tuple(_normalise(pooled(cell)) for cell in cells)
 

@@ -45,18 +45,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from prmim_jax import methods, optim, train_step
-from prmim_jax.models import greenmim as greenmim_lib
-from prmim_jax.models import localmim as localmim_lib
-from prmim_jax.models import mae as mae_lib
-from prmim_jax.models import simmim as simmim_lib
-from prmim_jax.models import tec as tec_lib
+from prmim_jax import methods, optim, runs, train_step
+from prmim_jax.data import schema
 
 
 def abstract_inputs(method, batch: int):
     """Shape-only ``(state, batch)`` of any method, for compiling its train step without allocating anything."""
     tx = method.optimizer(batch, 1000)
-    state = jax.eval_shape(lambda: nn.unbox(train_step.init_state(method, tx, jax.random.key(0), batch)))
+    state = jax.eval_shape(lambda: nn.unbox(runs.init_state(method, tx, jax.random.key(0), batch)))
     return state, method.batch_spec(batch)
 
 
@@ -83,19 +79,8 @@ def measure(method, batch: int) -> dict:
     return row
 
 
-# framework (a module of prmim_jax.methods) -> its model section's config function.
-FRAMEWORKS = {
-    "mae": mae_lib.model_config,
-    "simmim": simmim_lib.model_config,
-    "localmim": localmim_lib.model_config,
-    "mff": mae_lib.model_config,
-    "tec": tec_lib.model_config,
-    "greenmim": greenmim_lib.model_config,
-}
-# How a row names a framework's model variant ('B/16' -> 'ViT-B/16'; GreenMIM's 'B' -> 'Swin-B').
-BACKBONES = {"greenmim": "Swin"}
-# Method keys a framework needs to build that compiling never reads: TEC's teacher weights (only their shapes count).
-BUILD_ONLY = {"tec": dict(teacher=dict(checkpoint="teacher weights, never read"))}
+# How a row names its encoder's family ('B/16' -> 'ViT-B/16'; GreenMIM's 'B' -> 'Swin-B').
+FAMILY_NAMES = {"vit": "ViT", "simmim_vit": "ViT", "swin": "Swin"}
 # How a row names its variant, as the paper's tables do.
 ROW_NAMES = {"full": "{framework}", "partial": "partial", "progressive": "prmim"}
 
@@ -120,13 +105,20 @@ def plans(framework: str, throw_ratios, aggregators=("dwconv",), kernel_sizes=(7
     return rows
 
 
-def build_method(framework: str, model_config, overrides: dict):
-    """The ``framework`` method (a module of ``prmim_jax.methods``) with ``model_config`` and ``overrides``."""
-    from prmim_jax.data import pipeline
+def model_config(framework: str, variant: str, **overrides) -> ml_collections.ConfigDict:
+    """The ``framework``'s model section (its ``Registration``'s defaults) at ``variant`` with ``overrides``."""
+    config = methods.registration(framework).model(None)
+    config.update(variant=variant, **overrides)
+    return config
 
-    section = methods.method_config(framework, **(BUILD_ONLY.get(framework, {}) | overrides))
+
+def build_method(framework: str, model_config, overrides: dict):
+    """The ``framework`` method (a module of ``prmim_jax.methods``) with ``model_config`` and ``overrides``; the
+    keys its ``Registration.placeholders`` give stand in for inputs that compiling never reads."""
+    placeholders = methods.registration(framework).placeholders
+    section = methods.method_config(framework, **(placeholders | overrides))
     config = ml_collections.ConfigDict(
-        dict(model=model_config, method=section, optimizer=optim.optimizer_config(), data=pipeline.data_config())
+        dict(model=model_config, method=section, optimizer=optim.optimizer_config(), data=schema.data_config())
     )
     return methods.build(config)
 
@@ -146,16 +138,16 @@ def report(
     """One row per (model, variant, rho_d, aggregator, kernel): the framework's baseline first (ratios are to
     it), then ``partial`` and ``prmim`` at each ratio (``plans``)."""
     rows = []
-    model_section = FRAMEWORKS[framework]
     for variant in variants:
-        model_config = model_section(variant, image_size=image_size, dtype=dtype, **model_overrides)
+        model = model_config(framework, variant, image_size=image_size, dtype=dtype, **model_overrides)
         baseline = None
         for overrides in plans(framework, throw_ratios, aggregators, kernel_sizes):
-            method = build_method(framework, model_config, overrides)
+            method = build_method(framework, model, overrides)
             section = method.config.method
             progressive = section.reconstruction == "progressive"
+            family = method.encoder()[0].architecture["family"]
             row = {
-                "model": f"{BACKBONES.get(framework, 'ViT')}-{variant}",
+                "model": f"{FAMILY_NAMES[family]}-{variant}",
                 "method": ROW_NAMES[section.reconstruction].format(framework=framework),
                 "framework": framework,
                 "sampler": section.sampler,
@@ -221,7 +213,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--framework", default="mae", choices=sorted(FRAMEWORKS))
+    parser.add_argument("--framework", default="mae", choices=methods.registered())
     parser.add_argument("--aggregators", default="dwconv", help="PR-MIM rows for each: dwconv,transformer,...")
     parser.add_argument("--kernel_sizes", default="7", help="PR-MIM rows for each aggregation window, e.g. 3,5,7")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
