@@ -55,5 +55,7 @@ esac
 requirements=(-r requirements.txt)
 [ "$with_tests" = 1 ] && requirements=(-r requirements-test.txt)
 "${pip[@]}" install "${requirements[@]}" "${extra[@]}"
+# timm and the mm* packages without two requirements that break the environment (requirements-test-nodeps.txt).
+[ "$with_tests" = 1 ] && "${pip[@]}" install --no-deps -r requirements-test-nodeps.txt
 "${pip[@]}" install --no-deps -e . >/dev/null
 echo "setup_env: $platform environment ready in $venv" >&2

@@ -152,23 +152,34 @@ def patch_kernel_from_torch(weight):
     return weight.transpose(2, 3, 1, 0).reshape(p * q * channels, width)
 
 
+def encoder_to_torch(encoder: dict, pos_embed: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
+    """A ViT encoder's numpy parameters (``cls_token``, ``patch_embed``, ``transformer/block_{i}``, and
+    ``transformer/norm`` when it has a final norm) -> the table's encoder keys, in official order.
+
+    ``pos_embed [1 + N, D]`` is written as ``pos_embed [1, 1 + N, D]`` (the caller's table: the fixed sin-cos
+    one, or a learned one); a ``pos_embedding`` in ``encoder`` is not read.
+    """
+    kernel = encoder["patch_embed"]["kernel"]
+    out = {
+        "cls_token": encoder["cls_token"],
+        "pos_embed": np.asarray(pos_embed)[None],
+        "patch_embed.proj.weight": patch_kernel_to_torch(kernel, patch_size, kernel.shape[0] // patch_size**2),
+        "patch_embed.proj.bias": encoder["patch_embed"]["bias"],
+    }
+    transformer = encoder["transformer"]
+    for i in range(sum(name.startswith("block_") for name in transformer)):
+        block_to_torch(transformer[f"block_{i}"], f"blocks.{i}", out)
+    if "norm" in transformer:
+        out["norm.weight"], out["norm.bias"] = norm_to_torch(transformer["norm"]).values()
+    return out
+
+
 def to_state_dict(
     params: dict, model: mae_lib.MaskedAutoencoder, include_decoder: bool = True
 ) -> dict[str, np.ndarray]:
     """Our (unboxed) parameters -> the official MAE state dict, float32 numpy, official key order."""
     params = to_numpy(params)
-    enc = params["encoder"]
-    out = {
-        "cls_token": enc["cls_token"],
-        "pos_embed": vit.sincos_2d(model.width, model.grid)[None],
-        "patch_embed.proj.weight": patch_kernel_to_torch(
-            enc["patch_embed"]["kernel"], model.patch_size, model.channels
-        ),
-        "patch_embed.proj.bias": enc["patch_embed"]["bias"],
-    }
-    for i in range(model.depth):
-        block_to_torch(enc["transformer"][f"block_{i}"], f"blocks.{i}", out)
-    out["norm.weight"], out["norm.bias"] = norm_to_torch(enc["transformer"]["norm"]).values()
+    out = encoder_to_torch(params["encoder"], vit.sincos_2d(model.width, model.grid), model.patch_size)
     if include_decoder:
         dec = params["decoder"]
         out["mask_token"] = dec["mask_token"]

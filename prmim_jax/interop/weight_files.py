@@ -4,7 +4,9 @@
 - ``.pth`` / ``.pt`` / ``.bin`` (``torch.save`` zip archives): read without
   torch by a restricted unpickler that only rebuilds tensors, so importing an
   official MAE checkpoint on a TPU VM needs no PyTorch and runs no code from
-  the file. Writing uses ``torch.save`` (torch is imported only then).
+  the file; written without torch too, as ``torch.save`` lays out a dict of
+  tensors (``_write_torch_zip``), so exporting for PyTorch tools needs no
+  PyTorch either and the file loads with ``torch.load(..., weights_only=True)``.
 
 A ``torch.save`` file may hold more than weights (MAE's training checkpoints
 carry ``optimizer``, ``epoch`` and an ``argparse.Namespace``); ``read`` returns
@@ -14,8 +16,10 @@ the state dict found under ``key`` (default ``'model'``) or the top level.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
+import struct
 import zipfile
 
 import ml_dtypes
@@ -143,26 +147,122 @@ def read(path: str | os.PathLike, key: str | tuple[str, ...] = "model") -> dict[
     return dict(obj)
 
 
-def write(state_dict: dict[str, np.ndarray], path: str | os.PathLike, key: str = "model") -> None:
-    """Writes ``state_dict`` as ``.safetensors`` or, for other suffixes, as ``torch.save({key: ...})``.
+def write(state_dict: dict[str, np.ndarray], path: str | os.PathLike, key: str | None = "model") -> None:
+    """Writes ``state_dict`` as ``.safetensors`` or, for other suffixes, as ``torch.save({key: ...})`` would
+    (``key=None``: the state dict itself at the top level, as the mm* converters save theirs).
 
     The file is written beside its destination and renamed into place, so an
     interrupted write never leaves a truncated file where a good one was.
     """
     path = os.fspath(path)
-    arrays = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
+    arrays = {name: np.asarray(value, order="C") for name, value in state_dict.items()}  # 0-d stays 0-d
     partial = f"{path}.partial"
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
 
-        save_file(arrays, partial)
+        # transformers refuses a safetensors file without this entry ("does not contain the valid metadata").
+        save_file(arrays, partial, metadata={"format": "pt"})
     else:
-        try:
-            import torch
-        except ImportError as error:
-            raise WeightFileError(
-                f"writing {path} needs PyTorch (pip install torch); or export to .safetensors, which needs none."
-            ) from error
-        tensors = collections.OrderedDict((name, torch.from_numpy(value.copy())) for name, value in arrays.items())
-        torch.save({key: tensors}, partial)
+        _write_torch_zip(arrays, partial, key)
     os.replace(partial, path)
+
+
+# numpy dtype -> the legacy storage class that ``torch.save`` pickles for it (``_STORAGE_DTYPES`` inverted).
+_STORAGE_NAMES = {np.dtype(dtype): name for name, dtype in _STORAGE_DTYPES.items()}
+# torch.save aligns every tensor record to 64 bytes so that it can be memory-mapped.
+_RECORD_ALIGNMENT = 64
+_ARCHIVE = "archive"
+
+
+def _write_torch_zip(arrays: dict[str, np.ndarray], path: str, key: str | None) -> None:
+    """``torch.save(obj)`` without torch: ``obj`` is ``{key: OrderedDict(name -> tensor)}`` (or the OrderedDict).
+
+    The archive holds what ``torch.save`` writes (``archive/data.pkl``, one
+    ``archive/data/{i}`` record per tensor, ``byteorder``, ``version``), stored
+    uncompressed with 64-byte aligned records; the pickle references only
+    ``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2`` and the
+    storage classes, the globals ``torch.load(weights_only=True)`` allows.
+    """
+    unknown = sorted({str(a.dtype) for a in arrays.values() if a.dtype not in _STORAGE_NAMES})
+    if unknown:
+        raise WeightFileError(f"no PyTorch storage for dtype(s) {unknown}; cast the arrays to float32 first.")
+    if any(a.dtype.byteorder == ">" for a in arrays.values()):
+        raise WeightFileError(
+            "big-endian arrays cannot be written; convert them with arr.astype(arr.dtype.newbyteorder('<'))."
+        )
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        _add_record(archive, f"{_ARCHIVE}/data.pkl", _tensor_dict_pickle(arrays, key))
+        _add_record(archive, f"{_ARCHIVE}/byteorder", b"little")
+        for i, array in enumerate(arrays.values()):
+            _add_record(archive, f"{_ARCHIVE}/data/{i}", array.tobytes())
+        _add_record(archive, f"{_ARCHIVE}/version", b"3\n")
+
+
+def _add_record(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """One stored record whose data starts on a ``_RECORD_ALIGNMENT`` boundary (padding in the extra field)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    header = 30 + len(name.encode()) + 4  # local file header, name, the extra field's own id and size
+    padding = -(archive.fp.tell() + header) % _RECORD_ALIGNMENT
+    info.extra = struct.pack("<HH", 0x4246, padding) + b"\0" * padding  # id 'FB', as torch's writer uses
+    archive.writestr(info, data)
+
+
+def _tensor_dict_pickle(arrays: dict[str, np.ndarray], key: str | None) -> bytes:
+    """Pickle protocol 2 of ``{key: OrderedDict(name -> tensor)}``, written opcode by opcode so that no torch
+    class has to exist here; storage ``i`` is persistent id ``('storage', <class>, 'i', 'cpu', numel)``."""
+    out = io.BytesIO()
+    out.write(pickle.PROTO + b"\x02")
+    if key is not None:
+        out.write(pickle.EMPTY_DICT)
+        _pickle_str(out, key)
+    _pickle_empty_ordered_dict(out)
+    out.write(pickle.MARK)
+    for i, (name, array) in enumerate(arrays.items()):
+        _pickle_str(out, name)
+        out.write(pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n")
+        out.write(pickle.MARK)
+        out.write(pickle.MARK)  # the storage's persistent id
+        _pickle_str(out, "storage")
+        out.write(pickle.GLOBAL + f"torch\n{_STORAGE_NAMES[array.dtype]}\n".encode())
+        _pickle_str(out, str(i))
+        _pickle_str(out, "cpu")
+        _pickle_int(out, array.size)
+        out.write(pickle.TUPLE + pickle.BINPERSID)
+        _pickle_int(out, 0)  # storage offset
+        _pickle_int_tuple(out, array.shape)
+        _pickle_int_tuple(out, tuple(s // array.itemsize for s in array.strides) if array.ndim else ())
+        out.write(pickle.NEWFALSE)  # requires_grad
+        _pickle_empty_ordered_dict(out)  # backward hooks
+        out.write(pickle.TUPLE + pickle.REDUCE)
+    out.write(pickle.SETITEMS)
+    if key is not None:
+        out.write(pickle.SETITEM)
+    out.write(pickle.STOP)
+    return out.getvalue()
+
+
+def _pickle_str(out: io.BytesIO, text: str) -> None:
+    data = text.encode("utf-8")
+    out.write(pickle.BINUNICODE + struct.pack("<I", len(data)) + data)
+
+
+def _pickle_int(out: io.BytesIO, value: int) -> None:
+    if -(2**31) <= value < 2**31:
+        out.write(pickle.BININT + struct.pack("<i", value))
+    else:
+        data = pickle.encode_long(value)
+        out.write(pickle.LONG1 + bytes([len(data)]) + data)
+
+
+def _pickle_int_tuple(out: io.BytesIO, values: tuple[int, ...]) -> None:
+    if not values:
+        out.write(pickle.EMPTY_TUPLE)
+        return
+    out.write(pickle.MARK)
+    for value in values:
+        _pickle_int(out, value)
+    out.write(pickle.TUPLE)
+
+
+def _pickle_empty_ordered_dict(out: io.BytesIO) -> None:
+    out.write(pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE)
