@@ -77,7 +77,16 @@ def vit_classifier():
 @pytest.fixture(scope="module")
 def simmim_encoder():
     """SimMIM's ViT: layer scale, one relative position table shared by the blocks, no absolute table."""
-    encoder = simmim.SimMIMEncoder(4, (IMAGE, IMAGE), 16, 2, 2, 64, layer_scale_init=0.1)
+    encoder = simmim.SimMIMEncoder(
+        patch_size=4,
+        image_size=(IMAGE, IMAGE),
+        channels=3,
+        width=16,
+        depth=2,
+        num_heads=2,
+        mlp_dim=64,
+        layer_scale_init=0.1,
+    )
     return encoder, randomized(encoder.init(jax.random.key(2), images())["params"], seed=2)
 
 
@@ -112,7 +121,9 @@ def written(tmp_path, converted: export.Export, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def timm():
-    return pytest.importorskip("timm", reason="timm is installed by launch/setup_env.sh --test (no-deps)")
+    import timm  # installed by launch/setup_env.sh --test (requirements-test-nodeps.txt): never skipped
+
+    return timm
 
 
 def load_strictly(model: torch.nn.Module, path: str, key: str | None = "model") -> torch.nn.Module:
@@ -255,8 +266,7 @@ def test_swin_is_a_transformers_swin_model(tmp_path, swin_encoder):
 
 @pytest.fixture(scope="module")
 def mmseg_backbones():
-    pytest.importorskip("mmseg", reason="mmsegmentation is installed by launch/setup_env.sh --test")
-    from mmseg.models import backbones
+    from mmseg.models import backbones  # installed by launch/setup_env.sh --test: never skipped
 
     return backbones
 

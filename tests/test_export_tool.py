@@ -16,7 +16,7 @@ import transformers
 from test_export import ATOL, from_pretrained, nchw, swin_encoder  # noqa: F401  (swin_encoder: a fixture)
 from test_train import tiny_config
 
-from prmim_jax import methods, train
+from prmim_jax import methods, runs, train
 from prmim_jax.interop import export
 from prmim_jax.methods import Variables
 from prmim_jax.tools import export as tool
@@ -62,7 +62,7 @@ def test_a_run_exports_to_each_format_with_one_command(tmp_path, run_dir, fmt, o
 
 def test_the_transformers_export_of_a_run_computes_the_run_encoders_features(tmp_path, run_dir):
     export_cli("--workdir", run_dir, "--to", "transformers", "--out", tmp_path / "hf")
-    _, method, variables, _ = train.load_variables(run_dir)
+    _, method, variables, _ = runs.load(run_dir)
     encoder, params = method.encoder(variables.params)
     model = from_pretrained(transformers.ViTModel, str(tmp_path / "hf"), add_pooling_layer=False)
     x = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
@@ -72,9 +72,10 @@ def test_the_transformers_export_of_a_run_computes_the_run_encoders_features(tmp
 
 
 def test_image_size_resizes_the_position_table_as_fine_tuning_does(tmp_path, run_dir):
-    timm = pytest.importorskip("timm")
+    import timm  # installed by launch/setup_env.sh --test
+
     export_cli("--workdir", run_dir, "--step", 1, "--to", "timm", "--out", tmp_path / "vit56.pth", "--image_size", 56)
-    _, method, variables, _ = train.load_variables(run_dir, 1)
+    _, method, variables, _ = runs.load(run_dir, 1)
     encoder, params = tool.at_image_size(*method.encoder(variables.params), 56)
     assert params["pos_embedding"].shape == (1 + 14 * 14, 32)
     model = timm.models.VisionTransformer(
@@ -121,10 +122,10 @@ def test_a_swin_to_mae_is_refused_naming_the_formats_it_takes(tmp_path, swin_enc
     module, params = swin_encoder
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
-    greenmim_like = types.SimpleNamespace(encoder=lambda p: (module, p), logits=None)
+    greenmim_like = types.SimpleNamespace(encoder=lambda p: (module, p), predict_fns=dict)
     args = tool.parse(["--workdir", str(tmp_path / "run"), "--to", "mae", "--out", str(tmp_path / "x.pth")])
     with pytest.raises(export.ExportError, match="a Swin has no official MAE layout; use --to timm"):
-        tool.run(args, load_variables=lambda *_: (None, greenmim_like, Variables(params), 5))
+        tool.run(args, load_run=lambda *_: (None, greenmim_like, Variables(params), 5))
     assert not (tmp_path / "x.pth").exists()
 
 
@@ -132,7 +133,9 @@ def test_a_classifier_run_exports_its_head_and_batchnorm_statistics():
     head = {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)}
     stats = {"head_norm": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}}
     variables = Variables({"encoder": {"w": 1}, "head": head}, batch_stats=stats)
-    classifier_like = types.SimpleNamespace(encoder=lambda p: ("module", p["encoder"]), logits=lambda *_: None)
+    classifier_like = types.SimpleNamespace(
+        encoder=lambda p: ("module", p["encoder"]), predict_fns=lambda: {"logits": lambda *_: None}
+    )
     _, params, exported_head = tool.encoder_and_head(classifier_like, variables)
     assert params == {"w": 1} and exported_head == {"head": head, "head_norm": stats["head_norm"]}
 
@@ -145,14 +148,13 @@ def test_every_methods_encoder_is_one_the_exporter_takes(path):
     from test_configs import load
 
     config = load(path).get_config()
-    if config.method.name == "tec":
-        config.method.teacher.checkpoint = "teacher.pth"  # read only when a run starts
+    config.method.update(methods.registration(config.method.name).placeholders)  # TEC's teacher: read at start
     method = methods.build(config)
     encoder, _ = method.encoder()
     kind = export.family(encoder)
     expected = {
         "vit": export.FORMATS,
-        "simmim": ("timm", "transformers", "mmseg"),
+        "simmim_vit": ("timm", "transformers", "mmseg"),
         "swin": ("timm", "transformers", "mmseg", "mmdet"),
     }
     for fmt in expected[kind]:

@@ -5,7 +5,7 @@ method's ``encoder(params)`` returns, and never a run: ``prmim_jax.tools.export`
 the run. Three encoder families (``family``) and five formats (``FORMATS``):
 
 =================  ==================================  ===============================  ============================
-format             ``vit``: ``vit.Encoder`` (MAE,      ``simmim``: ``SimMIMEncoder``    ``swin``: ``SwinTransformer``
+format             ``vit``: ``vit.Encoder`` (MAE,      ``simmim_vit``: ``SimMIMEncoder``  ``swin``: ``SwinTransformer``
                    partial, PR-MIM, LocalMIM, MFF,     (layer scale, shared             (GreenMIM; Swin
                    TEC's student; ViT classifiers)     relative bias)                   classifiers)
 =================  ==================================  ===============================  ============================
@@ -46,18 +46,17 @@ import os
 import re
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 
 from prmim_jax.interop import mae_checkpoint, swin_checkpoint, weight_files
-from prmim_jax.models import simmim, swin, vit
+from prmim_jax.models import layers, simmim, swin, vit
 
 FORMATS = ("mae", "timm", "transformers", "mmseg", "mmdet")
-FAMILIES = ("vit", "simmim", "swin")
+FAMILIES = ("vit", "simmim_vit", "swin")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # mmengine's checkpoint loader reads torch.save files only.
 MM_SUFFIXES = (".pth", ".pt", ".bin")
-VIT_LAYER_NORM_EPS = vit.LAYER_NORM_EPS
+VIT_LAYER_NORM_EPS = layers.LAYER_NORM_EPS
 SWIN_LAYER_NORM_EPS = 1e-5  # PyTorch's default, the official Swin's (swin.LAYER_NORM_EPS)
 # Classifier.head's BatchNorm (MAE's linear probe) normalises with this eps.
 HEAD_NORM_EPS = 1e-6
@@ -84,14 +83,12 @@ class Export:
 
 
 def family(encoder) -> str:
-    """``'vit'``, ``'simmim'`` or ``'swin'``: which table column ``encoder`` (a module) falls in."""
-    if isinstance(encoder, simmim.SimMIMEncoder):
-        return "simmim"
-    if isinstance(encoder, swin.SwinTransformer):
-        return "swin"
-    if isinstance(encoder, vit.Encoder):
-        return "vit"
-    raise ExportError(f"{type(encoder).__name__} is not an encoder this tool exports; it exports {FAMILIES}.")
+    """``'vit'``, ``'simmim_vit'`` or ``'swin'``: which table column ``encoder`` (a module) falls in, by its
+    ``architecture``."""
+    kind = getattr(encoder, "architecture", {}).get("family")
+    if kind not in FAMILIES:
+        raise ExportError(f"{type(encoder).__name__} is not an encoder this tool exports; it exports {FAMILIES}.")
+    return kind
 
 
 def check(encoder, fmt: str, head: dict | None = None) -> None:
@@ -102,7 +99,7 @@ def check(encoder, fmt: str, head: dict | None = None) -> None:
     if fmt == "mae" and kind != "vit":
         what = "a Swin" if kind == "swin" else "a SimMIM ViT (layer scale, relative position bias)"
         raise ExportError(f"{what} has no official MAE layout; use --to timm (its own release layout) or mmseg.")
-    if fmt == "mmdet" and kind == "simmim":
+    if fmt == "mmdet" and kind == "simmim_vit":
         raise ExportError("no mmdet backbone reads a SimMIM ViT (BEiT layout); use --to mmseg, timm or transformers.")
     if fmt == "transformers" and head is not None and "fc_norm" in head:
         raise ExportError(
@@ -128,7 +125,7 @@ def convert(encoder, params: dict, fmt: str, head: dict | None = None) -> Export
         if head is not None:
             return Export(mm_vision_transformer(release), None, "mmseg VisionTransformer (vit2mmseg layout)")
         return Export(mm_beit(release, encoder.grid, encoder.num_heads), None, "mmseg MAE (beit2mmseg layout)")
-    if kind == "simmim":
+    if kind == "simmim_vit":
         beit = beit_state_dict(encoder, params)
         if fmt == "timm":
             return Export(beit, "model", "timm Beit")
@@ -494,28 +491,7 @@ def transformers_swin(encoder: swin.SwinTransformer, params: dict, head: dict | 
     return Export(sd, None, config["architectures"][0], config)
 
 
-_TRANSFORMERS = {"vit": transformers_vit, "simmim": transformers_beit, "swin": transformers_swin}
-
-
-# --- another resolution ----------------------------------------------------------------------------------------
-
-
-def simmim_at_image_size(encoder: simmim.SimMIMEncoder, params: dict, image_size: int):
-    """``(encoder, params)`` for ``image_size`` square images: a learned position table resized bicubically
-    (``vit.interpolate_pos_embedding``, cls row kept), the relative table's ``(2H - 1) x (2W - 1)`` offsets
-    resized bicubically (``swin.resize_relative_position_table``, BEiT's and SimMIM's rule) and its three
-    cls rows kept. A sin-cos table is recomputed by the module for its grid."""
-    new = encoder.clone(image_size=(image_size, image_size))
-    params = dict(mae_checkpoint.to_numpy(params))
-    if "pos_embedding" in params:
-        params["pos_embedding"] = np.asarray(
-            vit.interpolate_pos_embedding(jnp.asarray(params["pos_embedding"]), encoder.grid, new.grid)
-        )
-    if "relative_position_bias" in params:
-        table = params["relative_position_bias"]
-        offsets = swin.resize_relative_position_table(table[:-3], new.grid)
-        params["relative_position_bias"] = np.concatenate([offsets, table[-3:]])
-    return new, params
+_TRANSFORMERS = {"vit": transformers_vit, "simmim_vit": transformers_beit, "swin": transformers_swin}
 
 
 # --- files ---------------------------------------------------------------------------------------------------

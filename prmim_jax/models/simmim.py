@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from prmim_jax.models import features as features_lib
-from prmim_jax.models import layers, tokens, vit
+from prmim_jax.models import layers, swin, tokens, vit
 
 RELATIVE_POSITION_BIASES = ("none", "shared")
 POSITION_EMBEDDINGS = ("none", "learned", "sincos")
@@ -153,6 +153,27 @@ class SimMIMEncoder(SimMIMFields):
             relative_position_bias=self.relative_position_bias,
             position_embedding=self.position_embedding,
         )
+
+    def resized(self, image_size: int) -> SimMIMEncoder:
+        """This encoder for square images of ``image_size`` (``adapt_pretrained`` resizes its tables);
+        ``ValueError`` naming the fix unless the patch size divides ``image_size``."""
+        vit.check_patch_multiple(image_size, self.patch_size)
+        return self.clone(image_size=(image_size, image_size))
+
+    def adapt_pretrained(self, params: dict, pretrained: SimMIMEncoder) -> dict:
+        """The parameters ``params`` of the ``pretrained`` encoder as host numpy arrays for this one, at this grid:
+        a learned position table resized bicubically (``vit.interpolate_pos_embedding``, cls row kept), the
+        relative table's ``(2H - 1) x (2W - 1)`` offsets resized bicubically (BEiT's and SimMIM's rule,
+        ``swin.resize_relative_position_table``) with its three cls rows kept; a sin-cos table is the module's."""
+        params = jax.tree.map(np.asarray, params)
+        if "pos_embedding" in params:
+            table = vit.interpolate_pos_embedding(jnp.asarray(params["pos_embedding"]), pretrained.grid, self.grid)
+            params["pos_embedding"] = np.asarray(table)
+        if "relative_position_bias" in params:
+            table = params["relative_position_bias"]
+            offsets = swin.resize_relative_position_table(table[:-3], self.grid)
+            params["relative_position_bias"] = np.concatenate([offsets, table[-3:]])
+        return params
 
     def features(self, images, deterministic: bool = True) -> features_lib.EncoderOutput:
         """``images [B, H, W, C]`` -> ``EncoderOutput`` of every token, no mask token (``features.from_sequence``)."""

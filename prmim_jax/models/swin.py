@@ -558,6 +558,14 @@ class SwinTransformer(nn.Module):
         """The layer of the parameter at ``names`` (its path in this Swin) for layer-wise lr decay (``layer_id``)."""
         return layer_id(names, tuple(self.depths))
 
+    def resized(self, image_size: int) -> SwinTransformer:
+        """This Swin for square images of ``image_size`` (``adapt_pretrained`` resizes the relative tables to its
+        windows); ``ValueError`` naming the sizes that work when its stages do not tile it."""
+        problem = geometry_problem((image_size, image_size), self.patch_size, self.window_size, len(self.depths))
+        if problem:
+            raise ValueError(f"{image_size}: {problem}")
+        return self.clone(image_size=(image_size, image_size))
+
     def adapt_pretrained(self, params: dict, pretrained: SwinTransformer) -> dict:
         """The parameters ``params`` of the ``pretrained`` Swin as host numpy arrays for this one: the relative
         position tables resized to this model's windows (``resize_relative_position_tables``)."""

@@ -96,6 +96,13 @@ def backbone_config(variant: str = "B/16", **keys) -> ml_collections.ConfigDict:
     return config
 
 
+def check_patch_multiple(image_size: int, patch_size: int) -> None:
+    """``ValueError`` naming the nearest sizes unless ``patch_size`` divides ``image_size``."""
+    if image_size % patch_size:
+        lower, upper = image_size // patch_size * patch_size, (image_size // patch_size + 1) * patch_size
+        raise ValueError(f"{image_size} is not a multiple of the patch size {patch_size}; use {lower} or {upper}.")
+
+
 def as_pair(image_size) -> tuple[int, int]:
     """An image size given as an int (square) or an ``(h, w)`` pair -> ``(h, w)``."""
     return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -475,6 +482,13 @@ class Encoder(nn.Module):
     def layer_id(self, names: list[str]) -> int:
         """The layer of the parameter at ``names`` (its path in this encoder) for layer-wise lr decay (``layer_id``)."""
         return layer_id(names, self.depth)
+
+    def resized(self, image_size: int) -> Encoder:
+        """This encoder for square images of ``image_size``, with a learned position table (fine-tuning's rule:
+        ``adapt_pretrained`` resizes a pretrained table to it); ``ValueError`` naming the fix unless the patch
+        size divides ``image_size``."""
+        check_patch_multiple(image_size, self.patch_size)
+        return self.clone(image_size=(image_size, image_size), learned_pos_embedding=True)
 
     def adapt_pretrained(self, params: dict, pretrained: Encoder) -> dict:
         """The parameters ``params`` of the ``pretrained`` encoder as host numpy arrays for this one: the position

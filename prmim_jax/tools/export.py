@@ -9,7 +9,7 @@
 each encoder (every method's: MAE, partial, PR-MIM, LocalMIM, MFF, TEC's student, SimMIM's ViT,
 GreenMIM's Swin, and a fine-tuned classifier with its head). ``--step`` picks a checkpoint (the
 newest by default); ``--image_size`` resizes position tables for another resolution with the code
-fine-tuning uses (``classify.adapt_encoder``; SimMIM's: ``export.simmim_at_image_size``). The
+fine-tuning uses (the encoder's ``resized`` and ``adapt_pretrained``). The
 file is written beside ``--out`` and renamed into place; an existing ``--out`` is refused unless
 ``--overwrite``. Bad input stops with one line naming the fix, before anything is written.
 ``docs/downstream.md`` has each target's command and config lines.
@@ -21,10 +21,8 @@ import argparse
 import os
 import sys
 
-from prmim_jax import train  # the run loader (train.load_variables)
+from prmim_jax import runs
 from prmim_jax.interop import export
-from prmim_jax.methods import classify
-from prmim_jax.models import simmim, swin
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -43,7 +41,7 @@ def encoder_and_head(method, variables):
     (``Method.encoder``) and, for a classifier, the rest of its parameters (``fc_norm``, ``head``) and
     the running statistics of a BatchNorm head (``head_norm``)."""
     encoder, params = method.encoder(variables.params)
-    if getattr(method, "logits", None) is None:
+    if "logits" not in method.predict_fns():
         return encoder, params, None
     head = {name: variables.params[name] for name in ("fc_norm", "head") if name in variables.params}
     if "head_norm" in (variables.batch_stats or {}):
@@ -55,28 +53,15 @@ def at_image_size(encoder, params, image_size: int | None):
     """``(encoder, params)`` for square images of ``image_size`` (as they are for None or the same size)."""
     if image_size is None or tuple(encoder.image_size) == (image_size, image_size):
         return encoder, params
-    if isinstance(encoder, swin.SwinTransformer):
-        problem = swin.geometry_problem(
-            (image_size, image_size), encoder.patch_size, encoder.window_size, len(encoder.depths)
-        )
-        if problem:
-            raise export.ExportError(f"--image_size {image_size}: {problem}")
-        resized = encoder.clone(image_size=(image_size, image_size))
-    elif image_size % encoder.patch_size:
-        raise export.ExportError(
-            f"--image_size {image_size} is not a multiple of the patch size {encoder.patch_size}; "
-            f"use {image_size // encoder.patch_size * encoder.patch_size} or {(image_size // encoder.patch_size + 1) * encoder.patch_size}."
-        )
-    elif isinstance(encoder, simmim.SimMIMEncoder):
-        return export.simmim_at_image_size(encoder, params, image_size)
-    else:
-        # The fine-tuning rule: a learned table, initialised from the (sin-cos or learned) table resized.
-        resized = encoder.clone(image_size=(image_size, image_size), learned_pos_embedding=True)
-    return resized, classify.adapt_encoder(params, encoder, resized)
+    try:
+        resized = encoder.resized(image_size)
+    except ValueError as error:
+        raise export.ExportError(f"--image_size {error}") from None
+    return resized, resized.adapt_pretrained(params, encoder)
 
 
-def run(args: argparse.Namespace, load_variables=train.load_variables) -> export.Export:
-    """Exports as ``args`` say; ``load_variables(workdir, step) -> (config, method, Variables, step)``."""
+def run(args: argparse.Namespace, load_run=runs.load) -> export.Export:
+    """Exports as ``args`` say; ``load_run(workdir, step) -> (config, method, Variables, step)``."""
     if args.to not in export.FORMATS:
         raise export.ExportError(f"--to {args.to!r} is not a format; choose one of {', '.join(export.FORMATS)}.")
     export.check_output(args.to, args.out, args.overwrite)
@@ -86,7 +71,7 @@ def run(args: argparse.Namespace, load_variables=train.load_variables) -> export
             "wrote (python -m prmim_jax.main --workdir DIR)."
         )
     try:
-        _, method, variables, step = load_variables(args.workdir, args.step)
+        _, method, variables, step = load_run(args.workdir, args.step)
     except FileNotFoundError as error:
         fix = "leave --step out for the newest checkpoint, or pass one of its steps" if args.step is not None else ""
         raise export.ExportError(f"{error}{' ' + fix + '.' if fix else ''}") from error
