@@ -276,7 +276,8 @@ class Experiment:
         thread pool), so that ``main`` can have a row's step compile while the row before it trains:
         ``{'method', 'total', 'interval', 'warmup', 'init', 'step'}``: ``'init'`` is ``stacked_init_fn``'s, ``'step'``
         a future of the compiled step
-        ``(state, dataset, index [S, B], crop [S, B, 5], ids, step) -> (state, metrics)``, the state donated."""
+        ``(state, dataset, index [S, B], crop [S, B, 5], ids, step) -> (state, metrics)``, the state donated; AMT
+        adds ``'warmup_step'``, the same step at the token counts of its random masking before the first map."""
         import jax
 
         from prmim_jax import masking, train_step
@@ -307,7 +308,7 @@ class Experiment:
         init = stacked_init_fn(method, tx, batch)
         state = jax.eval_shape(init, self.seeds)
         lowered = jax.jit(step_fn, donate_argnums=0).lower(state, self.train_images, index, crop, ids, 0)
-        return dict(
+        programs = dict(
             method=method,
             total=total,
             interval=interval,
@@ -315,6 +316,12 @@ class Experiment:
             init=init,
             step=compiler.submit(lowered.compile),
         )
+        warmup_layout = method.throwing.warmup_layout
+        if amt and warmup_layout is not None:  # AMT before its first map: random masking, other token counts
+            warm_ids = stacked_ids([masking.sample("random", noise, warmup_layout)] * seeds)
+            warm = jax.jit(step_fn, donate_argnums=0).lower(state, self.train_images, index, crop, warm_ids, 0)
+            programs["warmup_step"] = compiler.submit(warm.compile)
+        return programs
 
     def pretrain(self, row: Row, log, programs: dict) -> dict:
         """Pretrains ``row`` for every seed with ``programs`` (``pretrain_programs``), measuring along the way."""
@@ -331,6 +338,7 @@ class Experiment:
         layout = method.layout
         state = programs["init"](self.seeds)
         step_fn = programs["step"].result()
+        warmup_step_fn = programs["warmup_step"].result() if "warmup_step" in programs else None
         mae_method = self.method(ROWS[0])
         graddiff = self.graddiff_fn(method, mae_method) if row.method != "mae" else None
         graddiff_at = sorted({round(total * (i + 1) / plan["graddiff_points"]) for i in range(plan["graddiff_points"])})
@@ -356,6 +364,7 @@ class Experiment:
         paused = 0.0  # seconds of map passes and gradient distances, which the step time leaves out
         refreshed = False
         for step, host in enumerate(prefetched(self.pool, tasks)):
+            run_step = step_fn
             if amt:
                 weights = None
                 if refreshed:
@@ -365,13 +374,19 @@ class Experiment:
                             for s in range(plan["seeds"])
                         ]
                     ).reshape(plan["seeds"], batch, -1)
-                host["ids"] = stacked_ids(
-                    [
-                        masking.sample("amt", host["noise"][s], layout, None if weights is None else weights[s])
-                        for s in range(plan["seeds"])
-                    ]
-                )
-            state, metrics = step_fn(state, self.train_images, host["index"], host["crop"], host["ids"], step)
+                if weights is None and warmup_step_fn is not None:  # before the first map: random, nothing thrown
+                    run_step, warmup_layout = warmup_step_fn, method.throwing.warmup_layout
+                    host["ids"] = stacked_ids(
+                        [masking.sample("random", host["noise"][s], warmup_layout) for s in range(plan["seeds"])]
+                    )
+                else:
+                    host["ids"] = stacked_ids(
+                        [
+                            masking.sample("amt", host["noise"][s], layout, None if weights is None else weights[s])
+                            for s in range(plan["seeds"])
+                        ]
+                    )
+            state, metrics = run_step(state, self.train_images, host["index"], host["crop"], host["ids"], step)
             losses.append(metrics["loss"])
             if step == 1:
                 jax.block_until_ready(state)

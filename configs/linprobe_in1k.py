@@ -51,5 +51,5 @@ def get_config(arg=None):
         checkpoint_every=steps_per_epoch,
     )
     if options.runlocal:
-        common.run_in1k_locally(config)
+        common.run_locally(config, **common.RUNLOCAL_VIT)
     return config

@@ -14,8 +14,9 @@ two decoders sharing 2 blocks of width 512 (16 heads), mask ratio 0.75;
 feature targets from the teacher's last 2 blocks, attention targets of the
 cls query and its top 9 patches at temperature 1.0; AdamW (0.9, 0.95), lr
 1.5e-4 per 256 images at batch 4096 (256 x 8 GPUs x 2 accumulation steps),
-weight decay 0.05, 40 warmup epochs then cosine; random resized crops (0.2,
-1) and flips; mixed precision. PR-MIM at the paper's rho_d = 0.5 (Table 4).
+weight decay 0.05 on every parameter of two or more dimensions (timm 0.3.2's
+``add_weight_decay``), 40 warmup epochs then cosine; random resized crops
+(0.2, 1) and flips; mixed precision. PR-MIM at the paper's rho_d = 0.5 (Table 4).
 
 The teacher is the user's to give (it is not downloaded):
 ``--config.method.teacher.checkpoint=PATH`` for an official checkpoint
@@ -43,14 +44,17 @@ def get_config(arg=None):
     method = tec_method.default_config(
         attention_top_k=top_k, attention_temperature=temperature, **common.throwing(options)
     )
-    return common.in1k_pretraining(
+    config = common.in1k_pretraining(
         options,
         model=tec.model_config("B/16", image_size=224, channels=3, dtype="bfloat16"),
-        runlocal_model=tec.model_config("Ti/16", image_size=224, channels=3, decoder_depth=1),
         method=method,
         batch_size=4096,
         epochs=300,
         warmup_epochs=40,
-        optimizer=dict(base_lr=1.5e-4, weight_decay=0.05),
+        optimizer=dict(base_lr=1.5e-4, weight_decay=0.05, no_decay=common.ONE_DIMENSIONAL),
         pictures=False,
     )
+    if options.runlocal:
+        common.run_locally(config, **common.RUNLOCAL_VIT, **common.RUNLOCAL_DECODER)
+        config.method.attention_top_k = 5  # of the 196 patches of the tiny grid
+    return config

@@ -35,10 +35,9 @@ Where this differs from AMT's code, and why:
   (pixel offsets divided by the image size), which keeps the map's top-left
   2x2 or 3x3 cells whatever the box; here the box the image was cut with, in
   map coordinates, which is what the paper describes (the map follows the crop).
-- During warm-up AMT masks 75% with nothing thrown, changing the decoder's
-  sequence length at epoch 41; batch shapes here are static, so warm-up draws
-  the configured ``rho_e`` / ``rho_d`` from uniform weights (MAE's visible
-  tokens for the same noise, a random throw).
+- During warm-up AMT masks 75% at random with nothing thrown (``mae-AMT/models_mae.py``
+  L207-210; SimMIM-AMT 44%), as here (``method.amt_warmup_mask_ratio``): the batches
+  then have other token counts, and the step compiles once more at the first map.
 - A head whose attention is constant has no min-max range (AMT divides by
   zero); here it contributes zeros. All-zero maps draw uniformly.
 
@@ -196,13 +195,19 @@ class AttentionMaps:
 
     def sample(self, batch: dict) -> dict:
         """A host batch (``'token_noise' [b, 2, N]``, ``'index' [b]``, ``'crop' [b, 5]`` and the rest) ->
-        the training batch: those three replaced by ``ids_visible / ids_decoded / ids_thrown``."""
+        the training batch: those three replaced by ``ids_visible / ids_decoded / ids_thrown``. Before the first
+        map, AMT's random masking at ``amt_warmup_mask_ratio`` with nothing thrown (``Throwing.warmup_layout``):
+        those batches have other token counts, so the step compiles once more when the maps arrive."""
         batch = dict(batch)
         noise, index, crops = batch.pop("token_noise"), batch.pop("index"), batch.pop("crop")
-        weights = None
-        if self.refreshed_at >= 0:
-            weights = crop_maps(self._maps_of(np.asarray(index)), crops, self.layout.grid).reshape(len(index), -1)
-        ids = masking.sample("amt", noise, self.layout, weights)
+        warmup = self.method.throwing.warmup_layout
+        if self.refreshed_at < 0 and warmup is not None:
+            ids = masking.sample("random", noise, warmup)
+        else:
+            weights = None
+            if self.refreshed_at >= 0:
+                weights = crop_maps(self._maps_of(np.asarray(index)), crops, self.layout.grid).reshape(len(index), -1)
+            ids = masking.sample("amt", noise, self.layout, weights)
         return batch | {"ids_visible": ids.visible, "ids_decoded": ids.decoded, "ids_thrown": ids.thrown}
 
     def _maps_of(self, index: np.ndarray) -> np.ndarray:

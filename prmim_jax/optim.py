@@ -1,11 +1,13 @@
 """Optimizers: MAE's AdamW recipe with the linear learning-rate scaling rule, for pretraining and
 fine-tuning, and LARS for linear probing.
 
-- ``lr = base_lr * global_batch / 256`` (Table 13: 1.5e-4 * 4096 / 256 = 2.4e-3),
-- linear warmup then cosine decay to ``min_lr``,
-- AdamW with ``beta2 = 0.95`` and weight decay 0.05 on weight matrices only:
-  biases, norm scales, cls and mask tokens are not decayed (MAE's
-  ``param_groups_weight_decay``; position tables are constants here),
+- ``lr = base_lr * global_batch / 256`` (Table 13: 1.5e-4 * 4096 / 256 = 2.4e-3; a recipe
+  given per 512 images, SimMIM's, is halved into this rule),
+- linear warmup, then cosine decay to ``min_lr`` or (``schedule='multistep'``) steps down,
+- AdamW with ``beta2 = 0.95`` and weight decay 0.05, except on the parameters
+  ``no_decay`` names: by default biases, norm scales, tokens and position tables; each
+  framework's recipe sets its official rule (timm's ``add_weight_decay``, every
+  one-dimensional parameter, for MAE's pretraining: ``ONE_DIMENSIONAL``),
 - optional global-norm gradient clipping.
 
 Classifiers (``build_classifier_optimizer``) add MAE's fine-tuning pieces:
@@ -18,16 +20,24 @@ frozen parameters (partial fine-tuning) that no update or weight decay touches.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from ml_collections import config_dict
 
 from prmim_jax.models import classifier, layers
 
-# Swin's relative position tables are not decayed (the official Swin's no_weight_decay_keywords).
+# The parameters weight decay leaves alone, by name (the last element of their path), unless a recipe says
+# otherwise (``optimizer.no_decay``): biases, norm scales, tokens, position tables, and Swin's relative position
+# tables (the official Swin's no_weight_decay_keywords). ``ONE_DIMENSIONAL`` stands for every parameter of at
+# most one dimension (timm's ``add_weight_decay``, which MAE's, LocalMIM's and TEC's pretraining use).
 NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token", "pos_embedding", "relative_position_bias_table")
+ONE_DIMENSIONAL = "1d"
 OPTIMIZERS = ("adamw", "lars")
+SCHEDULES = ("cosine", "multistep")
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
@@ -41,6 +51,10 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
             b2=0.95,
             weight_decay=0.05,
             grad_clip_norm=config_dict.placeholder(float),  # None (or 0): no clipping
+            no_decay=NO_DECAY_NAMES,  # parameter names (and ONE_DIMENSIONAL) weight decay leaves alone
+            schedule="cosine",  # after the warmup: 'cosine' to min_lr, or 'multistep' (SimMIM's ViT pretraining)
+            decay_steps=(),  # multistep: the steps after which the learning rate is multiplied by decay_factor
+            decay_factor=0.1,
         )
     )
     config.update(overrides)
@@ -52,7 +66,9 @@ def peak_learning_rate(config: ml_collections.ConfigDict, global_batch: int) -> 
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, global_batch: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup over ``warmup_steps`` to the scaled peak, then cosine decay to ``min_lr`` at ``total_steps``."""
+    """Linear warmup over ``warmup_steps`` to the scaled peak, then cosine decay to ``min_lr`` at ``total_steps``
+    (``schedule='cosine'``), or the peak multiplied by ``decay_factor`` after each of ``decay_steps``
+    (``'multistep'``: SimMIM's ViT pretraining, x0.1 after epoch 700 of 800)."""
     peak = peak_learning_rate(config, global_batch)
     if not 0 <= config.warmup_steps <= total_steps:
         raise ValueError(
@@ -61,6 +77,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, global_batch: int,
         )
     if config.warmup_steps == total_steps:  # a smoke run that is all warmup: nothing left to decay over
         return optax.linear_schedule(0.0, peak, max(total_steps, 1))
+    schedule = config.get("schedule", "cosine")  # configs saved before the key existed: cosine
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={schedule!r}; choose one of {SCHEDULES}.")
+    if schedule == "multistep":
+        steps = tuple(config.decay_steps)
+        if list(steps) != sorted(set(steps)) or not all(config.warmup_steps < s <= total_steps for s in steps):
+            raise ValueError(
+                f"optimizer.decay_steps={steps} must be increasing steps after the warmup ({config.warmup_steps}) "
+                f"and at most total_steps={total_steps}; set --config.optimizer.decay_steps."
+            )
+        warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+        steady = optax.piecewise_constant_schedule(peak, {s - config.warmup_steps: config.decay_factor for s in steps})
+        return optax.join_schedules([warmup, steady], [config.warmup_steps])
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,
@@ -70,20 +99,30 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, global_batch: int,
     )
 
 
-def weight_decay_mask(params) -> object:
-    """A pytree of bools matching ``params``: True where weight decay applies."""
+def weight_decay_mask(params, no_decay=NO_DECAY_NAMES):
+    """A pytree of bools matching ``params``: True where weight decay applies, i.e. every parameter except those
+    whose name (the last element of their path) ``no_decay`` lists (``optimizer.no_decay``) and, with
+    ``ONE_DIMENSIONAL`` listed, those of at most one dimension."""
+    names, one_dimensional = set(no_decay), ONE_DIMENSIONAL in no_decay
 
-    def decays(path, _):
-        return layers.path_names(path)[-1] not in NO_DECAY_NAMES
+    def decays(path, leaf):
+        return layers.path_names(path)[-1] not in names and not (one_dimensional and jnp.ndim(leaf) <= 1)
 
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def decay_mask_of(config: ml_collections.ConfigDict):
+    """``weight_decay_mask`` with ``config.no_decay`` (configs saved before the key existed: ``NO_DECAY_NAMES``)."""
+    return functools.partial(weight_decay_mask, no_decay=tuple(config.get("no_decay", NO_DECAY_NAMES)))
 
 
 def build_optimizer(
     config: ml_collections.ConfigDict, global_batch: int, total_steps: int
 ) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config, global_batch, total_steps)
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask)
+    adamw = optax.adamw(
+        schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask_of(config)
+    )
     if config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
     return adamw
@@ -145,7 +184,9 @@ def build_classifier_optimizer(
             momentum=config.momentum,
         )
     else:
-        tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask)
+        tx = optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask_of(config)
+        )
         if config.layer_decay != 1.0:
             tx = optax.chain(tx, scale_by_layer(config.layer_decay, depth, layer_ids))
     if config.grad_clip_norm:

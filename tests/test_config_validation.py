@@ -409,7 +409,7 @@ MALFORMED = {
     "unknown_architecture": (
         "finetune",
         lambda c, _: c.model.update(architecture="convnext"),
-        r"^model.architecture='convnext' is not a backbone: choose one of \('vit', 'swin'\)",
+        r"^model.architecture='convnext' is not a backbone: choose one of \('vit', 'simmim_vit', 'swin'\)",
     ),
     "swin_key_in_a_vit": (
         "finetune",

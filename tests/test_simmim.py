@@ -23,7 +23,7 @@ import transformers
 from prmim_jax import masking
 from prmim_jax.interop import hf_simmim
 from prmim_jax.interop.mae_checkpoint import CheckpointMismatchError
-from prmim_jax.models import aggregate, layers, simmim, vit
+from prmim_jax.models import aggregate, layers, relative_position, simmim, vit
 
 LOSS_ATOL = 1e-5
 OUTPUT_ATOL = 2e-5
@@ -217,10 +217,10 @@ def test_official_recipe_matches_transformers_with_thrown_tokens_left_out(arch: 
     rng = np.random.default_rng(4)
     official = hf_simmim.official_from_transformers(reference.state_dict())
     del official["encoder.pos_embed"]
-    size = simmim.relative_position_bias_size(arch.grid)
+    size = relative_position.relative_position_bias_size(arch.grid)
     table = 0.5 * rng.normal(size=(size, arch.heads)).astype(np.float32)
     official["encoder.rel_pos_bias.relative_position_bias_table"] = table
-    official["encoder.rel_pos_bias.relative_position_index"] = simmim.relative_position_index(arch.grid)
+    official["encoder.rel_pos_bias.relative_position_index"] = relative_position.relative_position_index(arch.grid)
     with torch.no_grad():
         reference.vit.embeddings.position_embeddings.zero_()
         for i, layer in enumerate(reference.vit.layers):
@@ -257,11 +257,11 @@ def test_importer_names_a_missing_key_and_a_foreign_relative_index():
     with pytest.raises(CheckpointMismatchError, match=r"missing key 'encoder\.rel_pos_bias"):
         hf_simmim.from_official(official, model)
     official["encoder.rel_pos_bias.relative_position_bias_table"] = np.zeros(
-        (simmim.relative_position_bias_size(arch.grid), arch.heads), np.float32
+        (relative_position.relative_position_bias_size(arch.grid), arch.heads), np.float32
     )
     for i in range(arch.depth):
         official[f"encoder.blocks.{i}.gamma_1"] = official[f"encoder.blocks.{i}.gamma_2"] = np.ones(arch.width)
-    official["encoder.rel_pos_bias.relative_position_index"] = simmim.relative_position_index(arch.grid).T
+    official["encoder.rel_pos_bias.relative_position_index"] = relative_position.relative_position_index(arch.grid).T
     with pytest.raises(CheckpointMismatchError, match="relative position index"):
         hf_simmim.from_official(official, model)
 
@@ -270,9 +270,9 @@ def test_importer_names_a_missing_key_and_a_foreign_relative_index():
 
 
 def test_relative_position_index_is_beits():
-    table = np.arange(simmim.relative_position_bias_size((3, 4)))[:, None]
+    table = np.arange(relative_position.relative_position_bias_size((3, 4)))[:, None]
     expected = beit_relative_bias(table, (3, 4))[0]
-    np.testing.assert_array_equal(simmim.relative_position_index((3, 4)), expected)
+    np.testing.assert_array_equal(relative_position.relative_position_index((3, 4)), expected)
 
 
 def test_relative_bias_is_one_table_shared_by_every_block():
@@ -282,17 +282,17 @@ def test_relative_bias_is_one_table_shared_by_every_block():
     flat = {"/".join(layers.path_names(path)): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     tables = [name for name in flat if "relative_position_bias" in name]
     assert tables == ["encoder/relative_position_bias"]
-    assert flat[tables[0]].shape == (simmim.relative_position_bias_size((14, 14)), 4)
+    assert flat[tables[0]].shape == (relative_position.relative_position_bias_size((14, 14)), 4)
     np.testing.assert_array_equal(flat[tables[0]], 0.0)  # BEiT / SimMIM start it at zero
 
 
 def test_relative_bias_of_any_token_subset_is_the_full_grid_bias_restricted_to_it():
     grid = (5, 6)
-    table = jax.random.normal(jax.random.key(1), (simmim.relative_position_bias_size(grid), 3))
-    full = simmim.relative_bias(table, grid, None)  # [heads, 1 + N, 1 + N], grid order
+    table = jax.random.normal(jax.random.key(1), (relative_position.relative_position_bias_size(grid), 3))
+    full = relative_position.relative_bias(table, grid, None)  # [heads, 1 + N, 1 + N], grid order
     np.testing.assert_array_equal(full, beit_relative_bias(np.asarray(table), grid))
     ids = np.random.default_rng(0).permutation(30)[:20].reshape(2, 10).astype(np.int32)
-    subset = simmim.relative_bias(table, grid, jnp.asarray(ids))
+    subset = relative_position.relative_bias(table, grid, jnp.asarray(ids))
     sequence = np.concatenate([np.zeros((2, 1), np.int32), 1 + ids], axis=1)
     for b in range(2):
         np.testing.assert_array_equal(subset[b], np.asarray(full)[:, sequence[b]][:, :, sequence[b]])

@@ -306,18 +306,20 @@ def test_tec_loss_matches_an_independent_pytorch_reference(tmp_path):
     assert abs(float(loss) - expected_feature_loss - expected_attention_loss) <= 2e-5
 
 
-def test_evaluation_encoder_folds_the_input_adaptor_into_its_cls_token():
+def test_encoder_keeps_the_input_adaptor_and_folds_it_for_an_encoder_without_one():
+    """TEC's fine-tuning keeps ``cls_token_mlp`` (``--mlp_token``); a plain ViT (an export, a fine-tuning with
+    ``cls_token_mlp=False``, TEC's released weights) takes the adaptor's output as its cls token: the same features."""
     method = tec_method()
     rng = np.random.default_rng(5)
     params = student_params(hf_model(ARCH, seed=6), rng)
     images = jnp.asarray(rng.normal(size=(2, 28, 28, 1)).astype(np.float32))
     module, encoder = method.encoder(params)
-    assert "cls_token_mlp" not in encoder and not module.cls_token_mlp and module.taps is None
-    training_encoder = module.clone(cls_token_mlp=True)
+    assert "cls_token_mlp" in encoder and module.cls_token_mlp and module.taps is None
+    plain = module.clone(cls_token_mlp=False)
+    folded = plain.adapt_pretrained(encoder, module)
+    assert "cls_token_mlp" not in folded
     np.testing.assert_allclose(
-        module.apply({"params": encoder}, images),
-        training_encoder.apply({"params": params["encoder"]}, images),
-        atol=ATOL,
+        plain.apply({"params": folded}, images), module.apply({"params": encoder}, images), atol=ATOL
     )
 
 

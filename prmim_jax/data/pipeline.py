@@ -127,14 +127,17 @@ def _augmented_stream(
     ``'index'`` (the source position, ``transforms.AttachIndex``) and ``'crop'``
     (``RandomResizedCropFlip``'s box and flip); the images are the same either way.
     """
-    crop = transforms.RandomResizedCropFlip(
-        config.image_size,
-        tuple(config.crop_scale),
-        tuple(config.crop_ratio),
-        config.flip,
-        schema.crop_resampler(config),
-        record=element_info,
-    )
+    if config.get("crop", "random_resized") == "resize_pad_crop":  # configs saved before the key: MAE's
+        crop = transforms.ResizePadCropFlip(config.image_size, config.crop_padding, config.flip, record=element_info)
+    else:
+        crop = transforms.RandomResizedCropFlip(
+            config.image_size,
+            tuple(config.crop_scale),
+            tuple(config.crop_ratio),
+            config.flip,
+            schema.crop_resampler(config),
+            record=element_info,
+        )
     ds = grain.MapDataset.source(make_source(config, config.split))
     if element_info:
         ds = ds.map_with_index(transforms.AttachIndex(len(ds)))

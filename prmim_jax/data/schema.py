@@ -16,6 +16,7 @@ from ml_collections import config_dict
 from prmim_jax.data import augment, sources, transforms
 
 SOURCES = ("fashion_mnist", "tfds", "image_folder")
+CROPS = ("random_resized", "resize_pad_crop")
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,6 +65,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         ``'validation'`` (tfds), ``'val'`` (image_folder).
       image_size, channels: 28 and 1 for fashion_mnist, else 224 and 3.
       mean, std: per-channel normalisation of ``[0, 1]`` pixels.
+      crop: the training crop: ``'random_resized'`` (MAE's RandomResizedCrop,
+        ``crop_scale`` and ``crop_ratio``) or ``'resize_pad_crop'`` (MFF's: the
+        shorter side resized to ``image_size``, padded by ``crop_padding`` pixels
+        by reflection and cut at random, ``transforms.ResizePadCropFlip``).
       crop_scale, crop_ratio: RandomResizedCrop's area fraction ``(0.2, 1.0)``
         and aspect-ratio range ``(3/4, 4/3)`` (MAE's).
       flip: random horizontal flip.
@@ -123,6 +128,8 @@ def data_defaults(source: str = "fashion_mnist") -> dict:
         data_dir=config_dict.placeholder(str),
         split="train",
         eval_split="test",
+        crop="random_resized",  # or 'resize_pad_crop': MFF's resize, padded random crop
+        crop_padding=4,
         crop_scale=(0.2, 1.0),
         crop_ratio=(3 / 4, 4 / 3),
         flip=True,
@@ -201,6 +208,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"data.{key}={value!r} must be an integer >= {minimum}; set --config.data.{key}"
                 + (" (0: read in this process)." if key == "num_workers" else ".")
             )
+    if config.get("crop", "random_resized") not in CROPS:
+        raise ValueError(f"data.crop={config.crop!r}; choose one of {CROPS} for --config.data.crop.")
+    if not (isinstance(config.get("crop_padding", 0), int) and config.get("crop_padding", 0) >= 0):
+        raise ValueError(f"data.crop_padding={config.crop_padding!r} must be an integer >= 0 (pixels of reflection).")
     if crop_resampler(config) not in transforms.CROP_RESAMPLERS:
         raise ValueError(f"data.crop_resampler={config.crop_resampler!r}; choose one of {transforms.CROP_RESAMPLERS}.")
     if jpeg_decoder(config) not in transforms.JPEG_DECODERS:

@@ -402,6 +402,44 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class ResizePadCropFlip(grain.transforms.RandomMap):
+    """MFF's augmentation (mmpretrain ``configs/mff/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k.py``):
+    torchvision's ``Resize(size)`` (the shorter side to ``size``, bilinear), ``RandomCrop(size, padding=padding,
+    padding_mode='reflect')``, then a horizontal flip with p = 0.5.
+
+    ``'image'``: ``[H, W, C] uint8`` -> ``[size, size, C] uint8``. ``record`` adds ``'crop'`` as
+    ``RandomResizedCropFlip`` does (the box, as fractions of the image, may reach past its edges by the padding).
+    """
+
+    size: int
+    padding: int = 4
+    flip: bool = True
+    record: bool = False
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element["image"]
+        height, width, channels = image.shape
+        # torchvision's Resize(int): the longer side keeps the aspect ratio, truncated.
+        if height <= width:
+            new_h, new_w = self.size, int(self.size * width / height)
+        else:
+            new_h, new_w = int(self.size * height / width), self.size
+        if (new_h, new_w) != (height, width):
+            image = _from_pil(_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR), channels)
+        pad = self.padding
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        top = int(rng.integers(0, new_h + 2 * pad - self.size + 1))
+        left = int(rng.integers(0, new_w + 2 * pad - self.size + 1))
+        flip = rng.random() < 0.5 and self.flip  # drawn even when flipping is off: the same crops either way
+        crop = padded[top : top + self.size, left : left + self.size]
+        element = element | {"image": np.ascontiguousarray(crop[:, ::-1] if flip else crop)}
+        if self.record:
+            box = ((top - pad) / new_h, (left - pad) / new_w, self.size / new_h, self.size / new_w, float(flip))
+            element["crop"] = np.array(box, np.float32)
+        return element
+
+
+@dataclasses.dataclass(frozen=True)
 class ResizeCenterCrop(grain.transforms.Map):
     """MAE's evaluation transform: bicubic resize of the shorter side to ``int(size / crop_pct)``, then a central ``size`` crop.
 

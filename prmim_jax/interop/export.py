@@ -49,7 +49,7 @@ import shutil
 import numpy as np
 
 from prmim_jax.interop import mae_checkpoint, swin_checkpoint, weight_files
-from prmim_jax.models import layers, simmim, swin, vit
+from prmim_jax.models import layers, relative_position, simmim, swin, vit
 
 FORMATS = ("mae", "timm", "transformers", "mmseg", "mmdet")
 FAMILIES = ("vit", "simmim_vit", "swin")
@@ -156,8 +156,7 @@ def _folded_head(head: dict) -> dict:
 def vit_state_dict(encoder: vit.Encoder, params: dict, head: dict | None = None) -> dict[str, np.ndarray]:
     """A ViT encoder (and classifier head) in the official MAE / timm layout (``mae_checkpoint``'s table), float32:
     ``pos_embed`` is the learned table or the fixed sin-cos one; ``fc_norm.*`` and ``head.*`` with a head."""
-    if "cls_token_mlp" in params:
-        raise ExportError("the encoder still has TEC's cls_token_mlp; export models.tec.fold_cls_token_mlp(params).")
+    params = vit.fold_cls_token_mlp(params)  # TEC's input adaptor: the same cls token, as a plain ViT has it
     table = params.get("pos_embedding", vit.sincos_2d(encoder.width, encoder.grid))
     out = mae_checkpoint.encoder_to_torch(params, table, encoder.patch_size)
     if head is not None:
@@ -262,7 +261,7 @@ def mm_beit(
         out.setdefault(f"{prefix}.gamma_1", np.ones(width, np.float32))
         out.setdefault(f"{prefix}.gamma_2", np.ones(width, np.float32))
         if f"{prefix}.attn.relative_position_bias_table" not in out:
-            rows = simmim.relative_position_bias_size(tuple(grid))
+            rows = relative_position.relative_position_bias_size(tuple(grid))
             out[f"{prefix}.attn.relative_position_bias_table"] = np.zeros((rows, num_heads), np.float32)
         if backbone == "MAE" and f"{prefix}.attn.q_bias" in out:
             q_bias, v_bias = out.pop(f"{prefix}.attn.q_bias"), out.pop(f"{prefix}.attn.v_bias")

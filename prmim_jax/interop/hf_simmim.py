@@ -45,6 +45,7 @@ import numpy as np
 
 from prmim_jax.interop import weight_files
 from prmim_jax.interop.mae_checkpoint import CheckpointMismatchError
+from prmim_jax.models import relative_position
 from prmim_jax.models import simmim as simmim_lib
 
 
@@ -60,7 +61,7 @@ def expected_shapes(model: simmim_lib.SimMIM) -> dict[str, tuple[int, ...]]:
     }
     if model.relative_position_bias == "shared":
         shapes["encoder.rel_pos_bias.relative_position_bias_table"] = (
-            simmim_lib.relative_position_bias_size(model.grid),
+            relative_position.relative_position_bias_size(model.grid),
             heads,
         )
     for i in range(model.depth):
@@ -158,7 +159,9 @@ def from_official(state_dict: dict[str, np.ndarray], model: simmim_lib.SimMIM) -
     for key, shape in expected.items():
         if sd[key].shape != shape:
             raise CheckpointMismatchError(f"key {key!r} has shape {sd[key].shape}; the model expects {shape}.")
-    if stored_index is not None and not np.array_equal(stored_index, simmim_lib.relative_position_index(model.grid)):
+    if stored_index is not None and not np.array_equal(
+        stored_index, relative_position.relative_position_index(model.grid)
+    ):
         raise CheckpointMismatchError(
             f"key {index_key!r} is not BEiT's relative position index of a {model.grid} grid."
         )

@@ -14,9 +14,10 @@ over every masked unit the model predicts. The encoder left for evaluation and f
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
-from prmim_jax.methods import Registration, mae, throwing
+from prmim_jax.methods import Registration, Variables, mae, throwing
 from prmim_jax.models import greenmim as greenmim_lib
 
 
@@ -43,6 +44,14 @@ class GreenMaskedAutoencoding(mae.MaskedAutoencoding):
                 "method.sampler='amt' reads a ViT's cls attention, and a Swin has no cls token; use 'furthest' "
                 "(PR-MIM's), 'random_throw' or 'running_cell' with GreenMIM."
             )
+
+    def init(self, rng, batch) -> Variables:
+        """MAE's initialisation, with the Swin encoder's linears redrawn as GreenMIM's (``model.init='xavier'``;
+        ``'swin'``: the Swin's own, and what configs saved before the key existed used)."""
+        variables = super().init(rng, batch)
+        if self.config.model.get("init", "swin") != "xavier":
+            return variables
+        return variables.replace(params=greenmim_lib.xavier_init(variables.params, jax.random.fold_in(rng, 1)))
 
     def encoder(self, params=None):
         """The dense Swin (``swin.SwinTransformer``) with the visible-token encoder's parameters."""

@@ -148,9 +148,11 @@ class TargetEnhancedConditional(throwing.ThrowingMethod):
         return loss, metrics, variables.batch_stats
 
     def encoder(self, params=None):
-        """The plain ViT (``vit.encoder_like``), the input adaptor folded into its cls token."""
-        module = vit.encoder_like(self.model)
-        return module, None if params is None else tec_lib.fold_cls_token_mlp(params["encoder"])
+        """The student's ViT with its input adaptor (``cls_token_mlp``), as TEC's fine-tuning keeps it
+        (``--mlp_token``); an encoder without it takes the adaptor's output as its cls token
+        (``vit.Encoder.adapt_pretrained``, ``vit.fold_cls_token_mlp``)."""
+        module = vit.encoder_like(self.model, cls_token_mlp=self.model.cls_token_mlp)
+        return module, None if params is None else params["encoder"]
 
     def load_frozen(self, frozen, shardings, load_run: RunLoader):
         """``frozen`` with the teacher's weights from ``method.teacher`` in place, laid out as ``shardings``

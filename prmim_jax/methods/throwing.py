@@ -14,7 +14,9 @@ key                         meaning
                             ``running_cell`` (VideoMAE V2), ``amt`` (AMT's attention maps))
 ``amt_interval``            ``amt``: epochs between two passes of the attention maps (AMT's 40)
 ``amt_warmup_epochs``       ``amt``: the first pass follows epoch ``amt_warmup_epochs`` (from 0;
-                            AMT's 40); before it, ``amt`` masks at random
+                            AMT's 40); before it, ``amt`` masks at random, throwing nothing
+``amt_warmup_mask_ratio``   ``amt``: the masking ratio before the first pass (AMT's 0.75 for MAE,
+                            ``mae-AMT/models_mae.py``; SimMIM-AMT's 0.44)
 ``mask_ratio``              rho_e, fraction of the N tokens masked
 ``throw_ratio``             rho_d, fraction of the N tokens thrown (0 for ``full``)
 ``aggregator``              progressive reconstruction's design: ``dwconv`` (the paper's),
@@ -55,6 +57,7 @@ def throwing_config(reconstruction: str = "progressive", **overrides) -> dict:
             thrown_loss_weight=1.0,
             amt_interval=40,  # AMT's main_pretrain.py: --loc_interval 40
             amt_warmup_epochs=40,  # and --warmup_epochs 40
+            amt_warmup_mask_ratio=0.75,  # mae-AMT/models_mae.py L207-210: random_masking(x, mask_ratio=0.75)
         )
         | overrides
     )
@@ -70,6 +73,7 @@ class Throwing:
     aggregator: str
     kernel_size: int
     thrown_loss_weight: float
+    warmup_layout: masking.TokenLayout | None = None  # ``amt`` before its first map (``amt_warmup_mask_ratio``)
 
     @classmethod
     def from_config(
@@ -113,6 +117,13 @@ class Throwing:
             throw_granularity=throw_granularity,
         )
         masking.check_sampler(section.sampler, layout)
+        warmup_layout = None
+        if section.sampler == "amt" and section.get("amt_warmup_mask_ratio") is not None:
+            # AMT before its first map: plain random masking at its own ratio, nothing thrown (configs saved
+            # before the key existed drew the main layout from uniform weights).
+            warmup_layout = masking.TokenLayout(
+                tuple(grid), section.amt_warmup_mask_ratio, 0.0, mask_unit=mask_unit, throw_granularity="token"
+            )
         return cls(
             section.reconstruction,
             section.sampler,
@@ -120,6 +131,7 @@ class Throwing:
             section.aggregator,
             kernel,
             float(section.thrown_loss_weight),
+            warmup_layout,
         )
 
     @property

@@ -1,7 +1,8 @@
 """The classifier that fine-tuning, partial fine-tuning and linear probing train on a pretrained encoder.
 
-Two backbones (``model.architecture``): the ViT (``classifier_config``) and the Swin
-Transformer (``swin_classifier_config``, ``models.swin``). The parameters are
+Three backbones (``model.architecture``): the ViT (``classifier_config``), SimMIM's ViT
+(``simmim_classifier_config``: layer scale, a relative position table per block) and the
+Swin Transformer (``swin_classifier_config``, ``models.swin``). The parameters are
 ``{"encoder": <the encoder's parameters>, ["fc_norm": ...,] "head": ...}``, so a
 pretrained encoder drops in as ``params["encoder"]``. The ViT has two readouts, as in MAE:
 
@@ -27,11 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from prmim_jax.models import layers, swin, vit
+from prmim_jax.models import layers, simmim, swin, vit
 
 POOLS = ("avg", "cls")
 HEADS = ("linear", "batchnorm_linear")
-ARCHITECTURES = ("vit", "swin")
+ARCHITECTURES = ("vit", "simmim_vit", "swin")
 
 
 class Classifier(nn.Module):
@@ -97,7 +98,24 @@ def classifier_config(variant: str = "B/16", **overrides) -> ml_collections.Conf
         head_init_std=2e-5,
         drop_path_rate=0.1,
         trainable_blocks=config_dict.placeholder(int),
+        cls_token_mlp=False,
+        learned_pos_embedding=True,
     )
+    config.update(overrides)
+    return config
+
+
+def simmim_classifier_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
+    """The model section of a SimMIM ViT fine-tuning config, SimMIM's own (microsoft/SimMIM
+    ``configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml``: ``USE_APE False``,
+    ``USE_RPB True``, ``USE_SHARED_RPB False``, ``USE_MEAN_POOLING True``, ``DROP_PATH_RATE 0.1``;
+    ``config.py`` ``INIT_VALUES 0.1``): ``classifier_config``'s keys with ``architecture='simmim_vit'``,
+    ``layer_scale_init`` 0.1, ``relative_position_bias`` ``'per_block'`` (each block's table starts from the
+    pretrained shared one), ``position_embedding`` ``'none'``; mean pooling with its own LayerNorm
+    (``pool='avg'``); the head at trunc-normal 0.02 x 0.001 (``vision_transformer.py`` ``init_scale``)."""
+    config = classifier_config(variant, architecture="simmim_vit", head_init_std=0.02 * 0.001, layer_scale_init=0.1)
+    del config["cls_token_mlp"], config["learned_pos_embedding"]  # TEC's and MAE's, not SimMIM's
+    config.update(relative_position_bias="per_block", position_embedding="none")
     config.update(overrides)
     return config
 
@@ -120,14 +138,15 @@ def architecture(config: ml_collections.ConfigDict) -> str:
     if name not in ARCHITECTURES:
         raise ValueError(
             f"model.architecture={name!r} is not a backbone: choose one of {ARCHITECTURES} (start the model section "
-            "from classifier.classifier_config or classifier.swin_classifier_config)."
+            "from classifier.classifier_config, simmim_classifier_config or swin_classifier_config)."
         )
     return name
 
 
-def model_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def model_defaults(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
     """Every key a model section of ``config``'s architecture has, with its default (what validation holds it to)."""
-    return swin_classifier_config() if config is not None and architecture(config) == "swin" else classifier_config()
+    defaults = {"vit": classifier_config, "simmim_vit": simmim_classifier_config, "swin": swin_classifier_config}
+    return defaults["vit" if config is None else architecture(config)]()
 
 
 def _check_head(config: ml_collections.ConfigDict) -> None:
@@ -155,15 +174,20 @@ def build_classifier(config: ml_collections.ConfigDict) -> Classifier:
     trainable = depth if config.trainable_blocks is None else config.trainable_blocks
     if not 0 <= trainable <= depth:
         raise ValueError(f"trainable_blocks={config.trainable_blocks} must lie in [0, depth={depth}] (or be None).")
-    fields = vit.backbone_fields(config)
-    del fields["channels"]  # the encoder reads any channels; the data section's are checked against the model's
-    encoder = vit.Encoder(
-        **fields,
-        final_norm=config.pool == "cls",
-        learned_pos_embedding=True,
-        drop_path_rate=config.drop_path_rate,
-        frozen_blocks=depth - trainable,
+    options = dict(
+        final_norm=config.pool == "cls", drop_path_rate=config.drop_path_rate, frozen_blocks=depth - trainable
     )
+    if architecture(config) == "simmim_vit":
+        encoder = simmim.build_encoder(config, **options)
+    else:
+        fields = vit.backbone_fields(config)
+        del fields["channels"]  # the encoder reads any channels; the data section's are checked against the model's
+        encoder = vit.Encoder(
+            **fields,
+            learned_pos_embedding=config.get("learned_pos_embedding", True),
+            cls_token_mlp=config.get("cls_token_mlp", False),
+            **options,
+        )
     return Classifier(encoder, config.num_classes, config.pool, config.head, config.head_init_std)
 
 

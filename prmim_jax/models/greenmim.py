@@ -229,11 +229,40 @@ class GreenMIM(nn.Module):
         return mae_lib.MAEOutput(latent, *predictions)
 
 
+INITS = ("xavier", "swin")  # model.init: GreenMIM's xavier-uniform linears, or the Swin's trunc-normal(0.02)
+
+
+def xavier_init(params, rng: jax.Array):
+    """``params`` with the Swin encoder's linear kernels drawn as GreenMIM draws them: xavier-uniform with the fans
+    of the PyTorch weight (LayneH/GreenMIM ``modeling/base_green_models.py``: ``self.apply(self._init_weights)``
+    reaches the encoder too, over the Swin's own trunc-normal(0.02); the fused ``qkv`` is one ``[3D, D]``
+    matrix there, so q, k and v use those fans), the patch embedding's too (``initialize_weights``: the Conv2d
+    weights xavier-uniform as ``[out, in * p * p]``, its bias left at PyTorch's default, as ``models.swin``
+    draws it). Linear biases stay zero, LayerNorms 1 / 0, the relative position tables trunc-normal(0.02). Works
+    on boxed or plain parameters and keeps their structure, as ``models.simmim.official_init``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(rng, len(leaves))
+    redrawn = []
+    for (path, leaf), key in zip(leaves, keys, strict=True):
+        names = layers.path_names(path)
+        if names[0] == "encoder" and names[-1] == "kernel":
+            if names[-2] in ("query", "key", "value"):  # [D, heads, kv] of the fused [3D, D] qkv
+                fans = (leaf.shape[0], 3 * leaf.shape[0])
+            elif names[-2] == "out":  # [heads, kv, D]
+                fans = (leaf.shape[0] * leaf.shape[1], leaf.shape[2])
+            else:
+                fans = leaf.shape
+            leaf = layers.xavier_uniform(*fans)(key, leaf.shape, leaf.dtype)
+        redrawn.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, redrawn)
+
+
 def model_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
     """The model section: ``swin.model_config``'s keys (GreenMIM's Swin-B at 224, drop path 0 in pretraining)
     and MAE's decoder keys at GreenMIM's decoder (width 512, depth 1, 16 heads)."""
     config = swin.model_config(variant, drop_path_rate=0.0)
     config.update(mae_lib.decoder_keys(width=512, depth=1, num_heads=16))
+    config.init = "xavier"  # GreenMIM's (xavier_init); 'swin': the Swin's own trunc-normal(0.02)
     config.update(overrides)
     return config
 
@@ -242,6 +271,8 @@ def build_greenmim(config: ml_collections.ConfigDict) -> GreenMIM:
     """A ``GreenMIM`` from a ``model_config``-shaped config; ``ValueError`` naming the fix on impossible sizes."""
     dense = swin.build_swin(config)
     mae_lib.check_decoder(config)
+    if config.get("init", "swin") not in INITS:
+        raise ValueError(f"model.init={config.init!r}; choose one of {INITS} (GreenMIM's is 'xavier').")
     encoder = VisibleSwin(**swin_fields(dense))
     kernel = config.get("aggregation_kernel", 0)
     units = encoder.unit_grid

@@ -42,7 +42,6 @@ official kernel's rows.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -53,9 +52,9 @@ import ml_collections
 import numpy as np
 
 from prmim_jax.models import features as features_lib
-from prmim_jax.models import layers, swin, tokens, vit
+from prmim_jax.models import layers, relative_position, swin, tokens, vit
 
-RELATIVE_POSITION_BIASES = ("none", "shared")
+RELATIVE_POSITION_BIASES = ("none", "shared", "per_block")
 POSITION_EMBEDDINGS = ("none", "learned", "sincos")
 # SimMIM's loss: sum(|x - x_rec| * mask) / (mask.sum() + 1e-5) / in_chans, mask counting pixels.
 LOSS_EPS = 1e-5
@@ -80,32 +79,6 @@ def truncated_normal(std: float = INIT_STD) -> nn.initializers.Initializer:
         return std * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
 
     return init
-
-
-def relative_position_bias_size(grid: tuple[int, int]) -> int:
-    """Rows of BEiT's relative position table: every 2-D offset on ``grid``, then cls->token, token->cls, cls->cls."""
-    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
-
-
-@functools.cache
-def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
-    """``[1 + N, 1 + N] int32``: the table row of the bias from query ``i`` to key ``j``, cls at 0, tokens row-major.
-
-    BEiT's / SimMIM's ``relative_position_index``: tokens at ``(r_i, c_i)``
-    and ``(r_j, c_j)`` use row ``(r_i - r_j + H - 1) * (2 W - 1) + c_i - c_j + W - 1``;
-    the cls query uses row ``R - 3`` for every key, every query uses ``R - 2``
-    for the cls key, and cls to cls is ``R - 1`` (``R`` rows in all).
-    """
-    rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
-    offsets = (rows[:, None] - rows[None, :] + grid[0] - 1) * (2 * grid[1] - 1) + cols[:, None] - cols[None, :]
-    size = relative_position_bias_size(grid)
-    index = np.zeros((1 + rows.size, 1 + rows.size), np.int32)
-    index[1:, 1:] = offsets + grid[1] - 1
-    index[0, :] = size - 3
-    index[:, 0] = size - 2
-    index[0, 0] = size - 1
-    index.flags.writeable = False
-    return index
 
 
 class SimMIMFields(vit.VitFields):
@@ -135,13 +108,23 @@ class SimMIMEncoder(SimMIMFields):
     (``pos_embedding [1 + N, width]``, cls row first, as transformers' ViT) or
     ``'sincos'`` (MAE's fixed table). ``relative_position_bias``: ``'none'`` or
     ``'shared'`` (one ``relative_position_bias [R, heads]`` table, BEiT's
-    index, added to every block's logits). ``layer_scale_init``,
-    ``drop_path_rate`` and ``remat`` are ``vit.Transformer``'s. Under bfloat16
-    the embeddings are added in the float32 residual stream and the output is
-    the final LayerNorm's, bfloat16 (``vit``'s precision policy).
+    index, added to every block's logits: pretraining) or ``'per_block'`` (a
+    table in every block, ``block_<i>/relative_position_bias``: SimMIM's
+    fine-tuning, every token only). ``layer_scale_init``, ``drop_path_rate``,
+    ``frozen_blocks`` and ``remat`` are ``vit.Transformer``'s; ``final_norm``
+    False (SimMIM's fine-tuning: mean pooling with its own norm) leaves the last
+    block's output as it is. Under bfloat16 the embeddings are added in the
+    float32 residual stream and the output is the final LayerNorm's, bfloat16
+    (``layers``' precision policy).
     """
 
-    tokens_normalized = True  # ``features``' tokens come out of the final LayerNorm (``models.features``)
+    final_norm: bool = True
+    frozen_blocks: int = 0
+
+    @property
+    def tokens_normalized(self) -> bool:
+        """Whether ``features``' tokens come out of a final LayerNorm (``models.features``)."""
+        return self.final_norm
 
     @property
     def architecture(self) -> dict:
@@ -150,9 +133,17 @@ class SimMIMEncoder(SimMIMFields):
             self,
             "simmim_vit",
             layer_scale=self.layer_scale_init is not None,
-            relative_position_bias=self.relative_position_bias,
+            relative_position_bias=self.relative_position_bias != "none",  # shared or per block: adapt_pretrained
             position_embedding=self.position_embedding,
         )
+
+    def layer_id(self, names: list[str]) -> int:
+        """The layer of the parameter at ``names`` (its path in this encoder) for layer-wise lr decay: ``vit.layer_id``
+        (a block's own relative table is its block's), and a shared relative table with the head, ``depth + 1``
+        (microsoft/SimMIM ``optimizer.py`` ``get_vit_layer``: ``rel_pos_bias`` falls through to the last layer)."""
+        if names[0] == "relative_position_bias":
+            return self.depth + 1
+        return vit.layer_id(names, self.depth)
 
     def resized(self, image_size: int) -> SimMIMEncoder:
         """This encoder for square images of ``image_size`` (``adapt_pretrained`` resizes its tables);
@@ -164,15 +155,31 @@ class SimMIMEncoder(SimMIMFields):
         """The parameters ``params`` of the ``pretrained`` encoder as host numpy arrays for this one, at this grid:
         a learned position table resized bicubically (``vit.interpolate_pos_embedding``, cls row kept), the
         relative table's ``(2H - 1) x (2W - 1)`` offsets resized bicubically (BEiT's and SimMIM's rule,
-        ``swin.resize_relative_position_table``) with its three cls rows kept; a sin-cos table is the module's."""
+        ``swin.resize_relative_position_table``) with its three cls rows kept, and a shared table copied into every
+        block's where this encoder has one per block (SimMIM's fine-tuning); a sin-cos table is the module's."""
         params = jax.tree.map(np.asarray, params)
         if "pos_embedding" in params:
             table = vit.interpolate_pos_embedding(jnp.asarray(params["pos_embedding"]), pretrained.grid, self.grid)
             params["pos_embedding"] = np.asarray(table)
-        if "relative_position_bias" in params:
-            table = params["relative_position_bias"]
+
+        def resize(table):
             offsets = swin.resize_relative_position_table(table[:-3], self.grid)
-            params["relative_position_bias"] = np.concatenate([offsets, table[-3:]])
+            return np.concatenate([offsets, table[-3:]])
+
+        blocks = params.get("transformer", {})
+        for name, block in blocks.items():
+            if "relative_position_bias" in block:
+                blocks[name] = dict(block) | {"relative_position_bias": resize(block["relative_position_bias"])}
+        if "relative_position_bias" in params:
+            table = resize(params["relative_position_bias"])
+            if self.relative_position_bias != "per_block":
+                return params | {"relative_position_bias": table}
+            # SimMIM's fine-tuning starts every block's table from the shared one (its utils.remap_pretrained_keys_vit).
+            del params["relative_position_bias"]
+            params["transformer"] = dict(blocks) | {
+                f"block_{i}": dict(blocks[f"block_{i}"]) | {"relative_position_bias": table.copy()}
+                for i in range(self.depth)
+            }
         return params
 
     def features(self, images, deterministic: bool = True) -> features_lib.EncoderOutput:
@@ -220,11 +227,18 @@ class SimMIMEncoder(SimMIMFields):
             cls_token = cls_token + position[:1]
         x = jnp.concatenate([cls_token.astype(stream), x], axis=1)
         x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
+        per_block = self.relative_position_bias == "per_block"
+        if per_block and ids is not None:
+            raise ValueError(
+                "relative_position_bias='per_block' is SimMIM's fine-tuning layout (every token); pretrain with 'shared'."
+            )
         blocks = vit.transformer_like(
             self,
-            final_norm=True,
+            final_norm=self.final_norm,
             drop_path_rate=self.drop_path_rate,
             layer_scale_init=self.layer_scale_init,
+            frozen_blocks=self.frozen_blocks,
+            relative_position_grid=self.grid if per_block else None,
             name="transformer",
         )
         return blocks(x, deterministic, self.attention_bias(ids))
@@ -246,33 +260,16 @@ class SimMIMEncoder(SimMIMFields):
             raise ValueError(
                 f"relative_position_bias={self.relative_position_bias!r}; choose one of {RELATIVE_POSITION_BIASES}."
             )
-        if self.relative_position_bias == "none":
-            return None
+        if self.relative_position_bias != "shared":
+            return None  # none, or per block (the blocks' own)
         table = self.param(
             "relative_position_bias",
             layers.logical(nn.initializers.zeros, None, "heads"),
-            (relative_position_bias_size(self.grid), self.num_heads),
+            (relative_position.relative_position_bias_size(self.grid), self.num_heads),
         )
-        return relative_bias(table.astype(self.dtype), self.grid, ids)  # cast once, not in every block
-
-
-def relative_bias(table: jax.Array, grid: tuple[int, int], ids: jax.Array | None) -> jax.Array:
-    """The relative position bias of the sequence ``[cls, ids]``: the table row of every query/key pair.
-
-    ``table [R, heads]`` (``R = relative_position_bias_size(grid)``), ``ids
-    [B, M]`` token ids -> ``[B, heads, 1 + M, 1 + M]``, query first: the bias
-    between two tokens depends on their grid positions only, so any subset of
-    the grid in any order gets the full grid's bias restricted to it. ``ids =
-    None`` (every token, grid order) -> ``[heads, 1 + N, 1 + N]``, one for the batch.
-    """
-    full = table[jnp.asarray(relative_position_index(tuple(grid)))]  # [1 + N, 1 + N, heads]
-    if ids is None:
-        return jnp.transpose(full, (2, 0, 1))
-    sequence = jnp.concatenate([jnp.zeros((ids.shape[0], 1), ids.dtype), ids + 1], axis=1)  # index rows, cls = 0
-    # One gather of [heads] rows per query/key pair: its gradient scatter-adds into the [1 + N, 1 + N]
-    # pair table (at most B entries collide) and only then into the table's few hundred rows.
-    pairs = full[sequence[:, :, None], sequence[:, None, :]]  # [B, T, T, heads]
-    return nn.with_logical_constraint(jnp.transpose(pairs, (0, 3, 1, 2)), ("batch", "heads", None, None))
+        return relative_position.relative_bias(
+            table.astype(self.dtype), self.grid, ids
+        )  # cast once, not in every block
 
 
 class SimMIM(SimMIMFields):
@@ -426,6 +423,22 @@ def build_simmim(config: ml_collections.ConfigDict, aggregator: nn.Module | None
     unknown position or bias modes, a non-positive layer scale, a drop path
     rate outside [0, 1), an unknown dtype, or an ``attention_impl`` / ``remat`` that cannot run here.
     """
+    if config.relative_position_bias == "per_block":
+        raise ValueError(
+            "relative_position_bias='per_block' is SimMIM's fine-tuning layout; pretrain with 'shared' (a fine-tune "
+            "copies the shared table into every block)."
+        )
+    return SimMIM(**_simmim_fields(config), aggregator=aggregator)
+
+
+def build_encoder(config: ml_collections.ConfigDict, **options) -> SimMIMEncoder:
+    """A ``SimMIMEncoder`` from a ``model_config``-shaped config (a classifier's: ``classifier.simmim_classifier_config``)
+    with ``options`` (``final_norm``, ``frozen_blocks``, ...); ``ValueError`` as ``build_simmim``."""
+    return SimMIMEncoder(**(_simmim_fields(config) | options))
+
+
+def _simmim_fields(config: ml_collections.ConfigDict) -> dict:
+    """``SimMIMFields`` of a model section, checked (``build_simmim``'s errors)."""
     if config.position_embedding not in POSITION_EMBEDDINGS:
         raise ValueError(
             f"position_embedding={config.position_embedding!r}: choose one of {POSITION_EMBEDDINGS} "
@@ -444,11 +457,10 @@ def build_simmim(config: ml_collections.ConfigDict, aggregator: nn.Module | None
         raise ValueError(f"layer_scale_init={config.layer_scale_init} must be positive, or None for no layer scale.")
     if not 0.0 <= config.drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate={config.drop_path_rate} must lie in [0, 1).")
-    return SimMIM(
+    return dict(
         **vit.backbone_fields(config),
         layer_scale_init=config.layer_scale_init,
         relative_position_bias=config.relative_position_bias,
         position_embedding=config.position_embedding,
         drop_path_rate=config.drop_path_rate,
-        aggregator=aggregator,
     )

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from prmim_jax.models import features, tokens
+from prmim_jax.models import features, relative_position, tokens
 from prmim_jax.models.attention import Attention, attention_implementation, device_compute_capability
 from prmim_jax.models.layers import (
     FlatDense,
@@ -210,7 +210,9 @@ class Block(nn.Module):
     set, each residual branch is multiplied by a learned per-channel vector
     (``layer_scale_attn``, ``layer_scale_mlp`` ``[D]``, the official
     ``gamma_1`` / ``gamma_2``) that starts at this value; ``None`` adds no
-    parameter. ``attention_bias`` is ``Attention``'s ``bias``.
+    parameter. ``attention_bias`` is ``Attention``'s ``bias``. ``relative_position_grid`` (SimMIM's fine-tuning):
+    the block owns a relative position table ``relative_position_bias [R, heads]`` (zeros; BEiT's rows for the
+    cls token plus grid tokens on this grid, ``models.relative_position``) whose bias is added to its logits.
     """
 
     num_heads: int
@@ -219,6 +221,7 @@ class Block(nn.Module):
     attention_impl: str | None = None
     drop_path: float = 0.0
     layer_scale_init: float | None = None
+    relative_position_grid: tuple[int, int] | None = None
 
     def layer_scale(self, name: str, branch):
         if self.layer_scale_init is None:
@@ -230,6 +233,14 @@ class Block(nn.Module):
     def __call__(self, x, deterministic: bool = True, attention_bias=None):
         # One keep/drop decision per example: broadcast over tokens and width.
         drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=deterministic or not self.drop_path)
+        if self.relative_position_grid is not None:
+            table = self.param(
+                "relative_position_bias",
+                logical(nn.initializers.zeros, None, "heads"),
+                (relative_position.relative_position_bias_size(self.relative_position_grid), self.num_heads),
+            )
+            own = relative_position.relative_bias(table.astype(self.dtype), self.relative_position_grid, None)
+            attention_bias = own if attention_bias is None else attention_bias + own
         attended = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
             layer_norm(self.dtype, "norm1")(x), attention_bias
         )
@@ -246,9 +257,9 @@ class Transformer(nn.Module):
     (MAE's linear rule). ``frozen_blocks = k`` stops gradients below block
     ``k``: the embeddings and the first ``k`` blocks get none (partial
     fine-tuning and linear probing skip their backward pass).
-    ``layer_scale_init`` is ``Block``'s; ``attention_bias`` (``[heads, T, T]``
-    or ``[B, heads, T, T]``) is added to every block's attention logits, one
-    array shared by all blocks (SimMIM's shared relative position bias).
+    ``layer_scale_init`` and ``relative_position_grid`` (a table in every block) are ``Block``'s;
+    ``attention_bias`` (``[heads, T, T]`` or ``[B, heads, T, T]``) is added to every block's attention
+    logits, one array shared by all blocks (SimMIM's shared relative position bias).
     The blocks carry the residual stream in ``residual_dtype(dtype)`` (float32
     under bfloat16) and are rematerialised by ``remat`` (``remat_block``).
 
@@ -269,6 +280,7 @@ class Transformer(nn.Module):
     layer_scale_init: float | None = None
     remat: str = "none"
     taps: tuple[int, ...] | None = None
+    relative_position_grid: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, attention_bias=None):
@@ -288,6 +300,7 @@ class Transformer(nn.Module):
                 self.attention_impl,
                 rate,
                 layer_scale_init=self.layer_scale_init,
+                relative_position_grid=self.relative_position_grid,
                 name=f"block_{i}",
             )
             x = block(x, deterministic, attention_bias)
@@ -442,7 +455,7 @@ class Encoder(nn.Module):
     MLP (``D -> 4D -> D``, parameters ``cls_token_mlp``) before its position
     is added; its output depends on the parameters only, so an encoder without
     it computes the same with the MLP's output as its cls token
-    (``models.tec.fold_cls_token_mlp``).
+    (``fold_cls_token_mlp``).
     """
 
     patch_size: int
@@ -480,7 +493,11 @@ class Encoder(nn.Module):
         return features.from_sequence(self(images, deterministic=deterministic))
 
     def layer_id(self, names: list[str]) -> int:
-        """The layer of the parameter at ``names`` (its path in this encoder) for layer-wise lr decay (``layer_id``)."""
+        """The layer of the parameter at ``names`` (its path in this encoder) for layer-wise lr decay (``layer_id``);
+        with TEC's input adaptor, the cls token and the adaptor are the head's, ``depth + 1`` (sail-sg/TEC
+        ``util/lr_decay.py`` L68-77: the cls token's layer -1 reads the last scale, 1)."""
+        if self.cls_token_mlp and names[0] in ("cls_token", "cls_token_mlp"):
+            return self.depth + 1
         return layer_id(names, self.depth)
 
     def resized(self, image_size: int) -> Encoder:
@@ -492,8 +509,15 @@ class Encoder(nn.Module):
 
     def adapt_pretrained(self, params: dict, pretrained: Encoder) -> dict:
         """The parameters ``params`` of the ``pretrained`` encoder as host numpy arrays for this one: the position
-        table resized to this grid (the pretraining's fixed sin-cos table where it had no learned one)."""
+        table resized to this grid (the pretraining's fixed sin-cos table where it had no learned one; none where
+        this encoder keeps the fixed table, as TEC's fine-tuning does), and TEC's input adaptor folded into the cls
+        token where this encoder has none (``fold_cls_token_mlp``)."""
+        if not self.cls_token_mlp:
+            params = fold_cls_token_mlp(params)
         params = jax.tree.map(np.asarray, params)
+        if not self.learned_pos_embedding:
+            params.pop("pos_embedding", None)
+            return params
         table = params.get("pos_embedding")
         if table is None:  # pretrained with the fixed sin-cos table
             table = sincos_2d(pretrained.width, pretrained.grid)
@@ -601,3 +625,15 @@ def interpolate_pos_embedding(table: jax.Array, old_grid: tuple[int, int], new_g
     grid = table[1:].reshape(*old_grid, table.shape[-1])
     resized = jax.image.resize(grid, (*new_grid, table.shape[-1]), method="cubic", antialias=False)
     return jnp.concatenate([table[:1], resized.reshape(-1, table.shape[-1]).astype(table.dtype)], axis=0)
+
+
+def fold_cls_token_mlp(encoder_params: dict) -> dict:
+    """Encoder parameters with ``cls_token_mlp`` replaced by its output as the ``cls_token`` (float32), the
+    parameters of an encoder without the input adaptor that computes the same."""
+    if "cls_token_mlp" not in encoder_params:
+        return encoder_params
+    params = {k: v for k, v in encoder_params.items() if k != "cls_token_mlp"}
+    cls_token = jnp.asarray(encoder_params["cls_token"], jnp.float32)
+    hidden = encoder_params["cls_token_mlp"]["fc1"]["kernel"].shape[-1]
+    params["cls_token"] = MlpBlock(hidden, parent=None).apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
+    return params
