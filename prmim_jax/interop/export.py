@@ -157,7 +157,7 @@ def vit_state_dict(encoder: vit.Encoder, params: dict, head: dict | None = None)
     """A ViT encoder (and classifier head) in the official MAE / timm layout (``mae_checkpoint``'s table), float32:
     ``pos_embed`` is the learned table or the fixed sin-cos one; ``fc_norm.*`` and ``head.*`` with a head."""
     if "cls_token_mlp" in params:
-        raise ExportError("the encoder still has TEC's cls_token_mlp; export models.tec.fold_cls_token_mlp(params).")
+        raise ExportError("the encoder still has TEC's cls_token_mlp; export models.vit.fold_cls_token_mlp(params).")
     table = params.get("pos_embedding", vit.sincos_2d(encoder.width, encoder.grid))
     out = mae_checkpoint.encoder_to_torch(params, table, encoder.patch_size)
     if head is not None:

@@ -150,7 +150,7 @@ class TargetEnhancedConditional(throwing.ThrowingMethod):
     def encoder(self, params=None):
         """The plain ViT (``vit.encoder_like``), the input adaptor folded into its cls token."""
         module = vit.encoder_like(self.model)
-        return module, None if params is None else tec_lib.fold_cls_token_mlp(params["encoder"])
+        return module, None if params is None else vit.fold_cls_token_mlp(params["encoder"])
 
     def load_frozen(self, frozen, shardings, load_run: RunLoader):
         """``frozen`` with the teacher's weights from ``method.teacher`` in place, laid out as ``shardings``

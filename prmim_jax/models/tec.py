@@ -311,18 +311,6 @@ class TecStudent(vit.VitFields):
         return logits / np.sqrt(self.target_width)
 
 
-def fold_cls_token_mlp(encoder_params: dict) -> dict:
-    """Encoder parameters with ``cls_token_mlp`` replaced by its output as the ``cls_token`` (float32), the
-    parameters of an encoder without the input adaptor that computes the same."""
-    if "cls_token_mlp" not in encoder_params:
-        return encoder_params
-    params = {k: v for k, v in encoder_params.items() if k != "cls_token_mlp"}
-    cls_token = jnp.asarray(encoder_params["cls_token"], jnp.float32)
-    hidden = encoder_params["cls_token_mlp"]["fc1"]["kernel"].shape[-1]
-    params["cls_token"] = layers.MlpBlock(hidden).apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
-    return params
-
-
 def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
     """The model section: ``models.mae.model_config``'s keys with TEC's decoder (2 blocks of width 512, 16
     heads) and its adaptors: ``cls_token_mlp`` (the input adaptor) and ``adaptor_groups`` (G; 0 for

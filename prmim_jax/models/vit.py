@@ -442,7 +442,7 @@ class Encoder(nn.Module):
     MLP (``D -> 4D -> D``, parameters ``cls_token_mlp``) before its position
     is added; its output depends on the parameters only, so an encoder without
     it computes the same with the MLP's output as its cls token
-    (``models.tec.fold_cls_token_mlp``).
+    (``fold_cls_token_mlp``).
     """
 
     patch_size: int
@@ -492,7 +492,11 @@ class Encoder(nn.Module):
 
     def adapt_pretrained(self, params: dict, pretrained: Encoder) -> dict:
         """The parameters ``params`` of the ``pretrained`` encoder as host numpy arrays for this one: the position
-        table resized to this grid (the pretraining's fixed sin-cos table where it had no learned one)."""
+        table resized to this grid (the pretraining's fixed sin-cos table where it had no learned one), and TEC's
+        input adaptor folded into the cls token when ``pretrained`` has one and this encoder has not
+        (``fold_cls_token_mlp``: the same cls token, so the same outputs)."""
+        if pretrained.cls_token_mlp and not self.cls_token_mlp:
+            params = fold_cls_token_mlp(params)
         params = jax.tree.map(np.asarray, params)
         table = params.get("pos_embedding")
         if table is None:  # pretrained with the fixed sin-cos table
@@ -543,6 +547,20 @@ class Encoder(nn.Module):
             name="transformer",
         )
         return blocks(x, deterministic)
+
+
+def fold_cls_token_mlp(encoder_params: dict) -> dict:
+    """``Encoder`` parameters with ``cls_token_mlp`` replaced by its output as the ``cls_token`` (float32): the
+    parameters of an encoder without the input adaptor that computes the same (the MLP reads the parameters
+    only). Parameters without it are returned as they are."""
+    if "cls_token_mlp" not in encoder_params:
+        return encoder_params
+    params = {k: v for k, v in encoder_params.items() if k != "cls_token_mlp"}
+    cls_token = jnp.asarray(encoder_params["cls_token"], jnp.float32)
+    hidden = encoder_params["cls_token_mlp"]["fc1"]["kernel"].shape[-1]
+    mlp = MlpBlock(hidden, parent=None)  # a module of its own, even when called from another module's method
+    params["cls_token"] = mlp.apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
+    return params
 
 
 def transformer_like(module: nn.Module, **fields) -> Transformer:
