@@ -208,7 +208,7 @@ def finetuning(
     fsdp: bool = False,
 ) -> ml_collections.ConfigDict:
     """A classifier's training (``method.name='classify'``): fine-tuning, partial fine-tuning or linear probing of
-    the encoder named at run time (``--config.init.workdir``, ``init.mae_checkpoint``, ...), with the top-1
+    the encoder named at run time (``--config.init.workdir``, ``init.checkpoint``), with the top-1
     ``accuracy`` evaluator (its section's keys) and ``mixing`` (default: Table 14's mixup / cutmix)."""
     return base_config.experiment_config(
         seed=seed,

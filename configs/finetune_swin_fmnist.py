@@ -5,7 +5,7 @@
     python -m prmim_jax.main --config configs/finetune_swin_fmnist.py --workdir workdirs/fmnist_swin_ft2 \\
         --config.init.workdir=workdirs/fmnist_swin_ft   # start from a Swin run (a GreenMIM pretraining, later)
 
-Without ``--config.init.workdir`` (or ``--config.init.swin_checkpoint`` for a file in the
+Without ``--config.init.workdir`` (or ``--config.init.checkpoint`` for a file in the
 official / timm layout) the Swin trains from scratch. The recipe, loop and data are
 ``finetune_fmnist.py:recipe=table14``'s (Table 14's AdamW, drop path 0.1, RandAug, random erasing,
 mixup / cutmix, label smoothing, warmup + cosine); argument: comma-separated

@@ -46,12 +46,25 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
             file.write(config.to_json_best_effort(indent=1))
 
 
+def _without_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` without where its encoder came from (``init.workdir``, ``init.checkpoint``, ...): a saved run's
+    checkpoint holds every trained parameter, so it loads after the pretraining run or file it started from is
+    gone."""
+    if "init" not in config:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in config.init.items():
+        if isinstance(value, str) and key != "checkpoint_layout":
+            config.init[key] = None
+    return config
+
+
 def load(workdir: str | pathlib.Path, step: int | None = None) -> methods.TrainedRun:
     """The run in ``workdir`` at its latest checkpoint (or at ``step``), on this host's first local device (each
     process of a multi-host job reads it whole): config, method, ``Variables`` (trained ``params``, ``frozen``,
     ``batch_stats``) and step. ``FileNotFoundError`` naming the fix when ``workdir`` holds no run or no such step."""
     config = checkpoint.read_run_config(workdir, "prmim_jax")
-    method = methods.build(config)
+    method = methods.build(_without_init(config))
     tx = method.optimizer(config.batch_size, config.total_steps)
     step, state = checkpoint.restore_on_local_device(
         workdir, lambda: init_state(method, tx, jax.random.key(0), 1), step

@@ -64,7 +64,20 @@ class _Finder:
         del module
 
 
+def _transformers_sees_no_torchvision() -> None:
+    """transformers asks lazily (``importlib.util.find_spec``, then the version) whether torchvision is installed,
+    and would find the stand-in, without a version: it must see the machine as it is. Asked now, before the
+    stand-in exists, its answer (no torchvision) is cached for the process, whichever test module comes first."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:  # pragma: no cover - transformers is in requirements-test.txt
+        return
+    import_utils.is_torchvision_available()
+
+
 def install(name: str) -> None:
     """``import name`` and its submodules give stand-ins from now on, in this process (a no-op when installed)."""
+    if name == "torchvision":
+        _transformers_sees_no_torchvision()
     if not any(isinstance(finder, _Finder) and finder.root == name for finder in sys.meta_path):
         sys.meta_path.insert(0, _Finder(name))

@@ -403,7 +403,7 @@ MALFORMED = {
     "two_encoders": (
         "finetune",
         lambda c, _: c.init.update(workdir="/a", mae_checkpoint="/b.pth"),
-        "set one of init.workdir .* and init.mae_checkpoint .*, not both",
+        r"^init.workdir and init.mae_checkpoint are set; set one of init.workdir .* and init.checkpoint .*, not both",
     ),
     # --- Swin fine-tuning -----------------------------------------------------------------------------
     "unknown_architecture": (
@@ -440,12 +440,12 @@ MALFORMED = {
     "swin_with_an_mae_checkpoint": (
         "swin",
         lambda c, _: c.init.update(mae_checkpoint="/b.pth"),
-        "init.mae_checkpoint holds a ViT but model.architecture='swin'; use init.swin_checkpoint",
+        r"^init.mae_checkpoint=/b.pth: the file holds an MAE ViT .* fine-tune it with model.architecture='vit'",
     ),
     "vit_with_a_swin_checkpoint": (
         "finetune",
         lambda c, _: c.init.update(swin_checkpoint="/b.pth"),
-        "init.swin_checkpoint holds a Swin but the model is a ViT",
+        r"^init.swin_checkpoint=/b.pth: the file holds a Swin Transformer .* model.architecture='swin'",
     ),
 }
 

@@ -5,6 +5,7 @@ configs are built in ``test_recipes``."""
 
 import importlib
 import shlex
+import shutil
 
 import jax
 import numpy as np
@@ -75,6 +76,9 @@ def test_row_pretrains_and_fine_tunes_end_to_end_with_its_recipe(row_id, tmp_pat
     assert len(shared) >= len(start) // 2 and moved < 0.5, (
         f"{row_id}: the fine-tuning did not start from the pretraining"
     )
+    if row_id == ROWS[0]:  # a finished fine-tuning loads without the pretraining it started from
+        shutil.rmtree(pretrain_dir)
+        assert runs.load(finetune_dir).step == finetune_config.total_steps
     if row.finetune.startswith("finetune_simmim_in1k.py") and "recipe=amt" not in row.finetune:
         # SimMIM's fine-tuning: a relative table per block, each started from the pretrained shared one.
         blocks = finetuned_variables.params["encoder"]["transformer"]

@@ -48,7 +48,7 @@ import shutil
 
 import numpy as np
 
-from prmim_jax.interop import mae_checkpoint, swin_checkpoint, weight_files
+from prmim_jax.interop import hf_simmim, mae_checkpoint, swin_checkpoint, weight_files
 from prmim_jax.models import layers, relative_position, simmim, swin, vit
 
 FORMATS = ("mae", "timm", "transformers", "mmseg", "mmdet")
@@ -126,7 +126,7 @@ def convert(encoder, params: dict, fmt: str, head: dict | None = None) -> Export
             return Export(mm_vision_transformer(release), None, "mmseg VisionTransformer (vit2mmseg layout)")
         return Export(mm_beit(release, encoder.grid, encoder.num_heads), None, "mmseg MAE (beit2mmseg layout)")
     if kind == "simmim_vit":
-        beit = beit_state_dict(encoder, params)
+        beit = hf_simmim.encoder_to_official(encoder, params)
         if fmt == "timm":
             return Export(beit, "model", "timm Beit")
         backbone = "MAE" if "pos_embed" in beit else "BEiT"
@@ -166,41 +166,6 @@ def vit_state_dict(encoder: vit.Encoder, params: dict, head: dict | None = None)
     return _float32(out)
 
 
-def beit_state_dict(encoder: simmim.SimMIMEncoder, params: dict) -> dict[str, np.ndarray]:
-    """A SimMIM ViT in BEiT's layout (timm's ``Beit``, what SimMIM's fine-tuning reads), float32.
-
-    ``blocks.{i}.attn.{q,v}_bias`` (no key bias: ours adds a constant to every logit of a query and is
-    dropped), ``blocks.{i}.gamma_{1,2}`` with layer scale, ``blocks.{i}.attn.relative_position_bias_table``
-    ``[(2H - 1)(2W - 1) + 3, heads]`` a copy of the shared table in every block (BEiT's per-block bias, as
-    SimMIM's fine-tuning copies it), ``pos_embed [1, 1 + N, D]`` with an absolute table, ``norm.*``.
-    """
-    table = _position_table(encoder, params)
-    out = mae_checkpoint.encoder_to_torch(
-        params, table if table is not None else np.zeros((1, encoder.width)), encoder.patch_size
-    )
-    if table is None:
-        del out["pos_embed"]
-    transformer = params["transformer"]
-    for i in range(encoder.depth):
-        prefix, block = f"blocks.{i}", transformer[f"block_{i}"]
-        q_bias, _, v_bias = np.split(out.pop(f"{prefix}.attn.qkv.bias"), 3)
-        out[f"{prefix}.attn.q_bias"], out[f"{prefix}.attn.v_bias"] = q_bias, v_bias
-        if "layer_scale_attn" in block:
-            out[f"{prefix}.gamma_1"], out[f"{prefix}.gamma_2"] = block["layer_scale_attn"], block["layer_scale_mlp"]
-        if "relative_position_bias" in params:
-            out[f"{prefix}.attn.relative_position_bias_table"] = params["relative_position_bias"]
-    return _float32(out)
-
-
-def _position_table(encoder: simmim.SimMIMEncoder, params: dict) -> np.ndarray | None:
-    """The absolute table ``[1 + N, D]`` a SimMIM encoder adds (learned or sin-cos), or None."""
-    if encoder.position_embedding == "learned":
-        return params["pos_embedding"]
-    if encoder.position_embedding == "sincos":
-        return vit.sincos_2d(encoder.width, encoder.grid)
-    return None
-
-
 def swin_state_dict(encoder: swin.SwinTransformer, params: dict, head: dict | None = None) -> dict[str, np.ndarray]:
     """A Swin (and classifier head) in the official layout with its buffers (``swin_checkpoint``'s table)."""
     if head is not None:
@@ -221,22 +186,25 @@ def _renamed(key: str, renames: dict[str, str]) -> str:
     return key
 
 
+def mm_vit_key(key: str) -> str:
+    """A timm ViT key -> its name in OpenMMLab's ViTs (``beit2mmseg.py``'s and ``vit2mmseg.py``'s shared renames;
+    mmpretrain's ``VisionTransformer``, MFF's backbone, holds the same names): the final ``norm`` -> ``ln1``,
+    ``patch_embed.proj`` -> ``patch_embed.projection``, ``blocks`` -> ``layers`` with ``norm{1,2}`` -> ``ln{1,2}``,
+    ``mlp.fc1`` -> ``ffn.layers.0.0``, ``mlp.fc2`` -> ``ffn.layers.1``; other keys unchanged. Importers read it
+    backwards (``interop.official``)."""
+    if key.startswith("norm."):
+        key = "ln1." + key.removeprefix("norm.")
+    key = key.replace("patch_embed.proj.", "patch_embed.projection.")
+    if key.startswith("blocks."):
+        key = "layers." + key.removeprefix("blocks.")
+        key = re.sub(r"\.norm([12])\.", r".ln\1.", key)
+        key = _renamed(key, {".mlp.fc1.": ".ffn.layers.0.0.", ".mlp.fc2.": ".ffn.layers.1."})
+    return key
+
+
 def _mm_renamed(release: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The renames ``beit2mmseg.py`` and ``vit2mmseg.py`` share; heads (``head``, ``fc_norm``) dropped and the
-    final ``norm`` written as the backbones' ``ln1``."""
-    out = {}
-    for key, value in release.items():
-        if key.startswith(("head.", "fc_norm.")):
-            continue
-        if key.startswith("norm."):
-            key = "ln1." + key.removeprefix("norm.")
-        key = key.replace("patch_embed.proj.", "patch_embed.projection.")
-        if key.startswith("blocks."):
-            key = "layers." + key.removeprefix("blocks.")
-            key = re.sub(r"\.norm([12])\.", r".ln\1.", key)
-            key = _renamed(key, {".mlp.fc1.": ".ffn.layers.0.0.", ".mlp.fc2.": ".ffn.layers.1."})
-        out[key] = value
-    return out
+    """``release`` renamed by ``mm_vit_key``, heads (``head``, ``fc_norm``) dropped."""
+    return {mm_vit_key(k): v for k, v in release.items() if not k.startswith(("head.", "fc_norm."))}
 
 
 def mm_beit(
@@ -406,7 +374,7 @@ def transformers_vit(encoder: vit.Encoder, params: dict, head: dict | None = Non
 def transformers_beit(encoder: simmim.SimMIMEncoder, params: dict, head: dict | None = None) -> Export:
     """``BeitModel`` weights and config: per-layer relative tables, layer scale as ``lambda_{1,2}``."""
     del head  # SimMIM leaves no classifier
-    release = beit_state_dict(encoder, params)
+    release = hf_simmim.encoder_to_official(encoder, params)
     sd = {
         "embeddings.cls_token": release["cls_token"],
         "embeddings.patch_embeddings.projection.weight": release["patch_embed.proj.weight"],

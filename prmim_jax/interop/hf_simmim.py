@@ -30,7 +30,12 @@ scale only)                                                                  ``{
 ==============================================  ===========================  =============================
 
 The official ViT has no key bias; ours has one, set to zero (it cannot change
-the attention: it adds one value to all logits of a query). transformers'
+the attention: it adds one value to all logits of a query). Without the ``encoder.``
+prefix and with the shared table copied into every block
+(``blocks.{i}.attn.relative_position_bias_table``) the encoder rows are BEiT's layout,
+what timm's ``Beit`` and SimMIM's fine-tuning read: ``encoder_shapes``,
+``encoder_from_official`` and ``encoder_to_official`` read and write both (``export``
+writes BEiT's, ``official`` reads either). transformers'
 ``ViTForMaskedImageModeling`` holds the same model under other names, with
 separate q, k, v projections and a learned position table; ``from_transformers``
 renames it into the official layout (dropping the key bias, which for the same
@@ -43,50 +48,48 @@ import os
 
 import numpy as np
 
-from prmim_jax.interop import weight_files
+from prmim_jax.interop import mae_checkpoint, weight_files
 from prmim_jax.interop.mae_checkpoint import CheckpointMismatchError
-from prmim_jax.models import relative_position
+from prmim_jax.models import relative_position, vit
 from prmim_jax.models import simmim as simmim_lib
+
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # the official ViT's (and timm Beit's) shared table
+BLOCK_TABLE = "attn.relative_position_bias_table"  # BEiT's per-block table (``blocks.{i}.`` before it)
+
+
+def encoder_shapes(encoder, channels: int, prefix: str = "encoder.", per_block_tables: bool = False) -> dict:
+    """The encoder rows of the table for a ``SimMIMEncoder``-shaped ``encoder`` of ``channels`` channels, keys
+    under ``prefix`` (``''``: BEiT's layout, what timm's ``Beit`` reads), with their shapes; the relative table
+    shared (``rel_pos_bias.*``) or, ``per_block_tables``, one copy in every block (BEiT's)."""
+    d, n, heads = encoder.width, encoder.grid[0] * encoder.grid[1], encoder.num_heads
+    shapes = {f"{prefix}cls_token": (1, 1, d)}
+    if encoder.position_embedding == "learned":
+        shapes[f"{prefix}pos_embed"] = (1, 1 + n, d)
+    shapes |= {
+        f"{prefix}patch_embed.proj.weight": (d, channels, encoder.patch_size, encoder.patch_size),
+        f"{prefix}patch_embed.proj.bias": (d,),
+    }
+    table = (relative_position.relative_position_bias_size(encoder.grid), heads)
+    shared = encoder.relative_position_bias == "shared"
+    if shared and not per_block_tables:
+        shapes[f"{prefix}{SHARED_TABLE}"] = table
+    for i in range(encoder.depth):
+        block = f"{prefix}blocks.{i}"
+        if encoder.layer_scale_init is not None:
+            shapes |= {f"{block}.gamma_1": (d,), f"{block}.gamma_2": (d,)}
+        body = mae_checkpoint.block_shapes(block, d, encoder.mlp_dim)
+        del body[f"{block}.attn.qkv.bias"]  # no key bias: q_bias and v_bias
+        shapes |= body | {f"{block}.attn.q_bias": (d,), f"{block}.attn.v_bias": (d,)}
+        if shared and per_block_tables:
+            shapes[f"{block}.{BLOCK_TABLE}"] = table
+    return shapes | {f"{prefix}norm.weight": (d,), f"{prefix}norm.bias": (d,)}
 
 
 def expected_shapes(model: simmim_lib.SimMIM) -> dict[str, tuple[int, ...]]:
     """Every key of an official SimMIM checkpoint of ``model``'s architecture, with its shape."""
-    d, n, heads = model.width, model.grid[0] * model.grid[1], model.num_heads
-    shapes = {"encoder.cls_token": (1, 1, d), "encoder.mask_token": (1, 1, d)}
-    if model.position_embedding == "learned":
-        shapes["encoder.pos_embed"] = (1, 1 + n, d)
-    shapes |= {
-        "encoder.patch_embed.proj.weight": (d, model.channels, model.patch_size, model.patch_size),
-        "encoder.patch_embed.proj.bias": (d,),
-    }
-    if model.relative_position_bias == "shared":
-        shapes["encoder.rel_pos_bias.relative_position_bias_table"] = (
-            relative_position.relative_position_bias_size(model.grid),
-            heads,
-        )
-    for i in range(model.depth):
-        prefix = f"encoder.blocks.{i}"
-        if model.layer_scale_init is not None:
-            shapes |= {f"{prefix}.gamma_1": (d,), f"{prefix}.gamma_2": (d,)}
-        shapes |= {
-            f"{prefix}.norm1.weight": (d,),
-            f"{prefix}.norm1.bias": (d,),
-            f"{prefix}.attn.q_bias": (d,),
-            f"{prefix}.attn.v_bias": (d,),
-            f"{prefix}.attn.qkv.weight": (3 * d, d),
-            f"{prefix}.attn.proj.weight": (d, d),
-            f"{prefix}.attn.proj.bias": (d,),
-            f"{prefix}.norm2.weight": (d,),
-            f"{prefix}.norm2.bias": (d,),
-            f"{prefix}.mlp.fc1.weight": (model.mlp_dim, d),
-            f"{prefix}.mlp.fc1.bias": (model.mlp_dim,),
-            f"{prefix}.mlp.fc2.weight": (d, model.mlp_dim),
-            f"{prefix}.mlp.fc2.bias": (d,),
-        }
-    return shapes | {
-        "encoder.norm.weight": (d,),
-        "encoder.norm.bias": (d,),
-        "decoder.0.weight": (model.patch_dim, d, 1, 1),
+    return encoder_shapes(model, model.channels) | {
+        "encoder.mask_token": (1, 1, model.width),
+        "decoder.0.weight": (model.patch_dim, model.width, 1, 1),
         "decoder.0.bias": (model.patch_dim,),
     }
 
@@ -97,39 +100,81 @@ def _head_rows_from_official(rows: np.ndarray, patch_size: int, channels: int) -
     return rows.reshape(channels, patch_size, patch_size, *rest).transpose(1, 2, 0, *range(3, 3 + len(rest)))
 
 
-def _block_from_official(sd: dict, prefix: str, model: simmim_lib.SimMIM) -> dict:
-    d, heads = model.width, model.num_heads
-    head_dim = d // heads
-    qkv = sd[f"{prefix}.attn.qkv.weight"]
-    biases = {
-        "query": sd[f"{prefix}.attn.q_bias"],
-        "key": np.zeros(d, np.float32),
-        "value": sd[f"{prefix}.attn.v_bias"],
-    }
-    attn = {
-        name: {
-            "kernel": qkv[i * d : (i + 1) * d].T.reshape(d, heads, head_dim),
-            "bias": biases[name].reshape(heads, head_dim),
-        }
-        for i, name in enumerate(("query", "key", "value"))
-    }
-    attn["out"] = {
-        "kernel": sd[f"{prefix}.attn.proj.weight"].T.reshape(heads, head_dim, d),
-        "bias": sd[f"{prefix}.attn.proj.bias"],
-    }
-    block = {
-        "norm1": {"scale": sd[f"{prefix}.norm1.weight"], "bias": sd[f"{prefix}.norm1.bias"]},
-        "attn": attn,
-        "norm2": {"scale": sd[f"{prefix}.norm2.weight"], "bias": sd[f"{prefix}.norm2.bias"]},
-        "mlp": {
-            fc: {"kernel": sd[f"{prefix}.mlp.{fc}.weight"].T, "bias": sd[f"{prefix}.mlp.{fc}.bias"]}
-            for fc in ("fc1", "fc2")
+def encoder_from_official(state_dict: dict, encoder, prefix: str = "encoder.") -> dict:
+    """The ``SimMIMEncoder`` parameters (float32 numpy, no mask token) from ``encoder_shapes``' keys under
+    ``prefix`` (checked already); a per-block table (BEiT's layout) is read from block 0, the caller having
+    checked the blocks' copies equal. The official ViT has no key bias: ours is zero."""
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items() if k.startswith(prefix)}
+    for i in range(encoder.depth):  # mae_checkpoint's block reader takes the fused [q; k; v] bias
+        block = f"{prefix}blocks.{i}"
+        q_bias, v_bias = sd[f"{block}.attn.q_bias"], sd[f"{block}.attn.v_bias"]
+        sd[f"{block}.attn.qkv.bias"] = np.concatenate([q_bias, np.zeros_like(q_bias), v_bias])
+    blocks = {}
+    for i in range(encoder.depth):
+        block = f"{prefix}blocks.{i}"
+        blocks[f"block_{i}"] = mae_checkpoint.block_from_torch(sd, block, encoder.num_heads)
+        if encoder.layer_scale_init is not None:
+            blocks[f"block_{i}"] |= {
+                "layer_scale_attn": sd[f"{block}.gamma_1"],
+                "layer_scale_mlp": sd[f"{block}.gamma_2"],
+            }
+    params = {
+        "cls_token": sd[f"{prefix}cls_token"],
+        "patch_embed": {
+            "kernel": mae_checkpoint.patch_kernel_from_torch(sd[f"{prefix}patch_embed.proj.weight"]),
+            "bias": sd[f"{prefix}patch_embed.proj.bias"],
         },
+        "transformer": blocks | {"norm": mae_checkpoint.norm_from_torch(sd, f"{prefix}norm")},
     }
-    if model.layer_scale_init is not None:
-        block["layer_scale_attn"] = sd[f"{prefix}.gamma_1"]
-        block["layer_scale_mlp"] = sd[f"{prefix}.gamma_2"]
-    return block
+    if encoder.position_embedding == "learned":
+        params["pos_embedding"] = sd[f"{prefix}pos_embed"][0]
+    if encoder.relative_position_bias == "shared":
+        params["relative_position_bias"] = sd.get(f"{prefix}{SHARED_TABLE}", sd.get(f"{prefix}blocks.0.{BLOCK_TABLE}"))
+    return params
+
+
+def encoder_to_official(encoder, params: dict, prefix: str = "", per_block_tables: bool = True) -> dict:
+    """A ``SimMIMEncoder``'s (numpy) parameters in ``encoder_shapes``' layout under ``prefix``, float32; by default
+    BEiT's (timm's ``Beit``, what SimMIM's fine-tuning reads): the shared table copied into every block.
+
+    ``blocks.{i}.attn.{q,v}_bias`` (no key bias: ours adds a constant to every logit of a query and is
+    dropped), ``blocks.{i}.gamma_{1,2}`` with layer scale, ``pos_embed [1, 1 + N, D]`` with an absolute table
+    (a sin-cos one written too), ``norm.*``.
+    """
+    table = _position_table(encoder, params)
+    out = mae_checkpoint.encoder_to_torch(
+        params, table if table is not None else np.zeros((1, encoder.width)), encoder.patch_size
+    )
+    if table is None:
+        del out["pos_embed"]
+    if "relative_position_bias" in params and not per_block_tables:
+        out[SHARED_TABLE] = params["relative_position_bias"]
+    transformer = params["transformer"]
+    for i in range(encoder.depth):
+        block, block_params = f"blocks.{i}", transformer[f"block_{i}"]
+        q_bias, _, v_bias = np.split(out.pop(f"{block}.attn.qkv.bias"), 3)
+        out[f"{block}.attn.q_bias"], out[f"{block}.attn.v_bias"] = q_bias, v_bias
+        if "layer_scale_attn" in block_params:
+            out[f"{block}.gamma_1"] = block_params["layer_scale_attn"]
+            out[f"{block}.gamma_2"] = block_params["layer_scale_mlp"]
+        if "relative_position_bias" in params and per_block_tables:
+            out[f"{block}.{BLOCK_TABLE}"] = params["relative_position_bias"]
+    return {prefix + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _position_table(encoder, params: dict) -> np.ndarray | None:
+    """The absolute table ``[1 + N, D]`` a SimMIM encoder adds (learned or sin-cos), or None."""
+    if encoder.position_embedding == "learned":
+        return params["pos_embedding"]
+    if encoder.position_embedding == "sincos":
+        return vit.sincos_2d(encoder.width, encoder.grid)
+    return None
+
+
+def check_index(stored, grid: tuple[int, int], key: str) -> None:
+    """``CheckpointMismatchError`` unless a stored ``relative_position_index`` buffer is BEiT's of ``grid``."""
+    if not np.array_equal(stored, relative_position.relative_position_index(tuple(grid))):
+        raise CheckpointMismatchError(f"key {key!r} is not BEiT's relative position index of a {grid} grid.")
 
 
 def from_official(state_dict: dict[str, np.ndarray], model: simmim_lib.SimMIM) -> dict:
@@ -145,45 +190,15 @@ def from_official(state_dict: dict[str, np.ndarray], model: simmim_lib.SimMIM) -
     index_key = "encoder.rel_pos_bias.relative_position_index"
     stored_index = sd.pop(index_key, None)
     sd = {k: v.astype(np.float32) for k, v in sd.items()}
-    expected = expected_shapes(model)
-    unexpected = sorted(set(sd) - set(expected))
-    if unexpected:
-        raise CheckpointMismatchError(
-            f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all: {unexpected[:5]}); is this a "
-            "SimMIM ViT pretraining checkpoint, and do layer_scale_init, position_embedding and "
-            "relative_position_bias match its USE_APE / USE_SHARED_RPB / INIT_VALUES?"
-        )
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise CheckpointMismatchError(f"missing key {missing[0]!r} ({len(missing)} missing in all: {missing[:5]}).")
-    for key, shape in expected.items():
-        if sd[key].shape != shape:
-            raise CheckpointMismatchError(f"key {key!r} has shape {sd[key].shape}; the model expects {shape}.")
-    if stored_index is not None and not np.array_equal(
-        stored_index, relative_position.relative_position_index(model.grid)
-    ):
-        raise CheckpointMismatchError(
-            f"key {index_key!r} is not BEiT's relative position index of a {model.grid} grid."
-        )
-
-    weight = sd["encoder.patch_embed.proj.weight"]
-    encoder = {
-        "cls_token": sd["encoder.cls_token"],
-        "mask_token": sd["encoder.mask_token"],
-        # [D, C, p, q] -> [p * q * C, D] in patchify's (p, q, c) order
-        "patch_embed": {
-            "kernel": weight.transpose(2, 3, 1, 0).reshape(-1, model.width),
-            "bias": sd["encoder.patch_embed.proj.bias"],
-        },
-        "transformer": {
-            f"block_{i}": _block_from_official(sd, f"encoder.blocks.{i}", model) for i in range(model.depth)
-        }
-        | {"norm": {"scale": sd["encoder.norm.weight"], "bias": sd["encoder.norm.bias"]}},
-    }
-    if model.position_embedding == "learned":
-        encoder["pos_embedding"] = sd["encoder.pos_embed"][0]
-    if model.relative_position_bias == "shared":
-        encoder["relative_position_bias"] = sd["encoder.rel_pos_bias.relative_position_bias_table"]
+    mae_checkpoint.check_keys(
+        sd,
+        expected_shapes(model),
+        "is this a SimMIM ViT pretraining checkpoint, and do layer_scale_init, position_embedding and "
+        "relative_position_bias match its USE_APE / USE_SHARED_RPB / INIT_VALUES?",
+    )
+    if stored_index is not None:
+        check_index(stored_index, model.grid, index_key)
+    encoder = encoder_from_official(sd, model) | {"mask_token": sd["encoder.mask_token"]}
     rows = _head_rows_from_official(sd["decoder.0.weight"][:, :, 0, 0], model.patch_size, model.channels)
     head = {
         "kernel": rows.reshape(model.patch_dim, model.width).T,

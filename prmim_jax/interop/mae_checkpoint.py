@@ -59,6 +59,26 @@ class CheckpointMismatchError(ValueError):
     """A state dict whose keys or shapes do not fit the model; the message names the key."""
 
 
+def check_keys(state_dict, expected: dict[str, tuple[int, ...]], hint: str = "") -> None:
+    """``CheckpointMismatchError`` naming the first key of ``state_dict`` (arrays, or ``weight_files.read(...,
+    data=False)``'s stand-ins) that ``expected`` lacks, then the first it misses, then the first whose shape
+    differs; ``hint`` (what the file holds, the fix) ends each message."""
+    hint = f"; {hint}" if hint else ""
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all: {unexpected[:5]}){hint}"
+        )
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise CheckpointMismatchError(
+            f"missing key {missing[0]!r} ({len(missing)} missing in all: {missing[:5]}){hint}"
+        )
+    for key, shape in expected.items():
+        if np.shape(state_dict[key]) != tuple(shape):
+            raise CheckpointMismatchError(f"key {key!r} has shape {np.shape(state_dict[key])}; expected {shape}{hint}")
+
+
 # The torch-layout helpers below are shared by the other importers (``swin_checkpoint``).
 
 
@@ -208,20 +228,9 @@ def from_state_dict(state_dict: dict[str, np.ndarray], model: mae_lib.MaskedAuto
     sd = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
     full = expected_shapes(model, include_decoder=True)
     encoder_only = expected_shapes(model, include_decoder=False)
-    unexpected = sorted(set(sd) - set(full))
-    if unexpected:
-        raise CheckpointMismatchError(
-            f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all: {unexpected[:5]}); "
-            "is this an official MAE pretraining checkpoint of this architecture?"
-        )
     has_decoder = any(k not in encoder_only for k in sd)
     expected = full if has_decoder else encoder_only
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise CheckpointMismatchError(f"missing key {missing[0]!r} ({len(missing)} missing in all: {missing[:5]}).")
-    for key, shape in expected.items():
-        if sd[key].shape != shape:
-            raise CheckpointMismatchError(f"key {key!r} has shape {sd[key].shape}; the model expects {shape}.")
+    check_keys(sd, expected, "is this an official MAE pretraining checkpoint of this architecture?")
     for key, width in (("pos_embed", model.width), ("decoder_pos_embed", model.decoder_width)):
         if key in sd and not np.allclose(sd[key][0], vit.sincos_2d(width, model.grid), atol=_POS_EMBED_ATOL):
             raise CheckpointMismatchError(f"key {key!r} is not the fixed 2-D sin-cos table of a {model.grid} grid.")

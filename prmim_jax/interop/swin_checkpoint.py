@@ -212,16 +212,12 @@ def _encoder_keys(state_dict: dict) -> dict:
     }
 
 
-def from_state_dict(state_dict: dict, model: swin.SwinTransformer) -> dict:
-    """An official or timm Swin state dict -> our ``SwinTransformer`` parameters (float32 numpy).
-
-    The layout is detected (``detect_layout``); buffers are ignored; a head is
-    read when ``model.num_classes > 0`` (and must then be there) and skipped
-    otherwise; relative position tables of another window are resized to
-    ``model``'s. Raises ``CheckpointMismatchError`` naming missing / unexpected
-    keys or a shape that differs, with the checkpoint's architecture and the fix.
-    """
-    sd = {k: np.asarray(v) for k, v in _encoder_keys(dict(state_dict)).items() if not k.endswith(BUFFER_SUFFIXES)}
+def check_state_dict(state_dict, model: swin.SwinTransformer) -> tuple[dict, str]:
+    """``(the Swin's own keys of state_dict, buffers left out; its layout)``, after checking them against ``model``
+    (arrays, or ``weight_files.read(..., data=False)``'s stand-ins): ``CheckpointMismatchError`` naming missing /
+    unexpected keys or a shape that differs, with the checkpoint's architecture and the fix. A relative position
+    table of another window passes (``from_state_dict`` resizes it); its heads must be the model's."""
+    sd = {k: v for k, v in _encoder_keys(dict(state_dict)).items() if not k.endswith(BUFFER_SUFFIXES)}
     layout = detect_layout(sd, len(model.depths))
     expected = expected_shapes(model, layout)
     optional = set(expected_shapes(model, layout, num_classes=1)) - set(expected)  # a head the model does not use
@@ -239,16 +235,33 @@ def from_state_dict(state_dict: dict, model: swin.SwinTransformer) -> dict:
             f"num_classes={model.num_classes}: set the model's variant / width / depths / num_heads (and "
             "num_classes, 0 for a backbone) to the checkpoint's."
         )
-    sd = {k: v.astype(np.float32) for k, v in sd.items() if k in expected}
     for key, shape in expected.items():
-        if key.endswith(_TABLE) and sd[key].shape[-1] == shape[-1]:
-            window = (model.stages[int(key.split(".")[1])].window,) * 2
-            sd[key] = swin.resize_relative_position_table(sd[key], window)
-        if sd[key].shape != shape:
+        got = np.shape(sd[key])
+        if got != shape and not (key.endswith(_TABLE) and got[-1:] == shape[-1:]):  # another window: resized
             raise CheckpointMismatchError(
-                f"key {key!r} has shape {sd[key].shape}; the model expects {shape}. The checkpoint holds "
+                f"key {key!r} has shape {got}; the model expects {shape}. The checkpoint holds "
                 f"{describe(sd)}: set the model's sizes to the checkpoint's."
             )
+    return sd, layout
+
+
+def from_state_dict(state_dict: dict, model: swin.SwinTransformer) -> dict:
+    """An official or timm Swin state dict -> our ``SwinTransformer`` parameters (float32 numpy).
+
+    The layout is detected (``detect_layout``); buffers are ignored; a head is
+    read when ``model.num_classes > 0`` (and must then be there) and skipped
+    otherwise; relative position tables of another window are resized to
+    ``model``'s. Raises ``CheckpointMismatchError`` naming missing / unexpected
+    keys or a shape that differs, with the checkpoint's architecture and the fix
+    (``check_state_dict``).
+    """
+    sd, layout = check_state_dict(state_dict, model)
+    expected = expected_shapes(model, layout)
+    sd = {k: np.asarray(v, np.float32) for k, v in sd.items() if k in expected}
+    for key in expected:
+        if key.endswith(_TABLE):
+            window = (model.stages[int(key.split(".")[1])].window,) * 2
+            sd[key] = swin.resize_relative_position_table(sd[key], window)
     params = {
         "patch_embed": {
             "kernel": mae_checkpoint.patch_kernel_from_torch(sd["patch_embed.proj.weight"]),

@@ -11,6 +11,8 @@
 A ``torch.save`` file may hold more than weights (MAE's training checkpoints
 carry ``optimizer``, ``epoch`` and an ``argparse.Namespace``); ``read`` returns
 the state dict found under ``key`` (default ``'model'``) or the top level.
+``read(..., data=False)`` reads the names, shapes and dtypes alone (the pickle, or
+the safetensors header), so that a file can be checked before it is loaded.
 """
 
 from __future__ import annotations
@@ -63,21 +65,31 @@ def _rebuild_tensor(storage, offset, shape, stride, *unused):
     return np.ascontiguousarray(view)
 
 
+def _tensor_stand_in(storage, offset, shape, stride, *unused):
+    """``_rebuild_tensor`` without the data: zeros of the tensor's shape and dtype that take no memory."""
+    del offset, stride, unused
+    return np.broadcast_to(storage, tuple(shape))
+
+
 def _rebuild_parameter(tensor, *unused):
     del unused
     return tensor
 
 
 class _TorchUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    """Rebuilds the tensors of a ``torch.save`` pickle as numpy arrays, or (``data=False``) as ``_tensor_stand_in``s
+    without reading a storage."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, data: bool = True):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
+        self._data = data
         self._storages = {}
 
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
+            return _rebuild_tensor if self._data else _tensor_stand_in
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -94,13 +106,15 @@ class _TorchUnpickler(pickle.Unpickler):
             raise WeightFileError(f"unsupported persistent id {kind!r} in a torch.save archive")
         if not isinstance(dtype, type):  # torch >= 2 may pickle a dtype object; we only know storage classes
             raise WeightFileError(f"unsupported storage type {dtype!r}")
+        if not self._data:
+            return np.zeros((), dtype)
         if key not in self._storages:
             raw = self._archive.read(f"{self._prefix}/data/{key}")
             self._storages[key] = (np.frombuffer(raw, dtype=dtype), np.dtype(dtype).itemsize)
         return self._storages[key]
 
 
-def _read_torch_zip(path: str):
+def _read_torch_zip(path: str, data: bool = True):
     if not zipfile.is_zipfile(path):
         raise WeightFileError(
             f"{path} is not a torch.save zip archive (the format of PyTorch >= 1.6); "
@@ -115,28 +129,28 @@ def _read_torch_zip(path: str):
         if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
             raise WeightFileError(f"{path} was saved big-endian; only little-endian archives are supported.")
         with archive.open(pickles[0]) as file:
-            return _TorchUnpickler(file, archive, prefix).load()
+            return _TorchUnpickler(file, archive, prefix, data).load()
 
 
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
 
 
-def read(path: str | os.PathLike, key: str | tuple[str, ...] = "model") -> dict[str, np.ndarray]:
+def read(path: str | os.PathLike, key: str | tuple[str, ...] = "model", data: bool = True) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` from a ``.safetensors`` file or a ``torch.save`` archive.
 
     For a ``torch.save`` archive holding a dict with ``key`` (MAE's
     ``{'model': state_dict, ...}``) returns that entry, else the top level;
     a tuple of keys takes the first the dict holds (DINO's and iBOT's
     ``'teacher'``, ``'state_dict'``). Raises ``WeightFileError`` naming the
-    problem when neither is a state dict.
+    problem when neither is a state dict. ``data=False``: every array is a
+    read-only stand-in of zeros with the tensor's shape and dtype that takes no
+    memory (``np.broadcast_to``), and no tensor data is read.
     """
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
-    obj = _read_torch_zip(path)
+        return _read_safetensors(path, data)
+    obj = _read_torch_zip(path, data)
     keys = (key,) if isinstance(key, str) else tuple(key)
     held = [k for k in keys if isinstance(obj, dict) and k in obj]
     if held:
@@ -145,6 +159,35 @@ def read(path: str | os.PathLike, key: str | tuple[str, ...] = "model") -> dict[
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise WeightFileError(f"{path} holds no state dict under {key!r} or at the top level (found {found}).")
     return dict(obj)
+
+
+# safetensors' dtype names (``safe_open(...).get_slice(name).get_dtype()``) -> numpy dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _read_safetensors(path: str, data: bool) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    if data:
+        return dict(load_file(path))
+    with safe_open(path, framework="numpy") as file:
+        slices = {name: file.get_slice(name) for name in file.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return {
+            name: np.broadcast_to(np.zeros((), _SAFETENSORS_DTYPES[tensor.get_dtype()]), tuple(tensor.get_shape()))
+            for name, tensor in slices.items()
+        }
 
 
 def write(state_dict: dict[str, np.ndarray], path: str | os.PathLike, key: str | None = "model") -> None:

@@ -5,9 +5,15 @@ trains on a pretrained encoder from ``config.init`` (at most one of):
 
 - ``init.workdir``: a prmim_jax workdir (its latest checkpoint and ``config.json``;
   the encoder its method leaves, ``Method.encoder``), or
-- ``init.mae_checkpoint``: an official MAE checkpoint (``.pth``/``.safetensors``; ViT),
-- ``init.swin_checkpoint``: an official or timm Swin checkpoint (``interop.swin_checkpoint``; Swin),
+- ``init.checkpoint``: a released pretraining checkpoint of any framework (``.pth``/``.safetensors``)
+  in ``init.checkpoint_layout`` (``'auto'``: detected from its keys; ``interop.official.LAYOUTS``:
+  MAE, SimMIM's ViT, LocalMIM, TEC, mmpretrain's (MFF), Swin incl. GreenMIM), read into the
+  encoder its framework pretrained (``interop.official``); ``init.mae_checkpoint`` and
+  ``init.swin_checkpoint`` are its older names, with the layout ``'mae'`` / ``'swin'``,
 - none: training from scratch (the baseline a pretraining must beat).
+
+A file of another framework, layout or size than the classifier's encoder stops the run
+before anything compiles (read from its names and shapes alone).
 
 A ViT's position table becomes a parameter, initialised from the pretraining grid's
 sin-cos table resized to the fine-tuning grid (``vit.interpolate_pos_embedding``); a
@@ -33,10 +39,9 @@ import numpy as np
 import optax
 
 from prmim_jax import checkpoint, config_args, mixing, optim
-from prmim_jax.interop import mae_checkpoint, swin_checkpoint
+from prmim_jax.interop import official
 from prmim_jax.methods import HostTransforms, Method, Registration, RunLoader, Variables, build, load_into
-from prmim_jax.models import classifier, vit
-from prmim_jax.models import mae as mae_lib
+from prmim_jax.models import classifier
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
@@ -44,9 +49,15 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name="classify") | overrides)
 
 
+# The older names of ``init.checkpoint``, each with its layout.
+CHECKPOINT_ALIASES = (("mae_checkpoint", "mae"), ("swin_checkpoint", "swin"))
+
+
 def init_config(**overrides) -> ml_collections.ConfigDict:
-    """``config.init``: where the encoder comes from (``workdir``, ``mae_checkpoint``, ``swin_checkpoint``)."""
-    return config_args.optional_strings("workdir", "mae_checkpoint", "swin_checkpoint", **overrides)
+    """``config.init``: where the encoder comes from (``workdir``; ``checkpoint`` in ``checkpoint_layout``, and its
+    older names ``mae_checkpoint``, ``swin_checkpoint``)."""
+    names = ("workdir", "checkpoint", "checkpoint_layout", *dict(CHECKPOINT_ALIASES))
+    return config_args.optional_strings(*names, **(dict(checkpoint_layout=official.AUTO) | overrides))
 
 
 def mixing_config(**overrides) -> ml_collections.ConfigDict:
@@ -111,7 +122,7 @@ class Classification(Method):
         self.config = config
         self.model = classifier.build_classifier(config.model)
         self.mixing = Mixing.from_config(config.mixing, config.model.num_classes)
-        _check_init(config.init, classifier.architecture(config.model))
+        _check_init(config.init, self.model.encoder, config.model.channels)
         init = config.init
         if init.workdir:
             _check_pretrained_encoder(init.workdir, self.model.encoder)
@@ -182,24 +193,36 @@ class Classification(Method):
         return dict(params) | {"encoder": loaded}
 
 
-def _check_init(init: ml_collections.ConfigDict, architecture: str) -> None:
-    """One encoder source at most, of the model's architecture."""
-    if init.workdir and init.mae_checkpoint:
+def _checkpoint(init: ml_collections.ConfigDict) -> tuple[str, str, str] | None:
+    """``(its init key, path, layout)`` of the checkpoint file ``init`` names, or None (keys absent from configs
+    saved before they existed count as unset)."""
+    if init.get("checkpoint"):
+        return "checkpoint", init.checkpoint, init.get("checkpoint_layout") or official.AUTO
+    return next(((key, init[key], layout) for key, layout in CHECKPOINT_ALIASES if init.get(key)), None)
+
+
+def _check_init(init: ml_collections.ConfigDict, encoder, channels: int) -> None:
+    """One encoder source at most; a checkpoint file in a known layout whose framework and sizes ``encoder`` (the
+    classifier's, for images of ``channels`` channels) takes, read from its names and shapes alone."""
+    sources = [f"init.{key}" for key in ("workdir", "checkpoint", *dict(CHECKPOINT_ALIASES)) if init.get(key)]
+    if len(sources) > 1:
         raise ValueError(
-            "set one of init.workdir (our pretraining run) and init.mae_checkpoint (official MAE), not both."
+            f"{' and '.join(sources)} are set; set one of init.workdir (our pretraining run) and init.checkpoint (a "
+            "released file; init.mae_checkpoint / init.swin_checkpoint: its older names), not both."
         )
-    swin_file = init.get("swin_checkpoint")  # absent from configs saved before it existed
-    if swin_file and (init.workdir or init.mae_checkpoint):
-        raise ValueError("set one of init.workdir, init.mae_checkpoint and init.swin_checkpoint, not two.")
-    if architecture == "swin" and init.mae_checkpoint:
-        raise ValueError(
-            "init.mae_checkpoint holds a ViT but model.architecture='swin'; use init.swin_checkpoint for a Swin."
-        )
-    if architecture != "swin" and swin_file:
-        raise ValueError(
-            "init.swin_checkpoint holds a Swin but the model is a ViT; start the model section from "
-            "classifier.swin_classifier_config (model.architecture='swin'), or use init.mae_checkpoint."
-        )
+    layout = init.get("checkpoint_layout") or official.AUTO
+    if layout != official.AUTO:
+        try:
+            official.layout_named(layout)
+        except ValueError as error:
+            raise ValueError(f"init.checkpoint_layout={layout!r}: {error}") from None
+    source = _checkpoint(init)
+    if source is not None:
+        key, path, layout = source
+        try:
+            official.check(path, encoder, layout, channels)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"init.{key}={path}: {error}") from None
 
 
 def _check_pretrained_encoder(workdir: str, encoder) -> None:
@@ -223,29 +246,16 @@ def _check_pretrained_encoder(workdir: str, encoder) -> None:
 def pretrained_encoder(config: ml_collections.ConfigDict, encoder, load_run: RunLoader) -> dict | None:
     """The pretrained encoder's parameters for ``encoder`` (numpy, host memory), or ``None`` without ``init``,
     adapted by ``encoder.adapt_pretrained``: a ViT's ``pos_embedding`` is the pretraining grid's table resized
-    to ``encoder.grid``, a Swin's relative position tables are resized to its windows (a checkpoint's head is
-    dropped). ``load_run`` reads ``init.workdir``.
+    to ``encoder.grid`` (TEC's input adaptor folded into the cls token), a Swin's relative position tables are
+    resized to its windows (a checkpoint's head is dropped). ``load_run`` reads ``init.workdir``; a checkpoint
+    file is read into the encoder its framework pretrained (``interop.official.load``).
     """
     if config.init.workdir:
         run = load_run(config.init.workdir)
         pretrained, params = run.method.encoder(run.variables.params)
-    elif config.init.mae_checkpoint:
-        mae = mae_lib.MaskedAutoencoder(
-            patch_size=encoder.patch_size,
-            image_size=encoder.image_size,
-            channels=config.model.channels,
-            width=encoder.width,
-            depth=encoder.depth,
-            num_heads=encoder.num_heads,
-            mlp_dim=encoder.mlp_dim,
-            decoder_width=16,
-            decoder_depth=1,
-            decoder_num_heads=1,
-            decoder_mlp_dim=16,
-        )
-        pretrained, params = vit.encoder_like(mae), mae_checkpoint.load(config.init.mae_checkpoint, mae)["encoder"]
-    elif config.init.get("swin_checkpoint"):
-        pretrained, params = encoder, swin_checkpoint.load(config.init.swin_checkpoint, encoder)
+    elif _checkpoint(config.init):
+        _, path, layout = _checkpoint(config.init)
+        pretrained, params = official.load(path, encoder, layout, config.model.channels)
     else:
         return None
     return encoder.adapt_pretrained(params, pretrained)

@@ -511,8 +511,9 @@ class Encoder(nn.Module):
         """The parameters ``params`` of the ``pretrained`` encoder as host numpy arrays for this one: the position
         table resized to this grid (the pretraining's fixed sin-cos table where it had no learned one; none where
         this encoder keeps the fixed table, as TEC's fine-tuning does), and TEC's input adaptor folded into the cls
-        token where this encoder has none (``fold_cls_token_mlp``)."""
-        if not self.cls_token_mlp:
+        token when ``pretrained`` has one and this encoder has not (``fold_cls_token_mlp``: the same cls token, so
+        the same outputs)."""
+        if pretrained.cls_token_mlp and not self.cls_token_mlp:
             params = fold_cls_token_mlp(params)
         params = jax.tree.map(np.asarray, params)
         if not self.learned_pos_embedding:
@@ -567,6 +568,20 @@ class Encoder(nn.Module):
             name="transformer",
         )
         return blocks(x, deterministic)
+
+
+def fold_cls_token_mlp(encoder_params: dict) -> dict:
+    """``Encoder`` parameters with ``cls_token_mlp`` replaced by its output as the ``cls_token`` (float32): the
+    parameters of an encoder without the input adaptor that computes the same (the MLP reads the parameters
+    only). Parameters without it are returned as they are."""
+    if "cls_token_mlp" not in encoder_params:
+        return encoder_params
+    params = {k: v for k, v in encoder_params.items() if k != "cls_token_mlp"}
+    cls_token = jnp.asarray(encoder_params["cls_token"], jnp.float32)
+    hidden = encoder_params["cls_token_mlp"]["fc1"]["kernel"].shape[-1]
+    mlp = MlpBlock(hidden, parent=None)  # a module of its own, even when called from another module's method
+    params["cls_token"] = mlp.apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
+    return params
 
 
 def transformer_like(module: nn.Module, **fields) -> Transformer:
@@ -625,15 +640,3 @@ def interpolate_pos_embedding(table: jax.Array, old_grid: tuple[int, int], new_g
     grid = table[1:].reshape(*old_grid, table.shape[-1])
     resized = jax.image.resize(grid, (*new_grid, table.shape[-1]), method="cubic", antialias=False)
     return jnp.concatenate([table[:1], resized.reshape(-1, table.shape[-1]).astype(table.dtype)], axis=0)
-
-
-def fold_cls_token_mlp(encoder_params: dict) -> dict:
-    """Encoder parameters with ``cls_token_mlp`` replaced by its output as the ``cls_token`` (float32), the
-    parameters of an encoder without the input adaptor that computes the same."""
-    if "cls_token_mlp" not in encoder_params:
-        return encoder_params
-    params = {k: v for k, v in encoder_params.items() if k != "cls_token_mlp"}
-    cls_token = jnp.asarray(encoder_params["cls_token"], jnp.float32)
-    hidden = encoder_params["cls_token_mlp"]["fc1"]["kernel"].shape[-1]
-    params["cls_token"] = MlpBlock(hidden, parent=None).apply({"params": encoder_params["cls_token_mlp"]}, cls_token)
-    return params
