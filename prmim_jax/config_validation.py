@@ -70,10 +70,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def refuse_unknown_keys(path: str, given, known) -> None:
-    """``ValueError`` (``config_args.unknown_key_message``) for the first key of ``given`` that is not in ``known``."""
+    """``ValueError`` (``config_args.unknown_key_message``: a key that moved is named where it went) for the first
+    key of ``given`` that is not in ``known``."""
     for key in sorted(given):
         if key not in known:
-            raise ValueError(config_args.unknown_key_message(path, key, known))
+            below = ".KEY" if isinstance(given[key], ml_collections.ConfigDict) else ""
+            raise ValueError(config_args.unknown_key_message(path, key, known, below))
 
 
 def reference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -187,6 +187,22 @@ MALFORMED = {
         r"did you mean --config.mixing.mixup_alpha\?",
     ),
     "wrong_type": ("pretrain", lambda c, _: retyped(c, "data.flip", "yes"), r"^data.flip='yes' must be a bool"),
+    # --- keys that moved: where they went ---------------------------------------------------------------
+    "moved_knn_section": (
+        "pretrain",
+        lambda c, _: with_key(c, "knn", ml_collections.ConfigDict(dict(k=5))),
+        r"^config key 'knn.KEY' has moved: set --config.evals.knn.KEY instead",
+    ),
+    "moved_picture_every": (
+        "pretrain",
+        lambda c, _: with_key(c, "picture_every", 250),
+        r"^config key 'picture_every' has moved: set --config.evals.reconstruction.every instead",
+    ),
+    "moved_classifier_eval": (
+        "finetune",
+        lambda c, _: with_key(c, "eval", ml_collections.ConfigDict(dict(batch_size=8))),
+        r"^config key 'eval.KEY' has moved: set --config.evals.accuracy.KEY instead",
+    ),
     # --- method ---------------------------------------------------------------------------------------
     "unknown_method": (
         "pretrain",
