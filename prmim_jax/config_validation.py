@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from prmim_jax import base_config, config_args, methods, optim
+from prmim_jax import base_config, config_args, methods, optim, sharding
 from prmim_jax.data import schema
 from prmim_jax.evaluate import eval_config
 
@@ -285,7 +285,8 @@ def check_model(model: ml_collections.ConfigDict) -> None:
 
 def check_sharding(section: ml_collections.ConfigDict) -> None:
     """``mesh``: ``(axis name, size)`` pairs, sizes >= 1 or one -1; ``rules``: ``(logical axis, mesh axes)``
-    pairs naming only mesh axes. (Whether the mesh tiles the devices is ``sharding.make_mesh``'s check.)"""
+    pairs naming only mesh axes, or ``dcn`` (one slice where the mesh lacks it). (Whether the mesh tiles the
+    devices, and its ``dcn`` axis the slices, is ``sharding.make_mesh``'s check.)"""
     example = '--config.sharding.mesh=\'(("data", -1), ("fsdp", 1))\''
     mesh = section.mesh
     pairs = isinstance(mesh, Sequence) and not isinstance(mesh, str) and len(mesh) > 0
@@ -303,7 +304,8 @@ def check_sharding(section: ml_collections.ConfigDict) -> None:
             )
         targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         for target in targets:
-            if target is not None and target not in axes:
+            # A mesh without a dcn axis is one slice: a rule's dcn is dropped there (sharding.rules_on_mesh).
+            if target is not None and target not in axes and target != sharding.DCN_AXIS:
                 raise ValueError(
                     f"sharding.rules maps {rule[0]!r} to mesh axis {target!r}, which sharding.mesh={mesh!r} lacks; "
                     f"add ({target!r}, 1) to --config.sharding.mesh or change the rule."

@@ -374,6 +374,11 @@ MALFORMED = {
         lambda c, _: c.sharding.update(mesh=(("data", 0), ("fsdp", -1))),
         r"^sharding.mesh=.* must be \(axis name, size\) pairs",
     ),
+    "slices_without_a_multi_slice_job": (
+        "pretrain",
+        lambda c, _: c.sharding.update(mesh=(("dcn", 2), ("data", -1), ("fsdp", 1))),
+        r"^sharding.mesh has dcn=2 slices but the devices have no slice_index .* set the 'dcn' axis to 1",
+    ),
     "rule_names_a_missing_axis": (
         "pretrain",
         lambda c, _: c.sharding.update(mesh=(("data", -1),)),
