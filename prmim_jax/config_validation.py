@@ -21,8 +21,8 @@ What ``check_config`` checks itself:
 - **types**: a value has its default's type (an int where the default is an int,
   a number where it is a float, a string, a bool, a sequence); ``None`` is left to
   the range checks and builders, since some keys allow it.
-- **ranges**: the loop keys, the optimizer, the model's sizes, the sharding mesh
-  and rules, and the data section (``schema.check_config``, and
+- **ranges**: the loop keys, the profile window and the compilation cache, the optimizer, the model's
+  sizes, the sharding mesh and rules, and the data section (``schema.check_config``, and
   ``schema.check_split`` for the training split on disk).
 """
 
@@ -51,6 +51,12 @@ LOOP_KEYS = (
         "a finished run would keep no checkpoint to resume or evaluate; set --config.keep_checkpoints to 1 or more",
     ),
     ("stop_after", 0, "set --config.stop_after to 0 (run to total_steps) or a positive number of steps"),
+    (
+        "grad_accum_steps",
+        1,
+        "set --config.grad_accum_steps to the number of microbatches per update (1: none); batch_size stays the "
+        "images per update",
+    ),
 )
 
 
@@ -59,6 +65,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     reference = reference_config(config)
     check_keys_and_types(config, reference)
     check_loop(config)
+    check_profile(config)
+    check_compilation_cache(config.compilation_cache)
     check_optimizer(config)
     check_model(config.model)
     check_sharding(config.sharding)
@@ -208,6 +216,40 @@ def check_loop(config: ml_collections.ConfigDict) -> None:
                 f"config has no {key}; start from base_config.experiment_config(), which has every loop key."
             )
         require_int(key, config[key], minimum, fix)
+
+
+def check_profile(config: ml_collections.ConfigDict) -> None:
+    """``profile.start_step`` and ``num_steps`` (``profiling``): a trace that starts within the run."""
+    section = config.profile
+    require_int(
+        "profile.start_step", section.start_step, 0, "set --config.profile.start_step to the steps before the trace"
+    )
+    require_int(
+        "profile.num_steps",
+        section.num_steps,
+        0,
+        "set --config.profile.num_steps to 0 (no trace) or the steps to trace",
+    )
+    if section.num_steps and section.start_step >= config.total_steps:
+        raise ValueError(
+            f"profile.start_step={section.start_step} leaves no step of total_steps={config.total_steps} to trace; "
+            "lower --config.profile.start_step."
+        )
+
+
+def check_compilation_cache(section: ml_collections.ConfigDict) -> None:
+    """``compilation_cache.directory`` (a path) and ``min_compile_seconds`` of an enabled cache."""
+    if section.enabled and not section.directory:
+        raise ValueError(
+            "compilation_cache.directory is empty; set --config.compilation_cache.directory to a path, or "
+            "--config.compilation_cache.enabled=False."
+        )
+    require_number(
+        "compilation_cache.min_compile_seconds",
+        section.min_compile_seconds,
+        0,
+        fix="set --config.compilation_cache.min_compile_seconds to 0 (keep every program) or more",
+    )
 
 
 def check_optimizer(config: ml_collections.ConfigDict) -> None:

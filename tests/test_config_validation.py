@@ -148,6 +148,31 @@ MALFORMED = {
         r"^stop_after=-1 must be an integer >= 0",
     ),
     "negative_seed": ("pretrain", lambda c, _: c.update(seed=-1), r"^seed=-1 must be an integer >= 0"),
+    "no_microbatches": (
+        "pretrain",
+        lambda c, _: c.update(grad_accum_steps=0),
+        r"^grad_accum_steps=0 must be an integer >= 1; set --config.grad_accum_steps",
+    ),
+    "microbatches_not_split_over_devices": (
+        "pretrain",
+        lambda c, _: c.update(grad_accum_steps=4),
+        r"^batch_size=16 must split into grad_accum_steps=4 microbatches, each divisible by the 8 devices",
+    ),
+    "profile_after_the_last_step": (
+        "pretrain",
+        lambda c, _: c.profile.update(start_step=6, num_steps=2),
+        r"^profile.start_step=6 leaves no step of total_steps=6 to trace; lower --config.profile.start_step",
+    ),
+    "negative_profile_steps": (
+        "pretrain",
+        lambda c, _: c.profile.update(num_steps=-1),
+        r"^profile.num_steps=-1 must be an integer >= 0",
+    ),
+    "compilation_cache_without_a_directory": (
+        "pretrain",
+        lambda c, _: c.compilation_cache.update(directory=""),
+        r"^compilation_cache.directory is empty; set --config.compilation_cache.directory",
+    ),
     "float_batch_size": (
         "pretrain",
         lambda c, _: retyped(c, "batch_size", 16.0),
