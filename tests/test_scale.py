@@ -119,10 +119,10 @@ def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("launches")
     (root / "tiny_run.py").write_text(TINY_RUN)
     cache = root / "xla_cache"
-    # JAX_LOG_COMPILES: each cache hit is a line on stderr.
-    env = dict(
-        os.environ, XLA_FLAGS=xla_flags(1), PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR="", JAX_LOG_COMPILES="1"
-    )
+    # The run's own cache, not the one the suite gives the runs it launches (conftest); JAX_LOG_COMPILES: each
+    # cache hit is a line on stderr.
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONPATH=str(ROOT), JAX_LOG_COMPILES="1")
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
     results = {}
     for name, arg in (("cold", ":profile"), ("warm", "")):
         command = [sys.executable, "-m", "prmim_jax.main", f"--config={root / 'tiny_run.py'}{arg}"]
