@@ -146,8 +146,7 @@ class Loop:
     trainer's periodic work (evaluations), or None; ``host_state`` (``methods.HostState``, or None) turns
     each host batch into the training batch, is refreshed after each step and saved with each checkpoint.
     Throughput: ``device_count`` (the mesh's devices), ``peak_flops`` (one device's, None where unknown) and
-    ``host_flops(state, batch, rng)``, the step's FLOPs counted on the host's CPU, for a backend that gives
-    no count (``compile_ahead``).
+    ``count_flops(state, batch, rng)``, the global step's FLOPs (None: no count; ``compile_ahead``).
     """
 
     step_fn: Callable
@@ -162,19 +161,14 @@ class Loop:
     host_state: object = None
     device_count: int = 1
     peak_flops: float | None = None
-    host_flops: Callable | None = None
+    count_flops: Callable | None = None
 
 
 def compile_ahead(parts: Loop, state, batch, rng) -> float | None:
     """Compiles ``parts.step_fn`` for these arguments before it first runs (the step's call then finds it
-    compiled) and returns XLA's FLOP count of the global step (``prmim_jax.throughput``), counted on the
-    host's CPU (``parts.host_flops``) where the backend gives none; None where neither counts."""
-    lowered = parts.step_fn.lower(state, batch, rng)
-    lowered.compile()
-    count = throughput.flops(lowered.cost_analysis())
-    if count is None and parts.host_flops is not None:
-        count = parts.host_flops(state, batch, rng)
-    return count
+    compiled); returns the global step's FLOPs, ``parts.count_flops``' (None without it)."""
+    parts.step_fn.lower(state, batch, rng).compile()
+    return None if parts.count_flops is None else parts.count_flops(state, batch, rng)
 
 
 def progress_line(step: int, total_steps: int, values: dict, rates: dict, eta: float) -> str:

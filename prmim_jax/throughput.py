@@ -3,7 +3,8 @@
 MFU (model FLOPs utilisation) = achieved FLOP/s per device / the device's dense peak. The FLOPs are
 XLA's count of the step as traced (``Lowered.cost_analysis()``: before XLA's optimisations, so the same
 count on every backend, the whole global step), divided by the mesh's device count; recomputation under
-``model.remat`` is in the traced step, so it counts. The peaks (``PEAKS``) are dense (no 2:4 sparsity)
+``model.remat`` is in the traced step, so it counts. XLA counts a loop's body once, whatever its trip
+count, so a step in microbatches is counted as the same step on the whole batch (``train.count_step_flops``). The peaks (``PEAKS``) are dense (no 2:4 sparsity)
 tensor-unit numbers from the vendors' spec sheets, keyed by ``jax.Device.device_kind``; a device not
 listed (every CPU) has no MFU.
 """

@@ -113,17 +113,25 @@ def compile_train_step(setup: Setup, state_shardings):
     return loop.jit_step(step, setup.placement, state_shardings)
 
 
-def host_step_flops(setup: Setup, state, batch, rng) -> float | None:
-    """XLA's FLOP count of the train step on these arguments' shapes, lowered for the host's CPU: for a backend
-    that counts nothing (a GPU's step with cuDNN's attention). The method is rebuilt with XLA's attention
-    (cuDNN's has no CPU lowering), which does the same arithmetic."""
-    config = ml_collections.ConfigDict(setup.method.config.to_dict())
-    if "attention_impl" in config.model:
-        config.model.attention_impl = "xla"
-    step = functools.partial(train_step.train_step, method=methods.build(config), accum_steps=setup.accum_steps)
+def count_step_flops(setup: Setup, state, batch, rng) -> float | None:
+    """XLA's FLOP count of one update on these arguments' shapes (``prmim_jax.throughput``): the step on the whole
+    batch at once, since XLA counts a loop's body once and the microbatches' loop does the same arithmetic; as
+    lowered for the run's backend, else (a GPU's step with cuDNN's attention gives no count) for the host's CPU,
+    with the method rebuilt with XLA's attention (cuDNN's has no CPU lowering). None where neither counts."""
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch, rng))
-    with jax.default_device(jax.devices("cpu")[0]):
+
+    def count(method) -> float | None:
+        step = functools.partial(train_step.train_step, method=method)
         return throughput.flops(jax.jit(step).lower(*shapes).cost_analysis())
+
+    counted = count(setup.method)
+    if counted is None:
+        config = ml_collections.ConfigDict(setup.method.config.to_dict())
+        if "attention_impl" in config.model:
+            config.model.attention_impl = "xla"
+        with jax.default_device(jax.devices("cpu")[0]):
+            counted = count(methods.build(config))
+    return counted
 
 
 class Evaluations:
@@ -198,7 +206,7 @@ def prepare(setup: Setup, config: ml_collections.ConfigDict, checkpointer, write
         peak_flops=throughput.peak_flops(
             setup.placement.mesh.devices.flat[0].device_kind, config.model.get("dtype", "float32")
         ),
-        host_flops=functools.partial(host_step_flops, setup),
+        count_flops=functools.partial(count_step_flops, setup),
     )
     return parts, state, start, step_rng
 

@@ -3,6 +3,7 @@ the progress lines carry TFLOP/s per device (and MFU where the device's peak is 
 of a run reads its programs from the compilation cache, a ``dcn`` axis puts each slice on its own index of
 the mesh, and pictures name their rows."""
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -161,17 +162,30 @@ def test_progress_lines_carry_tflops_per_device_and_no_mfu_on_a_cpu(launches):
     assert all(row["tflops_per_device"] > 0 and "mfu" not in row for row in rows)  # a CPU has no known peak
 
 
-def test_where_the_backend_counts_no_flops_the_host_counts_the_same_step():
-    # A GPU's step with cuDNN's attention has no XLA count; the trainer then lowers the step for the host's CPU.
+def test_a_step_in_microbatches_counts_the_flops_of_the_whole_batch_also_where_the_backend_counts_none(
+    monkeypatch,
+):
+    # XLA counts the microbatches' loop body once; a GPU's step with cuDNN's attention has no count at all.
     config = tiny_config(grad_accum_steps=2)
     setup = train.validate(config)
     _, boxed, shardings = train.abstract_state(setup, config, jax.random.key(0))
     state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(boxed))
-    batch = setup.method.batch_spec(config.batch_size)
-    step_fn, _ = train.compile_train_step(setup, shardings)
-    counted = throughput.flops(step_fn.lower(state, batch, jax.random.key(0)).cost_analysis())
-    # The host's program is the step without its shardings: a few scalar operations apart.
-    assert train.host_step_flops(setup, state, batch, jax.random.key(0)) == pytest.approx(counted, rel=1e-4)
+    batch, rng = setup.method.batch_spec(config.batch_size), jax.random.key(0)
+    whole = train.compile_train_step(dataclasses.replace(setup, accum_steps=1), shardings)[0]
+    counted = throughput.flops(whole.lower(state, batch, rng).cost_analysis())
+    # The unsharded program the count lowers is the trainer's without its sharding constraints: a few
+    # scalar operations apart.
+    assert train.count_step_flops(setup, state, batch, rng) == pytest.approx(counted, rel=1e-4)
+    real_cost_analysis, uncounted = jax.stages.Lowered.cost_analysis, []
+
+    def no_count_on_the_backend(self):
+        if not uncounted:
+            uncounted.append(self)
+            return None
+        return real_cost_analysis(self)
+
+    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", no_count_on_the_backend)
+    assert train.count_step_flops(setup, state, batch, rng) == pytest.approx(counted, rel=1e-4) and uncounted
 
 
 # --- multi-slice meshes --------------------------------------------------------------------------------
