@@ -250,6 +250,8 @@ def jax_phase(spec: dict, result_path: pathlib.Path, deadline: Deadline) -> None
     sys.path.insert(0, str(BENCHMARKS))
     import step_time
 
+    from prmim_jax import throughput
+
     if not spec["smoke"] and jax.default_backend() == "cpu":
         raise SystemExit("JAX sees no accelerator; the CPU dry run is: bash benchmarks/device_check.sh --smoke OUT")
     device = jax.devices()[0]
@@ -261,7 +263,7 @@ def jax_phase(spec: dict, result_path: pathlib.Path, deadline: Deadline) -> None
         "backend": jax.default_backend(),
         "pool_bytes": pool,
         "batch": spec.get("batch") or choose_batch(spec["shape"], pool, spec["smoke"]),
-        "peak_flops_bf16": step_time.peak_flops(device, "bfloat16"),
+        "peak_flops_bf16": throughput.peak_flops(device.device_kind, "bfloat16"),
         "versions": versions(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rows": [],

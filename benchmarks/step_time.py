@@ -29,29 +29,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from prmim_jax import masking, methods, optim, runs, train_step
+from prmim_jax import masking, methods, optim, runs, throughput, train_step
 from prmim_jax.methods import mae as mae_family
 from prmim_jax.models import mae as mae_lib
-
-# Dense (no sparsity) peak TFLOP/s by device kind substring, first match wins: (bf16, fp32).
-PEAK_TFLOPS = {
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),  # SXM ('NVIDIA H100 80GB HBM3')
-    "H200": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L4": (121.0, 30.0),
-    "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0),
-    "TPU v5p": (459.0, 459.0),
-}
-
-
-def peak_flops(device, dtype: str) -> float | None:
-    """The device's dense peak FLOP/s for ``dtype`` ('bfloat16' or 'float32'), None for an unknown card."""
-    for name, (bf16, fp32) in PEAK_TFLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return 1e12 * (bf16 if dtype == "bfloat16" else fp32)
-    return None
 
 
 def prepare(
@@ -76,7 +56,7 @@ def prepare(
     if program["model_flops"] is None:
         program["model_flops"] = program["cpu_model_flops"]()
     program.update(compile_step(program, compiler_options))
-    program["flops"] = _flops(program["compiled"].cost_analysis())
+    program["flops"] = throughput.flops(program["compiled"].cost_analysis())
     if materialize:
         program["state"], program["data"] = program["init"]()
     return program
@@ -129,7 +109,7 @@ def lower(model_config, method_name: str, throw_ratio: float, batch: int, seed: 
         with_xla_attention.attention_impl = "xla"
         _, _, on_cpu = build(with_xla_attention)
         with jax.default_device(jax.devices("cpu")[0]):
-            return _flops(on_cpu.lower(abstract_state, abstract_data, jax.random.key(0)).cost_analysis())
+            return throughput.flops(on_cpu.lower(abstract_state, abstract_data, jax.random.key(0)).cost_analysis())
 
     def init():
         return init_state(jax.random.key(seed)), jax.device_put(host_data)
@@ -140,15 +120,9 @@ def lower(model_config, method_name: str, throw_ratio: float, batch: int, seed: 
         "batch": batch,
         "lowered": lowered,
         "init": init,
-        "model_flops": _flops(lowered.cost_analysis()),
+        "model_flops": throughput.flops(lowered.cost_analysis()),
         "cpu_model_flops": cpu_model_flops,
     }
-
-
-def _flops(cost) -> float | None:
-    """The ``flops`` of a ``cost_analysis()``; None where XLA gave no count."""
-    cost = cost[0] if isinstance(cost, list) else cost  # one dict per program in older jax
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def compile_step(program: dict, compiler_options: dict | None = None) -> dict:
@@ -242,7 +216,7 @@ def run(args) -> tuple[list[dict], dict]:
     programs = [prepare(model_config, name, rho, args.batch) for name, rho in plans]
     seconds = time_interleaved(programs, args.steps, args.rounds)
     device = jax.devices()[0]
-    peak = peak_flops(device, args.dtype)
+    peak = throughput.peak_flops(device.device_kind, args.dtype)
     results = [
         {
             "method": program["method"],

@@ -24,9 +24,17 @@ def closest(name: str, known) -> str | None:
     return matches[0] if matches else None
 
 
-def unknown_key_message(path: str, key: str, known) -> str:
-    """One line for a config key that ``path`` (a section, '' for the top level) does not have, closest first."""
+# Top-level keys of earlier configs and where they are now (methods as plug-ins: evaluators live in config.evals;
+# ``eval`` was a classifier config's section).
+MOVED_KEYS = {"picture_every": "evals.reconstruction.every", "knn": "evals.knn", "eval": "evals.accuracy"}
+
+
+def unknown_key_message(path: str, key: str, known, rest: str = "") -> str:
+    """One line for a config key that ``path`` (a section, '' for the top level) does not have: where it moved
+    (``MOVED_KEYS``; ``rest``, the override's path below ``key`` such as ``'.k'``, is kept), else the closest key."""
     full = f"{path}.{key}" if path else key
+    if not path and key in MOVED_KEYS:
+        return f"config key {key + rest!r} has moved: set --config.{MOVED_KEYS[key]}{rest} instead."
     match = closest(key, known)
     hint = f"did you mean --config.{path + '.' if path else ''}{match}? " if match else ""
     return f"unknown config key {full!r}: {hint}{path or 'the top level'} has {', '.join(sorted(known))}."

@@ -21,8 +21,8 @@ What ``check_config`` checks itself:
 - **types**: a value has its default's type (an int where the default is an int,
   a number where it is a float, a string, a bool, a sequence); ``None`` is left to
   the range checks and builders, since some keys allow it.
-- **ranges**: the loop keys, the optimizer, the model's sizes, the sharding mesh
-  and rules, and the data section (``schema.check_config``, and
+- **ranges**: the loop keys, the profile window and the compilation cache, the optimizer, the model's
+  sizes, the sharding mesh and rules, and the data section (``schema.check_config``, and
   ``schema.check_split`` for the training split on disk).
 """
 
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from prmim_jax import base_config, config_args, methods, optim
+from prmim_jax import base_config, config_args, methods, optim, sharding
 from prmim_jax.data import schema
 from prmim_jax.evaluate import eval_config
 
@@ -51,6 +51,12 @@ LOOP_KEYS = (
         "a finished run would keep no checkpoint to resume or evaluate; set --config.keep_checkpoints to 1 or more",
     ),
     ("stop_after", 0, "set --config.stop_after to 0 (run to total_steps) or a positive number of steps"),
+    (
+        "grad_accum_steps",
+        1,
+        "set --config.grad_accum_steps to the number of microbatches per update (1: none); batch_size stays the "
+        "images per update",
+    ),
 )
 
 
@@ -59,6 +65,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     reference = reference_config(config)
     check_keys_and_types(config, reference)
     check_loop(config)
+    check_profile(config)
+    check_compilation_cache(config.compilation_cache)
     check_optimizer(config)
     check_model(config.model)
     check_sharding(config.sharding)
@@ -70,10 +78,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def refuse_unknown_keys(path: str, given, known) -> None:
-    """``ValueError`` (``config_args.unknown_key_message``) for the first key of ``given`` that is not in ``known``."""
+    """``ValueError`` (``config_args.unknown_key_message``: a key that moved is named where it went) for the first
+    key of ``given`` that is not in ``known``."""
     for key in sorted(given):
         if key not in known:
-            raise ValueError(config_args.unknown_key_message(path, key, known))
+            below = ".KEY" if isinstance(given[key], ml_collections.ConfigDict) else ""
+            raise ValueError(config_args.unknown_key_message(path, key, known, below))
 
 
 def reference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -208,6 +218,40 @@ def check_loop(config: ml_collections.ConfigDict) -> None:
         require_int(key, config[key], minimum, fix)
 
 
+def check_profile(config: ml_collections.ConfigDict) -> None:
+    """``profile.start_step`` and ``num_steps`` (``profiling``): a trace that starts within the run."""
+    section = config.profile
+    require_int(
+        "profile.start_step", section.start_step, 0, "set --config.profile.start_step to the steps before the trace"
+    )
+    require_int(
+        "profile.num_steps",
+        section.num_steps,
+        0,
+        "set --config.profile.num_steps to 0 (no trace) or the steps to trace",
+    )
+    if section.num_steps and section.start_step >= config.total_steps:
+        raise ValueError(
+            f"profile.start_step={section.start_step} leaves no step of total_steps={config.total_steps} to trace; "
+            "lower --config.profile.start_step."
+        )
+
+
+def check_compilation_cache(section: ml_collections.ConfigDict) -> None:
+    """``compilation_cache.directory`` (a path) and ``min_compile_seconds`` of an enabled cache."""
+    if section.enabled and not section.directory:
+        raise ValueError(
+            "compilation_cache.directory is empty; set --config.compilation_cache.directory to a path, or "
+            "--config.compilation_cache.enabled=False."
+        )
+    require_number(
+        "compilation_cache.min_compile_seconds",
+        section.min_compile_seconds,
+        0,
+        fix="set --config.compilation_cache.min_compile_seconds to 0 (keep every program) or more",
+    )
+
+
 def check_optimizer(config: ml_collections.ConfigDict) -> None:
     """The optimizer section's values (the keys it has: pretraining's, or a classifier's with ``layer_decay`` /
     ``momentum``), then its schedule (``optim.learning_rate_schedule`` checks ``warmup_steps``)."""
@@ -283,7 +327,8 @@ def check_model(model: ml_collections.ConfigDict) -> None:
 
 def check_sharding(section: ml_collections.ConfigDict) -> None:
     """``mesh``: ``(axis name, size)`` pairs, sizes >= 1 or one -1; ``rules``: ``(logical axis, mesh axes)``
-    pairs naming only mesh axes. (Whether the mesh tiles the devices is ``sharding.make_mesh``'s check.)"""
+    pairs naming only mesh axes, or ``dcn`` (one slice where the mesh lacks it). (Whether the mesh tiles the
+    devices, and its ``dcn`` axis the slices, is ``sharding.make_mesh``'s check.)"""
     example = '--config.sharding.mesh=\'(("data", -1), ("fsdp", 1))\''
     mesh = section.mesh
     pairs = isinstance(mesh, Sequence) and not isinstance(mesh, str) and len(mesh) > 0
@@ -301,7 +346,8 @@ def check_sharding(section: ml_collections.ConfigDict) -> None:
             )
         targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         for target in targets:
-            if target is not None and target not in axes:
+            # A mesh without a dcn axis is one slice: a rule's dcn is dropped there (sharding.rules_on_mesh).
+            if target is not None and target not in axes and target != sharding.DCN_AXIS:
                 raise ValueError(
                     f"sharding.rules maps {rule[0]!r} to mesh axis {target!r}, which sharding.mesh={mesh!r} lacks; "
                     f"add ({target!r}, 1) to --config.sharding.mesh or change the rule."

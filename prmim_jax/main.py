@@ -75,7 +75,8 @@ def config_file_argument(argv: list[str]) -> str | None:
 
 def unknown_override(argv: list[str]) -> str | None:
     """The one-line message for the first ``--config.PATH=...`` of ``argv`` that names no key of the config file,
-    with the closest key; None when every override names a key (or the config file cannot be read here)."""
+    with where it moved or the closest key; None when every override names a key (or the config file cannot be
+    read here)."""
     path = config_file_argument(argv)
     if path is None:
         return None
@@ -87,12 +88,13 @@ def unknown_override(argv: list[str]) -> str | None:
         match = re.match(r"-{1,2}(?:no)?config\.([^=]+)", arg)
         if match is None or "[" in match.group(1):
             continue
-        node, parents = config, []
-        for key in match.group(1).split("."):
+        node, parents, keys = config, [], match.group(1).split(".")
+        for depth, key in enumerate(keys):
             if not isinstance(node, ml_collections.ConfigDict):
                 return f"--config.{match.group(1)}: {'.'.join(parents)}={node!r} is a value, not a section."
             if key not in node:
-                return config_args.unknown_key_message(".".join(parents), key, node)
+                below = "".join(f".{k}" for k in keys[depth + 1 :])
+                return config_args.unknown_key_message(".".join(parents), key, node, below)
             node, parents = node[key], [*parents, key]
     return None
 

@@ -1,6 +1,7 @@
 """Reconstruction pictures: original / visible tokens / reconstruction / token map, drawn with numpy.
 
-Rows of a picture, one column per image, upscaled to at least 112 pixels:
+Rows of a picture, one column per image, upscaled to at least 112 pixels, each row named in a
+label column on the left (``ROW_LABELS``, with the token map's colour key):
 1. the original image;
 2. what the encoder sees: visible patches, masked patches grey;
 3. the reconstruction, unmarked: visible patches as given, masked patches from
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from prmim_jax import masking
 from prmim_jax.models import mae as mae_lib
@@ -36,6 +37,16 @@ THROWN_CELL = (1.0, 0.55, 0.0)
 
 
 MASKED_GREY = 0.5
+
+
+# A row's label: its lines, each a string or ``(colour, text)``: a swatch of that colour, then the text.
+ROW_LABELS = (
+    ("original",),
+    ("visible tokens", ((MASKED_GREY,) * 3, "masked")),
+    ("reconstruction",),
+    ("token map", (VISIBLE_CELL, "visible"), (DECODED_CELL, "decoded"), (THROWN_CELL, "thrown")),
+)
+LABEL_INK = (0.15, 0.15, 0.15)
 
 
 def picture_rows(
@@ -103,9 +114,10 @@ def token_map(marks: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.n
     return cells.transpose(0, 1, 3, 2, 4, 5).reshape(len(marks), grid[0] * patch_size, grid[1] * patch_size, 3)
 
 
-def tile(rows: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
+def tile(rows: np.ndarray, scale: int = 1, gap: int = 2, labels=None) -> np.ndarray:
     """``[R, B, H, W, 3]`` in [0, 1] -> one ``uint8`` image, R rows by B columns, each image upscaled ``scale``
-    times (nearest neighbour), white gaps."""
+    times (nearest neighbour), white gaps; with ``labels`` (one per row, as ``ROW_LABELS``) a label column on
+    the left (``label_column``)."""
     num_rows, batch, height, width, _ = rows.shape
     height, width = height * scale, width * scale
     canvas = np.ones((num_rows * (height + gap) - gap, batch * (width + gap) - gap, 3), np.float32)
@@ -115,7 +127,42 @@ def tile(rows: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
             canvas[r * (height + gap) : r * (height + gap) + height, b * (width + gap) : b * (width + gap) + width] = (
                 image
             )
+    if labels is not None:
+        canvas = np.concatenate([label_column(labels, height, gap), canvas], axis=1)
     return (canvas * 255).round().astype(np.uint8)
+
+
+def label_column(labels, row_height: int, gap: int) -> np.ndarray:
+    """``[R * (row_height + gap) - gap, width, 3]`` float in [0, 1]: each row's label lines (``ROW_LABELS``'
+    form) in Pillow's default font from the top of its row, white ground, as wide as the widest line."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = measure.textbbox((0, 0), "Tg", font=font)[3] + 3
+    swatch = line_height - 4
+
+    def parts(line):
+        return (None, line) if isinstance(line, str) else line
+
+    def line_width(line):
+        colour, text = parts(line)
+        return measure.textlength(text, font=font) + (swatch + 4 if colour else 0)
+
+    width = int(max(line_width(line) for label in labels for line in label)) + 12
+    column = Image.new("RGB", (width, len(labels) * (row_height + gap) - gap), "white")
+    draw = ImageDraw.Draw(column)
+
+    def rgb(colour):
+        return tuple(round(255 * c) for c in colour)
+
+    for r, label in enumerate(labels):
+        for i, line in enumerate(label):
+            colour, text = parts(line)
+            x, y = 4, r * (row_height + gap) + 4 + i * line_height
+            if colour:
+                draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=rgb(colour), outline=rgb(LABEL_INK))
+                x += swatch + 4
+            draw.text((x, y), text, fill=rgb(LABEL_INK), font=font)
+    return np.asarray(column, np.float32) / 255
 
 
 def picture_scale(image_size) -> int:

@@ -4,13 +4,18 @@ Models name logical axes only (``prmim_jax.models.vit``); this module is the one
 place that turns them into mesh axes. The config section:
 
     config.sharding.mesh = (("data", -1), ("fsdp", 1))   # axis sizes; one -1 takes the rest
-    config.sharding.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ...)
+    config.sharding.rules = (("batch", ("dcn", "data", "fsdp")), ("embed", "fsdp"), ...)
 
 - data parallelism: every device holds the parameters, the batch is split
   over ``data`` (``mesh = (("data", -1), ("fsdp", 1))``);
 - FSDP: parameters and optimizer state are split over ``fsdp`` along their
   ``embed`` axis, the batch over ``data`` and ``fsdp`` together
-  (``mesh = (("data", 1), ("fsdp", -1))``, or any mix).
+  (``mesh = (("data", 1), ("fsdp", -1))``, or any mix);
+- several TPU slices: ``dcn`` (``DCN_AXIS``) counts the slices, which talk over the data-centre network
+  (``mesh = (("dcn", 2), ("data", -1), ("fsdp", 1))``): the batch is split over the slices too, and the
+  parameters are replicated across them, so only the gradient reduction crosses slices. The device grid
+  comes from ``mesh_utils.create_hybrid_device_mesh`` (``device_grid``). A mesh without ``dcn`` is one
+  slice: rules that name ``dcn`` then drop it (``Placement.from_config``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# The mesh axis of the slices of a multi-slice TPU job; a mesh may leave it out (one slice).
+DCN_AXIS = "dcn"
 
 # Logical axes of prmim_jax.models and the mesh axes they map to. An axis that is
 # absent or maps to None is replicated.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", (DCN_AXIS, "data", "fsdp")),
     ("embed", "fsdp"),
     ("tokens", None),
     ("decoder_embed", None),
@@ -65,15 +74,54 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
     return dict(zip(names, sizes, strict=True))
 
 
+def device_grid(shape: dict[str, int], devices) -> np.ndarray:
+    """``devices`` as an array of ``shape`` (``mesh_shape``'s ``{axis: size}``, in mesh order).
+
+    With a ``dcn`` axis of more than one slice, the devices of one slice share an index on that axis
+    (``mesh_utils.create_hybrid_device_mesh``, which reads each device's ``slice_index``); every other
+    axis runs within a slice. Raises ``ValueError`` naming the fix where the devices carry no
+    ``slice_index`` (not a multi-slice TPU job) or their slices do not number ``dcn``."""
+    slices = shape.get(DCN_AXIS, 1)
+    if slices == 1:
+        return np.asarray(devices).reshape(tuple(shape.values()))
+    found = {getattr(device, "slice_index", None) for device in devices}
+    if None in found:
+        raise ValueError(
+            f"sharding.mesh has {DCN_AXIS}={slices} slices but the devices have no slice_index (this is not a "
+            f"multi-slice TPU job); set the {DCN_AXIS!r} axis to 1, or leave it out, in --config.sharding.mesh."
+        )
+    if len(found) != slices:
+        raise ValueError(
+            f"sharding.mesh has {DCN_AXIS}={slices} but the devices lie on {len(found)} slices; set the "
+            f"{DCN_AXIS!r} axis of --config.sharding.mesh to {len(found)}."
+        )
+    within = [1 if name == DCN_AXIS else size for name, size in shape.items()]
+    across = [slices if name == DCN_AXIS else 1 for name in shape]
+    return mesh_utils.create_hybrid_device_mesh(within, across, devices)
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(config, len(devices))
-    grid = np.asarray(devices).reshape(tuple(shape.values()))
-    return Mesh(grid, tuple(shape))
+    return Mesh(device_grid(shape, devices), tuple(shape))
 
 
 def rules(config: ml_collections.ConfigDict):
     return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in config.rules)
+
+
+def rules_on_mesh(logical_rules, mesh: Mesh):
+    """``logical_rules`` with the mesh axes ``mesh`` lacks left out (a rule's ``dcn`` on a one-slice mesh:
+    ``config_validation.check_sharding`` refuses every other absent axis), so that every rule names only
+    axes of ``mesh``."""
+
+    def present(axes):
+        if isinstance(axes, tuple):
+            kept = tuple(a for a in axes if a in mesh.shape)
+            return kept or None
+        return axes if axes is None or axes in mesh.shape else None
+
+    return tuple((name, present(axes)) for name, axes in logical_rules)
 
 
 def batch_axes(mesh: Mesh, logical_rules) -> tuple[str, ...]:
@@ -121,7 +169,8 @@ class Placement:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, devices=None) -> Placement:
         """The mesh and rules of a ``sharding`` section (``devices``: the mesh's, default ``jax.devices()``)."""
-        return cls(make_mesh(config, devices), rules(config))
+        mesh = make_mesh(config, devices)
+        return cls(mesh, rules_on_mesh(rules(config), mesh))
 
     @property
     def batch_sharding(self) -> NamedSharding:

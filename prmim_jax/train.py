@@ -18,7 +18,19 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from prmim_jax import checkpoint, config_validation, loop, methods, optim, preemption, runs, sharding, train_step
+from prmim_jax import (
+    checkpoint,
+    compilation_cache,
+    config_validation,
+    loop,
+    methods,
+    optim,
+    preemption,
+    runs,
+    sharding,
+    throughput,
+    train_step,
+)
 from prmim_jax.data import pipeline
 from prmim_jax.evaluate import build_evaluators
 from prmim_jax.metrics import MetricWriter
@@ -28,7 +40,8 @@ NonFiniteLossError = loop.NonFiniteLossError  # raised by the loop; importable f
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What ``validate`` builds from a sound config: the method, where its arrays live, the batch split and the
+    """What ``validate`` builds from a sound config: the method, where its arrays live, the batch split (the
+    global batch of one update, this process's share, the microbatches it is computed in) and the
     evaluators (``config.evals``)."""
 
     method: methods.Method
@@ -36,6 +49,7 @@ class Setup:
     global_batch: int
     local_batch: int
     evaluators: dict = dataclasses.field(default_factory=dict)
+    accum_steps: int = 1
 
 
 def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -56,13 +70,20 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> Setup:
             f"batch_size={batch} must be divisible by the {ways} devices the batch is split over "
             f"(mesh {dict(placement.mesh.shape)}); change batch_size or sharding.mesh."
         )
+    accum = config.grad_accum_steps
+    if batch % (accum * ways):
+        raise ValueError(
+            f"batch_size={batch} must split into grad_accum_steps={accum} microbatches, each divisible by the "
+            f"{ways} devices the batch is split over (mesh {dict(placement.mesh.shape)}); change batch_size or "
+            "grad_accum_steps."
+        )
     if config.data.image_size != config.model.image_size or config.data.channels != config.model.channels:
         raise ValueError(
             f"data gives {config.data.image_size}px x {config.data.channels} channels but the model expects "
             f"{config.model.image_size}px x {config.model.channels}; make data.image_size/channels match model."
         )
     evaluators = build_evaluators(config, method.predict_fns(), placement, method.name)
-    return Setup(method, placement, batch, batch // jax.process_count(), evaluators)
+    return Setup(method, placement, batch, batch // jax.process_count(), evaluators, accum)
 
 
 def abstract_state(setup: Setup, config: ml_collections.ConfigDict, rng: jax.Array):
@@ -86,9 +107,31 @@ def create_state(setup: Setup, init_fn, shardings, rng: jax.Array):
 
 
 def compile_train_step(setup: Setup, state_shardings):
-    """``(step_fn, batch_sharding)``: the method's pure step jitted with the state's and batch's shardings."""
-    step = functools.partial(train_step.train_step, method=setup.method)
+    """``(step_fn, batch_sharding)``: the method's pure step (over ``setup.accum_steps`` microbatches) jitted
+    with the state's and batch's shardings."""
+    step = functools.partial(train_step.train_step, method=setup.method, accum_steps=setup.accum_steps)
     return loop.jit_step(step, setup.placement, state_shardings)
+
+
+def count_step_flops(setup: Setup, state, batch, rng) -> float | None:
+    """XLA's FLOP count of one update on these arguments' shapes (``prmim_jax.throughput``): the step on the whole
+    batch at once, since XLA counts a loop's body once and the microbatches' loop does the same arithmetic; as
+    lowered for the run's backend, else (a GPU's step with cuDNN's attention gives no count) for the host's CPU,
+    with the method rebuilt with XLA's attention (cuDNN's has no CPU lowering). None where neither counts."""
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch, rng))
+
+    def count(method) -> float | None:
+        step = functools.partial(train_step.train_step, method=method)
+        return throughput.flops(jax.jit(step).lower(*shapes).cost_analysis())
+
+    counted = count(setup.method)
+    if counted is None:
+        config = ml_collections.ConfigDict(setup.method.config.to_dict())
+        if "attention_impl" in config.model:
+            config.model.attention_impl = "xla"
+        with jax.default_device(jax.devices("cpu")[0]):
+            counted = count(methods.build(config))
+    return counted
 
 
 class Evaluations:
@@ -159,6 +202,11 @@ def prepare(setup: Setup, config: ml_collections.ConfigDict, checkpointer, write
         schedule=optim.learning_rate_schedule(config.optimizer, setup.global_batch, config.total_steps),
         preemption_watch=watch,
         host_state=host_state,
+        device_count=setup.placement.mesh.size,
+        peak_flops=throughput.peak_flops(
+            setup.placement.mesh.devices.flat[0].device_kind, config.model.get("dtype", "float32")
+        ),
+        count_flops=functools.partial(count_step_flops, setup),
     )
     return parts, state, start, step_rng
 
@@ -174,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluates).
     """
     setup = validate(config)
+    compilation_cache.enable(config.compilation_cache)  # before the run compiles anything
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)

@@ -36,6 +36,10 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Runs the tests launch as subprocesses (main.py) use this cache too, unless a test gives them their own: a run
+# keeps the cache its process already has (prmim_jax.compilation_cache), so the suite never fills the runs'
+# default cache under ~/.cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 
 
 def run_once_per_session(tmp_path_factory, name: str, produce) -> pathlib.Path:

@@ -148,6 +148,31 @@ MALFORMED = {
         r"^stop_after=-1 must be an integer >= 0",
     ),
     "negative_seed": ("pretrain", lambda c, _: c.update(seed=-1), r"^seed=-1 must be an integer >= 0"),
+    "no_microbatches": (
+        "pretrain",
+        lambda c, _: c.update(grad_accum_steps=0),
+        r"^grad_accum_steps=0 must be an integer >= 1; set --config.grad_accum_steps",
+    ),
+    "microbatches_not_split_over_devices": (
+        "pretrain",
+        lambda c, _: c.update(grad_accum_steps=4),
+        r"^batch_size=16 must split into grad_accum_steps=4 microbatches, each divisible by the 8 devices",
+    ),
+    "profile_after_the_last_step": (
+        "pretrain",
+        lambda c, _: c.profile.update(start_step=6, num_steps=2),
+        r"^profile.start_step=6 leaves no step of total_steps=6 to trace; lower --config.profile.start_step",
+    ),
+    "negative_profile_steps": (
+        "pretrain",
+        lambda c, _: c.profile.update(num_steps=-1),
+        r"^profile.num_steps=-1 must be an integer >= 0",
+    ),
+    "compilation_cache_without_a_directory": (
+        "pretrain",
+        lambda c, _: c.compilation_cache.update(directory=""),
+        r"^compilation_cache.directory is empty; set --config.compilation_cache.directory",
+    ),
     "float_batch_size": (
         "pretrain",
         lambda c, _: retyped(c, "batch_size", 16.0),
@@ -187,6 +212,22 @@ MALFORMED = {
         r"did you mean --config.mixing.mixup_alpha\?",
     ),
     "wrong_type": ("pretrain", lambda c, _: retyped(c, "data.flip", "yes"), r"^data.flip='yes' must be a bool"),
+    # --- keys that moved: where they went ---------------------------------------------------------------
+    "moved_knn_section": (
+        "pretrain",
+        lambda c, _: with_key(c, "knn", ml_collections.ConfigDict(dict(k=5))),
+        r"^config key 'knn.KEY' has moved: set --config.evals.knn.KEY instead",
+    ),
+    "moved_picture_every": (
+        "pretrain",
+        lambda c, _: with_key(c, "picture_every", 250),
+        r"^config key 'picture_every' has moved: set --config.evals.reconstruction.every instead",
+    ),
+    "moved_classifier_eval": (
+        "finetune",
+        lambda c, _: with_key(c, "eval", ml_collections.ConfigDict(dict(batch_size=8))),
+        r"^config key 'eval.KEY' has moved: set --config.evals.accuracy.KEY instead",
+    ),
     # --- method ---------------------------------------------------------------------------------------
     "unknown_method": (
         "pretrain",
@@ -357,6 +398,11 @@ MALFORMED = {
         "pretrain",
         lambda c, _: c.sharding.update(mesh=(("data", 0), ("fsdp", -1))),
         r"^sharding.mesh=.* must be \(axis name, size\) pairs",
+    ),
+    "slices_without_a_multi_slice_job": (
+        "pretrain",
+        lambda c, _: c.sharding.update(mesh=(("dcn", 2), ("data", -1), ("fsdp", 1))),
+        r"^sharding.mesh has dcn=2 slices but the devices have no slice_index .* set the 'dcn' axis to 1",
     ),
     "rule_names_a_missing_axis": (
         "pretrain",

@@ -20,7 +20,19 @@ PACKAGE = ROOT / "prmim_jax"
 # Bottom to top. A module's layer is that of its longest listed prefix.
 LAYERS = (
     # what everything stands on: models, targets, the token convention, the mesh, checkpoints, process life
-    ("config_args", "masking", "sharding", "checkpoint_integrity", "preemption", "distributed", "metrics", "models"),
+    (
+        "config_args",
+        "masking",
+        "sharding",
+        "checkpoint_integrity",
+        "preemption",
+        "distributed",
+        "metrics",
+        "models",
+        "throughput",
+        "profiling",
+        "compilation_cache",
+    ),
     ("checkpoint",),
     ("targets", "masking_transforms", "optim", "mixing", "pictures", "interop"),
     ("data",),

@@ -202,7 +202,9 @@ def simmim_file(tmp_path, timm) -> tuple[str, torch.nn.Module]:
     grid = (IMAGE // PATCH,) * 2
     extras = {
         "encoder.mask_token": np.zeros((1, 1, WIDTH), np.float32),
-        "encoder.rel_pos_bias.relative_position_index": relative_position.relative_position_index(grid).astype(np.int64),
+        "encoder.rel_pos_bias.relative_position_index": relative_position.relative_position_index(grid).astype(
+            np.int64
+        ),
         "decoder.0.weight": np.zeros((PATCH * PATCH * CHANNELS, WIDTH, 1, 1), np.float32),
         "decoder.0.bias": np.zeros(PATCH * PATCH * CHANNELS, np.float32),
     }

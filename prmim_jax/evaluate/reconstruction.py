@@ -1,6 +1,6 @@
 """The reconstruction picture of a run (the paper's Fig. 7 for one method), drawn every ``every`` steps and at the end.
 
-The rows (original, visible tokens, reconstruction, token map) are ``prmim_jax.pictures``'.
+The rows (original, visible tokens, reconstruction, token map), each labelled, are ``prmim_jax.pictures``'.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Evaluator:
         variables = multihost_utils.process_allgather(variables, tiled=True)  # whole on every host
         picture = self.predict_fn(variables, self._images, self.section.seed)
         rows = picture.with_token_map()
-        return {"reconstruction": pictures.tile(rows, scale=pictures.picture_scale(self.data.image_size))}
+        scale = pictures.picture_scale(self.data.image_size)
+        return {"reconstruction": pictures.tile(rows, scale=scale, labels=pictures.ROW_LABELS)}
 
     def summary(self, results: dict) -> str:
         return f"reconstruction picture: {results['reconstruction'].shape[1]}x{results['reconstruction'].shape[0]}"

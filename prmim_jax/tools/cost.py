@@ -56,15 +56,16 @@ def abstract_inputs(method, batch: int):
     return state, method.batch_spec(batch)
 
 
-def measure(method, batch: int) -> dict:
-    """Per-image forward and step FLOPs and the step's temporary bytes of any method, from compiled XLA programs."""
+def measure(method, batch: int, accum_steps: int = 1) -> dict:
+    """Per-image forward and step FLOPs and the step's temporary bytes of any method, from compiled XLA programs;
+    the step computes the batch in ``accum_steps`` microbatches (``train_step``)."""
     state, data = abstract_inputs(method, batch)
 
     def forward(variables, data):
         return method.loss(variables, data, jax.random.key(0))[0]
 
     forward_cost = jax.jit(forward).lower(state.variables, data).compile().cost_analysis()
-    step = jax.jit(functools.partial(train_step.train_step, method=method), donate_argnums=0)
+    step = jax.jit(functools.partial(train_step.train_step, method=method, accum_steps=accum_steps), donate_argnums=0)
     compiled = step.lower(state, data, jax.random.key(0)).compile()
     row = {
         "forward_flops": forward_cost["flops"] / batch,

@@ -5,7 +5,7 @@
 Rows: the original images, the visible tokens, then for each workdir (its
 latest checkpoint, built from the ``config.json`` the run saved) its
 reconstruction and its token map (``pictures.token_map``: decoded tokens
-green, thrown ones orange). Every run sees the same images and the same
+green, thrown ones orange), each labelled on the left with the workdir's name. Every run sees the same images and the same
 visible tokens; each method's own sampler chooses which masked tokens it
 decodes and throws.
 """
@@ -13,6 +13,7 @@ decodes and throws.
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
         ):
             raise ValueError(f"{workdir} was trained on other images than {workdirs[0]}; compare runs on one dataset.")
     images = next(iter(pipeline.eval_dataset(pipeline.in_process(first.data), batch_size=num_images)))["images"]
-    rows = []
+    rows, labels = [], list(pictures.ROW_LABELS[:2])
     for workdir, run in zip(workdirs, loaded, strict=True):
         draw = run.method.predict_fns().get("picture")
         if draw is None:
@@ -41,7 +42,9 @@ def picture(workdirs, num_images: int = 8, seed: int = 0) -> np.ndarray:
         drawn = draw(run.variables, np.asarray(images), seed).with_token_map()
         rows = rows or list(drawn[:2])
         rows += [drawn[2], drawn[3]]
-    return pictures.tile(np.stack(rows), scale=pictures.picture_scale(first.model.image_size))
+        name = os.path.basename(os.path.normpath(workdir))
+        labels += [(*label[:1], name, *label[1:]) for label in pictures.ROW_LABELS[2:]]  # the run under the row's name
+    return pictures.tile(np.stack(rows), scale=pictures.picture_scale(first.model.image_size), labels=labels)
 
 
 def main(argv=None):
