@@ -16,8 +16,9 @@ mask ratio 0.75, the norm-pix loss, decoder 512 x 8 (16 heads), mixed precision 
 Reads TFDS's ``imagenet2012`` (ArrayRecord form) through ``tfds.data_source``; point
 ``--config.data.data_dir`` at the prepared dataset. Argument: ``epochs=100|300|800`` (100),
 ``model=B/16|L/16``, ``method=mae|partial|prmim`` (PR-MIM: furthest sampling, rho_d 0.5),
-``sampler=``, ``throw=`` (rho_d), ``aggregator=dwconv|transformer|convnext|avgpool`` and
-``kernel=3..11`` (Tables 11-12), ``fsdp`` (shard parameters and optimizer state over all
+``sampler=``, ``throw=`` (rho_d), ``running_cell_decoder=masked|videomae`` (the running cell's decoder:
+ours, or VideoMAE V2's official one, ``methods.mae``), ``aggregator=dwconv|transformer|convnext|avgpool``
+and ``kernel=3..11`` (Tables 11-12), ``fsdp`` (shard parameters and optimizer state over all
 devices), ``runlocal`` (a tiny model on Fashion-MNIST-sized data, seconds on a laptop).
 """
 
@@ -28,9 +29,19 @@ from prmim_jax.models import mae
 
 def get_config(arg=None):
     options = common.parse_arg(
-        arg, **common.IN1K_ARGS, model="B/16", method="prmim", sampler=str, throw=float, aggregator=str, kernel=int
+        arg,
+        **common.IN1K_ARGS,
+        model="B/16",
+        method="prmim",
+        sampler=str,
+        throw=float,
+        running_cell_decoder=str,
+        aggregator=str,
+        kernel=int,
     )
     method = methods.method_config(options.method, **common.throwing(options))
+    if options.running_cell_decoder is not None:
+        method.running_cell_decoder = options.running_cell_decoder
     if options.aggregator is not None:
         method.aggregator = options.aggregator
     if options.kernel is not None:

@@ -544,6 +544,43 @@ SIMMIM_AMT_PRETRAINING = (
     ),
 )
 
+VIDEOMAE = "OpenGVLab/VideoMAEv2"
+VIDEOMAE_DECODER = f"{VIDEOMAE} models/modeling_pretrain.py L340-358; engine_for_pretraining.py L98-105"
+# The Table 6 running-cell rows: MAE's recipe with VideoMAE V2's decoder masking in place of the throwing.
+RUNNING_CELL_PRETRAINING = (
+    S(
+        "decoder masking",
+        "running cell: a 2x2 cell of 4r skipped and 4(1 - r) kept positions, tiled over a frame; a random "
+        "pointer per video shifts it, one step per frame",
+        f"{VIDEOMAE} dataset/masking_generator.py L80-113",
+        "method.sampler",
+        "running_cell",
+        "an image has no frames: the pointer is drawn per image (masking.py, 'Running cell')",
+    ),
+    S(
+        "decoder mask ratio r",
+        "0.5 (--decoder_mask_type run_cell --decoder_mask_ratio 0.5)",
+        f"{VIDEOMAE} scripts/pretrain/vit_b_hybrid_pt.sh L33-34",
+        "method.throw_ratio",
+        0.5,
+    ),
+    S(
+        "target",
+        "normalised pixels, per patch and channel: (x - mean) / (std + 1e-6)",
+        f"{VIDEOMAE} engine_for_pretraining.py L78-88",
+        "method.norm_pix_loss",
+        True,
+        "MAE's, per patch over all channels: (x - mean) / sqrt(var + 1e-6), as the rest of the recipe is MAE's",
+    ),
+)
+RUNNING_CELL_DECODER = (
+    "decoder input, loss",
+    "the visible tokens and a mask token at every cell-kept position, visible ones included; MSE over the "
+    "masked kept positions, divided by their count in the batch",
+    VIDEOMAE_DECODER,
+    "method.reconstruction,method.running_cell_decoder",
+)
+
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
 TIMM_AUGMENTATION = S(
@@ -715,6 +752,35 @@ RECIPES = (
         "SimMIM + AMT pretraining, ViT-B/16, 200 epochs (Table 6)",
         "pretrain_amt_in1k.py:framework=simmim",
         SIMMIM_AMT_PRETRAINING,
+    ),
+    Recipe(
+        "MAE + VideoMAE V2's running cell, our decoder (Table 6, table6/mae-running-cell-50)",
+        "pretrain_in1k.py:method=partial,sampler=running_cell,throw=0.5",
+        MAE_PRETRAINING
+        + RUNNING_CELL_PRETRAINING
+        + (
+            S(
+                *RUNNING_CELL_DECODER,
+                ("partial", "masked"),
+                "ours: mask tokens at the masked kept positions only, every one reconstructed (49 of 196 tokens at "
+                "mask 0.75, where VideoMAE V2 reconstructs 73.5 on average and decodes 24.5 visible ones); "
+                "running_cell_decoder=videomae is VideoMAE V2's (masking.py, 'Running cell', has the accounting)",
+            ),
+        ),
+    ),
+    Recipe(
+        "MAE + VideoMAE V2's running cell, VideoMAE V2's decoder (table6/mae-running-cell-50-videomae)",
+        "pretrain_in1k.py:method=partial,sampler=running_cell,throw=0.5,running_cell_decoder=videomae",
+        MAE_PRETRAINING
+        + RUNNING_CELL_PRETRAINING
+        + (
+            S(
+                *RUNNING_CELL_DECODER,
+                ("partial", "videomae"),
+                "the count is the global batch's, VideoMAE V2's each GPU's (its DDP then averages the GPUs' "
+                "gradients); our decoder adds MAE's cls token, VideoMAE V2's has none",
+            ),
+        ),
     ),
     Recipe(
         "MAE fine-tuning, ViT-B/16 (Table 14)",

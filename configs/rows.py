@@ -233,6 +233,14 @@ def _table6_rows() -> list[Row]:
             "finetune_in1k.py",
             None,
         ),
+        Row(
+            "table6/mae-running-cell-50-videomae",
+            "MAE + partial reconstruction with VideoMAE V2's running cell as VideoMAE V2 decodes it (mask tokens at "
+            "every cell-kept position, visible ones included; loss on the masked ones), rho_d 0.5, 100 epochs",
+            "pretrain_in1k.py:method=partial,sampler=running_cell,throw=0.5,running_cell_decoder=videomae",
+            "finetune_in1k.py",
+            None,
+        ),
     ]
 
 

@@ -10,6 +10,10 @@ image into three disjoint sets whose union is ``range(N)``:
 - ``ids_thrown``  ``[B, N_thr] int32``: masked tokens the decoder skips
   (partial reconstruction); PR-MIM's aggregation reconstructs them.
 
+(One exception, VideoMAE V2's own running-cell decoder,
+``running_cell_decoder='videomae'``: there ``ids_decoded`` and ``ids_thrown``
+split all N positions and ``ids_visible`` overlaps both; see "Running cell".)
+
 Sizes follow the official MAE and the paper's Table 1, with masking ratio
 ``rho_e`` and throwing ratio ``rho_d`` both fractions of ``N``:
 
@@ -71,6 +75,45 @@ the pattern is the cell's periodic extension cut at the border (the last row
 and column repeat the cell's first row and column), so it skips about, not
 exactly, ``N_thr`` positions; surplus pattern-skipped masked tokens are then
 decoded, in the same random order.
+
+VideoMAE V2's own semantics (``TokenLayout(running_cell_decoder='videomae')``;
+``models/modeling_pretrain.py`` L340-358, ``engine_for_pretraining.py``
+L98-105) is the other choice: the cell marks the positions the decoder keeps
+among all N tokens, visible ones included, irrespective of the encoder's mask;
+the decoder reads the encoder's visible tokens plus a mask token at every kept
+position (a visible kept position appears twice: its encoder token and a mask
+token), and the loss covers the masked kept positions only
+(``labels = images_patch[~decode_masked_pos]``, ``cal_loss_mask =
+bool_masked_pos[~decode_masked_pos]``). Here ``ids_decoded`` ``[B, N - N_thr]``
+are the cell-kept positions and ``ids_thrown`` ``[B, N_thr]`` the cell-skipped
+ones (both ascending id; they split ``range(N)``, ``ids_visible`` is MAE's as
+for every sampler), and the loss weighs a decoded position 1 where it is
+masked, 0 where visible. Only even grids (VideoMAE V2 tiles ``height // 2``
+cells; the pattern then skips exactly ``N_thr = N * throw_ratio`` positions),
+single-token masks and throw ratios 0.25, 0.5, 0.75 serve it.
+
+The thrown-token accounting of the two, at mask ratio 0.75 and throw (cell)
+ratio 0.5 on a 14x14 grid (N = 196, N_vis = 49 visible, 147 masked; the
+``videomae`` counts are hypergeometric, each masked token lands on a kept
+position with probability 1/2, standard deviation 3.0 tokens):
+
+=========================  ============================  ==================================
+                           ``masked`` (ours, default)    ``videomae`` (VideoMAE V2's)
+=========================  ============================  ==================================
+``ids_decoded``            49 masked tokens              98 cell-kept positions
+decoder input (no cls)     49 visible + 49 mask = 98     49 visible + 98 mask = 147
+reconstructed (the loss)   49 (25% of N): every decoded  73.5 on average (37.5%): the masked
+                           token                         kept positions
+masked, never              98 (50% of N, exactly):       73.5 on average (37.5%): the masked
+reconstructed              ``ids_thrown``                cell-skipped positions
+visible, decoded           0                             24.5 on average (12.5%), no loss
+=========================  ============================  ==================================
+
+(MAE without throwing: 49 + 147 = 196 decoder tokens, 147 reconstructed.) Ours
+keeps the decoder's work fixed at the cell's share of the masked tokens and
+reconstructs all of it; VideoMAE V2's spends a quarter of its 147 decoder
+tokens on positions the encoder saw and that carry no loss, reconstructs 24.5
+more masked tokens on average, and its count varies from image to image.
 
 **AMT** (``amt``; Liu, Gui and Luo, AAAI 2023, ``guijiejie/AMT``
 ``mae-AMT/models_mae.py``: ``amt_masking_throwing``). AMT draws every token
@@ -149,6 +192,12 @@ class TokenLayout:
     does, and ``throw_granularity`` (``'token'`` or ``'unit'``) says whether the
     thrown tokens are chosen one by one or as whole units.
 
+    ``running_cell_decoder`` (``RUNNING_CELL_DECODERS``) is ``'masked'`` for
+    every sampler: decoded and thrown tokens are masked ones. ``'videomae'``
+    is VideoMAE V2's running-cell decoder (the module docstring, "Running
+    cell"): ``N_dec = N - N_thr`` cell-kept positions, visible ones included,
+    on an even grid of single tokens.
+
     Raises ``ValueError`` on construction when the ratios are impossible, so a
     bad config fails before anything compiles.
     """
@@ -158,6 +207,7 @@ class TokenLayout:
     throw_ratio: float = 0.0
     mask_unit: int | None = None
     throw_granularity: str = "token"
+    running_cell_decoder: str = "masked"
 
     def __post_init__(self):
         grid_h, grid_w = self.grid
@@ -176,7 +226,13 @@ class TokenLayout:
             raise ValueError(
                 f"mask_ratio={self.mask_ratio} must lie in [0, 1): the encoder needs at least one visible token."
             )
-        if not 0.0 <= self.throw_ratio <= self.mask_ratio:
+        if self.running_cell_decoder not in RUNNING_CELL_DECODERS:
+            raise ValueError(
+                f"running_cell_decoder={self.running_cell_decoder!r}; choose one of {RUNNING_CELL_DECODERS}."
+            )
+        if self.decodes_visible:
+            self._check_videomae_decoder()
+        elif not 0.0 <= self.throw_ratio <= self.mask_ratio:
             raise ValueError(
                 f"throw_ratio={self.throw_ratio} must lie in [0, mask_ratio={self.mask_ratio}]: "
                 "only masked tokens can be thrown; lower throw_ratio or raise mask_ratio."
@@ -190,6 +246,32 @@ class TokenLayout:
                 f"throw_ratio={self.throw_ratio} throws all {self.num_masked} masked tokens of a "
                 f"{grid_h}x{grid_w} grid; the decoder must reconstruct at least one. Lower throw_ratio."
             )
+
+    def _check_videomae_decoder(self) -> None:
+        grid_h, grid_w = self.grid
+        fix = "or set method.running_cell_decoder='masked' (ours)"
+        if self.mask_unit is not None:
+            raise ValueError(
+                f"running_cell_decoder='videomae' masks single tokens, not units of {self.mask_unit}x{self.mask_unit}: "
+                f"mask tokens (mask_unit=None), {fix}."
+            )
+        if grid_h % 2 or grid_w % 2:
+            raise ValueError(
+                f"running_cell_decoder='videomae' tiles VideoMAE V2's 2x2 cell over the token grid, which must have "
+                f"even sides, not {grid_h}x{grid_w}: choose an image size that is an even number of patches (224 / 16 "
+                f"= 14), {fix}."
+            )
+        if not 0.0 < self.throw_ratio < 1.0:
+            raise ValueError(
+                f"running_cell_decoder='videomae' needs a cell that skips tokens, so throw_ratio must be one of "
+                f"{RUNNING_CELL_RATIOS}, not {self.throw_ratio} (at 0 VideoMAE V2 decodes the masked tokens, which is "
+                f"running_cell_decoder='masked'); set method.throw_ratio."
+            )
+
+    @property
+    def decodes_visible(self) -> bool:
+        """Whether ``ids_decoded`` may hold visible tokens: VideoMAE V2's running-cell decoder."""
+        return self.running_cell_decoder == "videomae"
 
     @property
     def num_tokens(self) -> int:
@@ -228,6 +310,8 @@ class TokenLayout:
 
     @property
     def num_decoded(self) -> int:
+        if self.decodes_visible:
+            return self.num_tokens - self.num_thrown
         return self.num_masked - self.num_thrown
 
     def token_coordinates(self) -> np.ndarray:
@@ -253,6 +337,7 @@ SAMPLERS = ("random", "random_throw", "furthest", "furthest_seeded", "running_ce
 THROW_GRANULARITIES = ("token", "unit")
 NOISE_ROWS = 2  # row 0 picks the visible tokens, row 1 the thrown ones (or breaks ties)
 RUNNING_CELL_RATIOS = (0.25, 0.5, 0.75)  # 1, 2 or 3 of the 2x2 cell's tokens skipped by the decoder
+RUNNING_CELL_DECODERS = ("masked", "videomae")  # what ids_decoded are: masked tokens, or VideoMAE V2's kept positions
 
 
 def draw_noise(rng: np.random.Generator, layout: TokenLayout) -> np.ndarray:
@@ -268,6 +353,11 @@ def check_sampler(name: str, layout: TokenLayout) -> None:
         raise ValueError(
             f"sampler 'random' (MAE) throws nothing but throw_ratio={layout.throw_ratio}; "
             f"use one of {SAMPLERS[1:]}, or set throw_ratio=0."
+        )
+    if layout.decodes_visible and name != "running_cell":
+        raise ValueError(
+            f"running_cell_decoder='videomae' is VideoMAE V2's running-cell decoder, not sampler {name!r}'s; set "
+            "method.sampler='running_cell', or method.running_cell_decoder='masked'."
         )
     if name == "running_cell":
         if layout.throw_ratio and not any(np.isclose(layout.throw_ratio, r) for r in RUNNING_CELL_RATIOS):
@@ -300,7 +390,9 @@ def sample(name: str, noise: np.ndarray, layout: TokenLayout, weights: np.ndarra
       drawn first, the same order for uniform weights); ``decoded`` is in pick
       order for the furthest samplers and draw order for ``amt``; ``thrown``
       is in ascending id. Unit layouts (``mask_unit``) list whole units, see
-      ``_sample_units``.
+      ``_sample_units``. ``running_cell`` with ``layout.decodes_visible``:
+      ``decoded`` and ``thrown`` are the cell's kept and skipped positions,
+      each in ascending id (the module docstring, "Running cell").
     """
     check_sampler(name, layout)
     noise = np.asarray(noise)
@@ -322,6 +414,11 @@ def sample(name: str, noise: np.ndarray, layout: TokenLayout, weights: np.ndarra
     visible, masked = order[:, : layout.num_visible], order[:, layout.num_visible :]
     if name == "random":
         return TokenIds(visible, masked, np.zeros((noise.shape[0], 0), np.int32))
+    if layout.decodes_visible:
+        skipped = running_cell_patterns(layout.grid, layout.throw_ratio)[_cell_pointers(noise)]  # [B, N]
+        batch = noise.shape[0]
+        kept_ids, skipped_ids = (np.nonzero(s)[1].reshape(batch, -1).astype(np.int32) for s in (~skipped, skipped))
+        return TokenIds(visible, kept_ids, skipped_ids)
     if name in ("random_throw", "running_cell"):
         return TokenIds(visible, *_throw_first(masked, _throw_scores(name, noise, layout), layout.num_thrown))
     decoded = _furthest_points(visible, noise[:, 1], layout.grid, layout.num_decoded, seeded=name == "furthest_seeded")
@@ -335,9 +432,13 @@ def _throw_scores(name: str, noise: np.ndarray, layout: TokenLayout) -> np.ndarr
     if name == "random_throw":
         return noise[:, 1].astype(np.float64)
     scaled = 4.0 * noise[:, 1].astype(np.float64)
-    pointers = np.minimum(np.floor(scaled[:, 0]).astype(np.int64), 3)
-    skipped = running_cell_patterns(layout.grid, layout.throw_ratio)[pointers]
+    skipped = running_cell_patterns(layout.grid, layout.throw_ratio)[_cell_pointers(noise)]
     return np.where(skipped, 0.0, 1.0) + (scaled - np.floor(scaled))
+
+
+def _cell_pointers(noise: np.ndarray) -> np.ndarray:
+    """``[B] int64`` in 0..3: each image's running-cell pointer ``floor(4 u)``, ``u = noise[:, 1, 0]``."""
+    return np.minimum(np.floor(4.0 * noise[:, 1, 0].astype(np.float64)).astype(np.int64), 3)
 
 
 def _throw_first(masked: np.ndarray, scores: np.ndarray, num_thrown: int) -> tuple[np.ndarray, np.ndarray]:
@@ -536,7 +637,8 @@ def uncovered_fraction(ids: TokenIds, layout: TokenLayout, window: int) -> float
 
 
 def check_token_ids(ids: TokenIds, layout: TokenLayout) -> None:
-    """Raises ``ValueError`` unless ``ids`` has the layout's shapes and partitions every grid."""
+    """Raises ``ValueError`` unless ``ids`` has the layout's shapes and partitions every grid (with
+    ``layout.decodes_visible``: decoded and thrown partition it, and the visible ids are distinct)."""
     expected = {
         "visible": layout.num_visible,
         "decoded": layout.num_decoded,
@@ -547,6 +649,11 @@ def check_token_ids(ids: TokenIds, layout: TokenLayout) -> None:
         shape = getattr(ids, name).shape
         if shape != (batch, count):
             raise ValueError(f"ids_{name} has shape {shape}; the layout expects {(batch, count)}.")
-    every = np.sort(np.concatenate(ids, axis=1), axis=1)
+    every = np.sort(np.concatenate((ids.decoded, ids.thrown) if layout.decodes_visible else ids, axis=1), axis=1)
     if not np.array_equal(every, np.broadcast_to(np.arange(layout.num_tokens), every.shape)):
-        raise ValueError("visible, decoded and thrown ids must partition range(N) for every image.")
+        sets = "decoded and thrown" if layout.decodes_visible else "visible, decoded and thrown"
+        raise ValueError(f"{sets} ids must partition range(N) for every image.")
+    visible = np.sort(ids.visible, axis=1)
+    out_of_grid = visible.size and (visible[:, 0].min() < 0 or visible[:, -1].max() >= layout.num_tokens)
+    if layout.decodes_visible and (out_of_grid or (visible[:, 1:] == visible[:, :-1]).any()):
+        raise ValueError("visible ids must be distinct tokens of range(N) for every image.")

@@ -4,10 +4,11 @@ Rows of a picture, one column per image, upscaled to at least 112 pixels, each r
 label column on the left (``ROW_LABELS``, with the token map's colour key):
 1. the original image;
 2. what the encoder sees: visible patches, masked patches grey;
-3. the reconstruction, unmarked: visible patches as given, masked patches from
-   the model's predictions (norm-pix predictions are mapped back with each
-   original patch's mean and variance, as MAE's visualisation does); a thrown
-   patch nothing predicts (partial reconstruction) stays black;
+3. the reconstruction, unmarked: visible patches as given (also where VideoMAE
+   V2's running-cell decoder predicts them), masked patches from the model's
+   predictions (norm-pix predictions are mapped back with each original patch's
+   mean and variance, as MAE's visualisation does); a masked patch nothing
+   predicts (thrown under partial reconstruction) stays black;
 4. the token map (``token_map`` of ``token_marks``): each token's cell light grey
    (visible), green (decoded by the decoder) or orange (thrown: reconstructed
    by the aggregation under PR-MIM, by nothing under partial reconstruction).
@@ -79,10 +80,10 @@ def picture_rows(
     visible_only = np.full_like(patches, MASKED_GREY)
     visible_only[rows, ids.visible] = patches[rows, ids.visible]
     reconstruction = np.zeros_like(patches)
-    reconstruction[rows, ids.visible] = patches[rows, ids.visible]
     reconstruction[rows, ids.decoded] = denormalise(output.pred_decoded, ids.decoded)
     if output.pred_thrown is not None and ids.thrown.shape[1]:
         reconstruction[rows, ids.thrown] = denormalise(output.pred_thrown, ids.thrown)
+    reconstruction[rows, ids.visible] = patches[rows, ids.visible]  # last: decoded ids may hold visible ones
 
     def to_rgb(flat):
         tiles = flat.reshape(batch, -1, patch_size, patch_size, channels)
@@ -95,11 +96,12 @@ def picture_rows(
 
 
 def token_marks(ids: masking.TokenIds, num_tokens: int) -> np.ndarray:
-    """``[B, N] int8``: 0 visible, 1 decoded, 2 thrown."""
+    """``[B, N] int8``: 0 visible, 1 decoded (masked), 2 thrown (masked)."""
     marks = np.zeros((ids.visible.shape[0], num_tokens), np.int8)
     rows = np.arange(len(marks))[:, None]
     marks[rows, ids.decoded] = 1
     marks[rows, ids.thrown] = 2
+    marks[rows, ids.visible] = 0  # VideoMAE V2's running-cell decoder decodes and throws visible ones too
     return marks
 
 

@@ -245,6 +245,14 @@ MALFORMED = {
         lambda c, _: c.method.update(sampler="running_cell", throw_ratio=0.3),
         r"sampler 'running_cell' .* throw_ratio must be one of \(0.25, 0.5, 0.75\) \(or 0: nothing thrown\), not 0.3; set method.throw_ratio",
     ),
+    "running_cell_videomae_decoder_on_an_odd_grid": (
+        "pretrain",
+        lambda c, _: c.method.update(
+            reconstruction="partial", sampler="running_cell", throw_ratio=0.5, running_cell_decoder="videomae"
+        ),
+        r"running_cell_decoder='videomae' tiles .* even sides, not 7x7: choose an image size .* or set "
+        r"method.running_cell_decoder='masked'",
+    ),
     "running_cell_on_units": (
         "simmim",
         lambda c, _: c.method.update(

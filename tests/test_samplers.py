@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from prmim_jax import masking
+from prmim_jax.models import mae as mae_lib
 
 THROWING = ("random_throw", "furthest", "furthest_seeded")
 # Samplers that serve only some throw ratios (running_cell) or read weights (amt: uniform without them).
@@ -219,6 +220,68 @@ def test_running_cell_refuses_ratios_the_cell_cannot_make():
         match=r"throw_ratio must be one of \(0.25, 0.5, 0.75\) \(or 0: nothing thrown\), not 0.3; set method",
     ):
         masking.sample("running_cell", noise_for(1, layout), layout)
+
+
+# --- VideoMAE V2's own running-cell decoder (running_cell_decoder='videomae') ----------------------------
+
+
+def grid_mask(ids, num_tokens):
+    """``[B, N] bool``, True at ``ids [B, M]``."""
+    mask = np.zeros((len(ids), num_tokens), bool)
+    np.put_along_axis(mask, ids, True, 1)
+    return mask
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_videomae_decoder_decodes_every_position_its_cell_keeps_visible_ones_included(ratio):
+    layout = masking.TokenLayout((4, 4), 0.75, ratio, running_cell_decoder="videomae")
+    noise = noise_for(200, layout)
+    ids = masking.sample("running_cell", noise, layout)
+    masking.check_token_ids(ids, layout)
+    skipped = masking.running_cell_patterns((4, 4), ratio)[pointers_of(noise)]  # [B, N]
+    assert ids.decoded.shape == (200, 16 - round(16 * ratio)) and ids.thrown.shape == (200, round(16 * ratio))
+    np.testing.assert_array_equal(grid_mask(ids.decoded, 16), ~skipped)
+    np.testing.assert_array_equal(grid_mask(ids.thrown, 16), skipped)
+    # The encoder's mask is MAE's whatever the cell, so visible tokens land on kept and skipped positions alike.
+    np.testing.assert_array_equal(
+        ids.visible, masking.random_masking(noise[:, 0], masking.TokenLayout((4, 4), 0.75)).visible
+    )
+    visible = grid_mask(ids.visible, 16)
+    assert (visible & ~skipped).any() and (visible & skipped).any()
+
+
+def test_videomae_decoder_accounting_at_mask_075_and_cell_ratio_05_on_14x14():
+    """The numbers of the masking module docstring's table: N = 196, 49 visible, 147 masked."""
+    ours_layout = masking.TokenLayout((14, 14), 0.75, 0.5)
+    layout = masking.TokenLayout((14, 14), 0.75, 0.5, running_cell_decoder="videomae")
+    noise = noise_for(2000, layout)
+    ids = masking.sample("running_cell", noise, layout)
+    assert (ids.visible.shape[1], ids.decoded.shape[1], ids.thrown.shape[1]) == (49, 98, 98)  # decoder: 49 + 98
+    masked = ~grid_mask(ids.visible, 196)
+    masked_kept = np.take_along_axis(masked, ids.decoded, 1).sum(1)  # what the loss covers, per image
+    masked_skipped = np.take_along_axis(masked, ids.thrown, 1).sum(1)  # masked, never reconstructed
+    assert (masked_kept + masked_skipped == 147).all() and masked_kept.min() < masked_kept.max()
+    # The loss weighs a decoded position 1 exactly where it is masked.
+    weight = np.asarray(mae_lib.masked_weight(ids.visible, ids.decoded, 196))
+    np.testing.assert_array_equal(weight, np.take_along_axis(masked, ids.decoded, 1).astype(np.float32))
+    # Hypergeometric: 73.5 tokens (37.5% of N) each on average, standard deviation 3.0 per image.
+    assert abs(masked_skipped.mean() / 196 - 0.375) < 0.002 and abs(masked_kept.mean() / 196 - 0.375) < 0.002
+    assert 2.7 < masked_kept.std() < 3.4
+    assert abs(np.take_along_axis(~masked, ids.decoded, 1).sum(1).mean() - 24.5) < 0.4  # visible, decoded twice
+    # Ours from the same noise: the same visible tokens, exactly 98 masked thrown (50%), all 49 decoded masked.
+    ours = masking.sample("running_cell", noise, ours_layout)
+    np.testing.assert_array_equal(ours.visible, ids.visible)
+    assert ours.decoded.shape[1] == 49 and ours.thrown.shape[1] == 98
+    assert np.take_along_axis(masked, ours.decoded, 1).all() and np.take_along_axis(masked, ours.thrown, 1).all()
+
+
+def test_videomae_decoder_ids_that_do_not_split_the_grid_are_refused():
+    layout = masking.TokenLayout((4, 4), 0.75, 0.5, running_cell_decoder="videomae")
+    ids = masking.sample("running_cell", noise_for(2, layout), layout)
+    with pytest.raises(ValueError, match="decoded and thrown ids must partition range"):
+        masking.check_token_ids(ids._replace(decoded=ids.thrown, thrown=ids.thrown), layout)
+    with pytest.raises(ValueError, match="visible ids must be distinct tokens"):
+        masking.check_token_ids(ids._replace(visible=np.zeros_like(ids.visible)), layout)
 
 
 # --- AMT ----------------------------------------------------------------------------------------------

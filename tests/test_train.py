@@ -170,6 +170,18 @@ def test_mock_tfds_pretraining_run(tmp_path):
     assert result["step"] == 2 and np.isfinite(result["loss"])
 
 
+def test_videomae_running_cell_decoder_trains_and_draws_its_picture(tmp_path):
+    config = tiny_config(total_steps=2, checkpoint_every=2, picture_every=2)
+    config.model.patch_size = 2  # a 14x14 grid: VideoMAE V2's 2x2 cell tiles even grids only
+    config.method = methods.method_config(
+        "partial", sampler="running_cell", throw_ratio=0.5, running_cell_decoder="videomae"
+    )
+    del config.evals["knn"]  # the picture is the evaluation that reads the decoded ids
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 2 and np.isfinite(result["loss"]) and result["loss"] > 0
+    assert (tmp_path / "reconstruction.png").stat().st_size > 0
+
+
 def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
     straight = tiny_config(checkpoint_every=2)
     train.train_and_evaluate(straight, str(tmp_path / "straight"))

@@ -12,7 +12,15 @@ reconstruction     throw_ratio (rho_d)  what is reconstructed
 The encoder sees the visible tokens; the decoder sees the visible latents and
 mask tokens at the decoded positions (never the thrown ones); the loss is the
 mean squared error over the predicted masked tokens against norm-pix targets
-(``models.mae.reconstruction_loss``). Config section::
+(``models.mae.reconstruction_loss``).
+
+``running_cell_decoder`` chooses what the ``running_cell`` sampler's decoder
+reads: ``'masked'`` (ours, the default) decodes masked tokens only, ``N_dec =
+N_mask - N_thr`` like every sampler; ``'videomae'`` is VideoMAE V2's official
+decoder masking (``partial`` reconstruction only): mask tokens at every
+position the cell keeps, visible ones included, and a loss over the masked
+kept positions alone, averaged over the batch's count of them. The thrown-token
+accounting of both is in ``prmim_jax.masking`` ("Running cell"). Config section::
 
     config.method = mae.default_config()                                # MAE
     config.method = mae.default_config(reconstruction="progressive")    # PR-MIM: furthest sampling, rho_d 0.5
@@ -38,7 +46,9 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     """The method section: plain MAE unless overridden; ``reconstruction='progressive'`` is PR-MIM (furthest
     sampling, rho_d 0.5 by default), ``'partial'`` partial reconstruction."""
     reconstruction = overrides.pop("reconstruction", "full")
-    keys = throwing.throwing_config(reconstruction) | dict(name="mae", norm_pix_loss=True)
+    keys = throwing.throwing_config(reconstruction) | dict(
+        name="mae", norm_pix_loss=True, running_cell_decoder="masked"
+    )
     return ml_collections.ConfigDict(keys | overrides)
 
 
@@ -76,7 +86,11 @@ class MaskedAutoencoding(throwing.ThrowingMethod):
         return self.model.apply({"params": params}, images, ids.visible, ids.decoded, ids.thrown)
 
     def objective(self, params, images, ids: masking.TokenIds) -> jax.Array:
-        """The float32 loss of ``images [B, H, W, C]`` with token sets ``ids``."""
+        """The float32 loss of ``images [B, H, W, C]`` with token sets ``ids``; under VideoMAE V2's running-cell
+        decoder (``layout.decodes_visible``) the decoded positions count where they are masked."""
+        decoded_weight = None
+        if self.layout.decodes_visible:
+            decoded_weight = mae_lib.masked_weight(ids.visible, ids.decoded, self.layout.num_tokens)
         return mae_lib.reconstruction_loss(
             images,
             self.predict(params, images, ids),
@@ -85,6 +99,7 @@ class MaskedAutoencoding(throwing.ThrowingMethod):
             self.model.patch_size,
             self.norm_pix_loss,
             self.throwing.thrown_loss_weight,
+            decoded_weight,
         )
 
     def loss(self, variables: Variables, batch: dict, rng):

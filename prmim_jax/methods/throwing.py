@@ -23,6 +23,9 @@ key                         meaning
                             ``transformer``, ``convnext``, ``avgpool`` (Tables 11-12)
 ``kernel_size``             its window (3 to 11; 7 by default)
 ``thrown_loss_weight``      a thrown token's loss weight against a decoded one's (progressive)
+``running_cell_decoder``    MAE's section only (``methods.mae``): ``masked`` (ours: the decoder
+                            sees masked tokens only) or ``videomae`` (VideoMAE V2's running-cell
+                            decoder, ``masking.TokenLayout``'s); absent elsewhere: ``masked``
 ==========================  ================================================================
 
 Turning PR-MIM on in any framework is one key: ``reconstruction='progressive'``.
@@ -89,6 +92,14 @@ class Throwing:
                 f"reconstruction 'full' reconstructs every masked token but throw_ratio={section.throw_ratio}; "
                 "set method.throw_ratio=0, or method.reconstruction='partial' or 'progressive'."
             )
+        running_cell_decoder = section.get("running_cell_decoder", "masked")
+        if running_cell_decoder == "videomae" and section.reconstruction != "partial":
+            raise ValueError(
+                "method.running_cell_decoder='videomae' (VideoMAE V2's running-cell decoder) is partial "
+                "reconstruction: its thrown positions include visible tokens and nothing reconstructs them, so it "
+                f"cannot be reconstruction {section.reconstruction!r}; set method.reconstruction='partial', or "
+                "method.running_cell_decoder='masked'."
+            )
         if section.thrown_loss_weight < 0:
             raise ValueError(f"method.thrown_loss_weight={section.thrown_loss_weight} must be >= 0.")
         for key, minimum, meaning in (
@@ -115,6 +126,7 @@ class Throwing:
             section.throw_ratio,
             mask_unit=mask_unit,
             throw_granularity=throw_granularity,
+            running_cell_decoder=running_cell_decoder,
         )
         masking.check_sampler(section.sampler, layout)
         warmup_layout = None

@@ -32,7 +32,9 @@ class Decoder(nn.Module):
     """MAE's decoder blocks: visible latents plus mask tokens at the decoded positions.
 
     ``latent [B, 1 + N_vis, D_enc]``, ``ids_visible [B, N_vis]``,
-    ``ids_decoded [B, N_dec]`` -> ``[B, 1 + N_vis + N_dec, width]``, the last
+    ``ids_decoded [B, N_dec]`` (masked tokens; under VideoMAE V2's running-cell
+    decoder also visible ones, which then appear twice: the latent and a mask
+    token) -> ``[B, 1 + N_vis + N_dec, width]``, the last
     block's output (MAE's ``decoder_norm`` belongs to the pixel head, which
     progressive reconstruction applies after its aggregation), in the order
     cls, visible, decoded; with ``cls_token=False`` (GreenMIM's decoder) the latent
@@ -206,21 +208,39 @@ def reconstruction_loss(
     patch_size: int,
     norm_pix: bool = True,
     thrown_weight: float = 1.0,
+    decoded_weight: jax.Array | None = None,
 ) -> jax.Array:
     """Mean squared pixel error over the predicted masked tokens, a float32 scalar.
 
-    Decoded tokens always count; thrown tokens count when ``output`` predicts
-    them (PR-MIM), each with weight ``thrown_weight`` (1: a plain mean over
-    every masked token). Without thrown predictions this is MAE's objective,
-    bit for bit.
+    Decoded tokens count, each with its ``decoded_weight [B, N_dec]`` (None: 1;
+    VideoMAE V2's running-cell decoder: ``masked_weight``, 1 where masked, 0 where
+    visible); thrown tokens count when ``output`` predicts them (PR-MIM), each
+    with weight ``thrown_weight`` (1: a plain mean over every masked token). The
+    mean divides by the batch's summed weights, as VideoMAE V2's ``(loss *
+    cal_loss_mask).sum() / cal_loss_mask.sum()``; a batch whose weights sum to 0
+    has loss 0. Without thrown predictions and decoded weights this is MAE's
+    objective, bit for bit.
     """
     targets = pixel_targets(images, patch_size, norm_pix)
-    total = jnp.sum(token_mse(targets, output.pred_decoded, ids_decoded))
-    count = float(ids_decoded.size)
+    decoded_mse = token_mse(targets, output.pred_decoded, ids_decoded)
+    if decoded_weight is None:
+        total, count = jnp.sum(decoded_mse), float(ids_decoded.size)
+    else:
+        total, count = jnp.sum(decoded_weight * decoded_mse), jnp.sum(decoded_weight)
     if output.pred_thrown is not None and ids_thrown is not None and ids_thrown.shape[1]:
         total = total + thrown_weight * jnp.sum(token_mse(targets, output.pred_thrown, ids_thrown))
         count += thrown_weight * ids_thrown.size
-    return total / count
+    if decoded_weight is None:
+        return total / count
+    return total / jnp.where(count > 0, count, 1.0)  # no weight: total is 0 too, and the gradient stays finite
+
+
+def masked_weight(ids_visible: jax.Array, ids: jax.Array, num_tokens: int) -> jax.Array:
+    """``[B, M] float32``: 1 where ``ids [B, M]`` is a masked token, 0 where it is one of ``ids_visible [B, N_vis]``
+    (token ids of a grid of ``num_tokens``)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    visible = jnp.zeros((ids.shape[0], num_tokens), jnp.float32).at[rows, ids_visible].set(1.0)
+    return 1.0 - jnp.take_along_axis(visible, ids, axis=1)
 
 
 def model_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
