@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import rows
-from prmim_jax import runs, train
+from prmim_jax import methods, runs, train
 
 # One row per framework: its PR-MIM row, and AMT's on SimMIM (absolute table, cls readout in fine-tuning).
 ROWS = (
@@ -79,6 +79,10 @@ def test_row_pretrains_and_fine_tunes_end_to_end_with_its_recipe(row_id, tmp_pat
     if row_id == ROWS[0]:  # a finished fine-tuning loads without the pretraining it started from
         shutil.rmtree(pretrain_dir)
         assert runs.load(finetune_dir).step == finetune_config.total_steps
+    if row_id == "table4/simmim-prmim-30-e100":  # another encoder's recipe stops before compiling, naming the right one
+        wrong = config_of("finetune_in1k.py:runlocal", {"init.workdir": pretrain_dir})
+        with pytest.raises(ValueError, match=r"simmim_vit encoder .* configs/finetune_simmim_in1k\.py"):
+            methods.build(wrong)
     if row.finetune.startswith("finetune_simmim_in1k.py") and "recipe=amt" not in row.finetune:
         # SimMIM's fine-tuning: a relative table per block, each started from the pretrained shared one.
         blocks = finetuned_variables.params["encoder"]["transformer"]

@@ -52,7 +52,7 @@ import numpy as np
 
 from prmim_jax.interop import export, hf_simmim, mae_checkpoint, swin_checkpoint, vit_checkpoint, weight_files
 from prmim_jax.interop.mae_checkpoint import CheckpointMismatchError
-from prmim_jax.models import simmim, vit
+from prmim_jax.models import classifier, simmim, vit
 
 AUTO = "auto"
 WRAPPER_KEYS = ("model", "state_dict")  # the official releases' and mmengine's
@@ -69,12 +69,6 @@ TEC_EXTRAS = (
 MMPRETRAIN_EXTRAS = ("backbone.proj_layers.", "backbone.proj_weights", "neck.", "data_preprocessor.")
 SIMMIM_EXTRAS = ("encoder.mask_token", "decoder.")
 INDEX_SUFFIX = "relative_position_index"
-# What an encoder family fine-tunes as: the classifier's ``model.architecture`` and where its section starts.
-ARCHITECTURE_HINTS = {
-    "vit": "model.architecture='vit' (classifier.classifier_config)",
-    "simmim_vit": "model.architecture='simmim_vit'",
-    "swin": "model.architecture='swin' (classifier.swin_classifier_config)",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +186,7 @@ def check_family(layout: str, like) -> None:
     if found.family != family:
         raise CheckpointMismatchError(
             f"the file holds {found.holds}, layout {found.name!r}, which the model's {family!r} encoder cannot "
-            f"take: fine-tune it with {ARCHITECTURE_HINTS[found.family]}."
+            f"take: fine-tune it with {classifier.FINETUNING_HINTS[found.family]}."
         )
 
 

@@ -235,6 +235,12 @@ def _check_pretrained_encoder(workdir: str, encoder) -> None:
             f"init.workdir={workdir}: {error} Then point it at a prmim_jax pretraining workdir."
         ) from None
     pretrained, _ = build(pretraining).encoder()
+    family = pretrained.architecture["family"]
+    if family != encoder.architecture["family"]:
+        raise ValueError(
+            f"init.workdir={workdir} pretrained a {family} encoder ({pretraining.method.name}), which the model's "
+            f"{encoder.architecture['family']} encoder cannot take: fine-tune it with {classifier.FINETUNING_HINTS[family]}."
+        )
     if pretrained.architecture != encoder.architecture:
         raise ValueError(
             f"init.workdir={workdir} pretrained an encoder of {pretrained.architecture}, but model asks for "

@@ -33,6 +33,16 @@ from prmim_jax.models import layers, simmim, swin, vit
 POOLS = ("avg", "cls")
 HEADS = ("linear", "batchnorm_linear")
 ARCHITECTURES = ("vit", "simmim_vit", "swin")
+# How an encoder of each family fine-tunes: the model section's architecture, where the section starts, and the
+# ImageNet-1K config that does it (what a message about a pretraining of that family names).
+FINETUNING_HINTS = {
+    "vit": "model.architecture='vit' (classifier.classifier_config; ImageNet-1K: configs/finetune_in1k.py)",
+    "simmim_vit": (
+        "model.architecture='simmim_vit' (classifier.simmim_classifier_config; ImageNet-1K: "
+        "configs/finetune_simmim_in1k.py)"
+    ),
+    "swin": "model.architecture='swin' (classifier.swin_classifier_config; ImageNet-1K: configs/finetune_swin_in1k.py)",
+}
 
 
 class Classifier(nn.Module):
