@@ -30,38 +30,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 
-dry_run=0
-case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
 processes=1
 port=""
 grace=120
-skip_setup=0
-positional=()
-extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h | --help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
-    --dry_run | --dry-run) dry_run=1 ;;
-    --skip_setup) skip_setup=1 ;;
-    --processes) [ $# -ge 2 ] || die "$1 needs a value"; processes="$2"; shift ;;
-    --port) [ $# -ge 2 ] || die "$1 needs a value"; port="$2"; shift ;;
-    --grace) [ $# -ge 2 ] || die "$1 needs a value"; grace="$2"; shift ;;
-    --processes=*) processes="${1#*=}" ;;
-    --port=*) port="${1#*=}" ;;
-    --grace=*) grace="${1#*=}" ;;
-    --)
-      shift
-      for arg in "$@"; do add_argument "$arg" after_dashes; done
-      break ;;
-    *) add_argument "$1" ;;
-  esac
-  shift
-done
+value_options=(--processes=processes --port=port --grace=grace)
+parse_arguments "$@"
 
 take_config_and_workdir
-case "$processes" in "" | *[!0-9]* | 0*) die "--processes must be a positive integer, got '$processes'" ;; esac
+require_positive --processes "$processes"
 case "$port" in *[!0-9]* | 0*) die "--port must be a port number, got '$port'" ;; esac
-seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
+require_seconds --grace "$grace"
 [ "$processes" = 1 ] || [[ "$workdir" != *://* ]] \
   || die "--processes writes its logs under WORKDIR, which must be a local path"
 
@@ -91,31 +69,13 @@ venv="${PRMIM_VENV:-.venv}"
 [[ "$venv" == /* ]] || venv="$repo/$venv"
 main=("$venv/bin/python" -m prmim_jax.main --config "$config" --workdir "$workdir")
 
-# Prints the command (--dry_run), or echoes it to stderr and runs it.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    join "$@"
-  else
-    echo "+ $(join "$@")" >&2
-    "$@"
-  fi
-}
-
 [ "$skip_setup" = 1 ] || run bash "$repo/launch/setup_env.sh" "$platform"
 
 # On cuda, XLA's GPU flags (launch/lib.sh) go before the user's own XLA_FLAGS, which win.
 if [ "$platform" = cuda ]; then
   xla_flags="$(xla_gpu_flags)"
   xla_flags="$xla_flags${XLA_FLAGS:+${xla_flags:+ }$XLA_FLAGS}"
-  if [ -n "$xla_flags" ]; then
-    line="export $(quote "XLA_FLAGS=$xla_flags")"
-    if [ "$dry_run" = 1 ]; then
-      echo "$line"
-    else
-      echo "+ $line" >&2
-      export XLA_FLAGS="$xla_flags"
-    fi
-  fi
+  [ -z "$xla_flags" ] || run_export XLA_FLAGS "$xla_flags"
 fi
 
 if [ "$processes" = 1 ]; then

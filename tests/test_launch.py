@@ -675,6 +675,13 @@ def test_slurm_writes_the_script_and_submits_it(repo, tmp_path):
     assert script == dry_script
 
 
+def test_slurm_sbatch_arg_may_be_given_again_each_one_a_directive_in_order(repo):
+    args = ["--nodes", "1", "--gpus_per_node", "1", "--sbatch_arg", "--account=a", "--sbatch_arg=--qos=q"]
+    _, script, _ = sbatch_dry_run(launch(repo, "gpu_slurm.sh", *args, "--dry_run", "configs/tiny.py", "wd"))
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH --")]
+    assert directives[-2:] == ["#SBATCH --account=a", "#SBATCH --qos=q"]
+
+
 # All scripts
 
 
@@ -746,3 +753,102 @@ def test_bad_platform_is_a_usage_error(repo):
     result = launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env={"PRMIM_PLATFORM": "rocm"})
     assert result.returncode == 2
     assert "PRMIM_PLATFORM must be cpu, cuda or tpu" in result.stderr
+
+
+# launch/lib.sh's parse_arguments, for a launcher with one option that takes a value (--count) and one that
+# may be given again (--name).
+PARSE = """set -euo pipefail
+prog=launcher
+usage="usage: launcher [--count N] [--name NAME]... CONFIG WORKDIR"
+source "$LIB"
+count=1
+names=()
+value_options=(--count=count "--name=names[]")
+parse_arguments "$@"
+for variable in dry_run skip_setup count; do join "$variable" "${!variable}"; done
+join names ${names[@]+"${names[@]}"}
+join positional ${positional[@]+"${positional[@]}"}
+join extra ${extra[@]+"${extra[@]}"}
+"""
+
+
+def parse(*args, env=None):
+    """``{variable: [values]}`` as parse_arguments sets them for ``args``, or the failed run."""
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ |= {"LIB": str(LAUNCH / "lib.sh"), **(env or {})}
+    result = subprocess.run([BASH, "-c", PARSE, "launcher", *args], env=environ, capture_output=True, text=True)
+    if result.returncode != 0:
+        return result
+    return {name: values for name, *values in map(shlex.split, result.stdout.splitlines())}
+
+
+def test_parse_arguments_takes_a_value_as_the_next_argument_or_after_an_equals_sign():
+    assert parse("--count", "3", "c", "w")["count"] == ["3"]
+    assert parse("--count=3", "c", "w")["count"] == ["3"]
+    assert parse("--count=a=b", "c", "w")["count"] == ["a=b"]
+    assert parse("--count=", "c", "w")["count"] == [""]  # the launcher's own check says what is wrong with it
+    assert parse("--count", "--dry_run", "c", "w")["count"] == ["--dry_run"]  # a value, whatever it looks like
+    assert parse("c", "w")["count"] == ["1"]  # the launcher's default
+
+
+def test_parse_arguments_appends_each_value_of_an_option_given_again():
+    assert parse("--name", "a b", "c", "--name=b", "w")["names"] == ["a b", "b"]
+    assert parse("c", "w")["names"] == []
+
+
+def test_parse_arguments_takes_launch_options_anywhere_before_dashes_and_passes_the_rest_to_main():
+    parsed = parse("c", "--count", "2", "w", "--flag=1", "x", "--skip_setup", "--", "--count=5", "--dry_run")
+    assert parsed == {
+        "dry_run": ["0"],
+        "skip_setup": ["1"],
+        "count": ["2"],
+        "names": [],
+        "positional": ["c", "w"],
+        "extra": ["--flag=1", "x", "--count=5", "--dry_run"],
+    }
+    assert parse("--", "--odd", "-w")["positional"] == ["--odd", "-w"]  # after `--`, CONFIG may start with -
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (("--dry_run",), {}, "1"),
+        (("--dry-run",), {}, "1"),
+        ((), {"DRY_RUN": "1"}, "1"),
+        ((), {"DRY_RUN": "yes"}, "1"),
+        ((), {"DRY_RUN": "0"}, "0"),
+        ((), {"DRY_RUN": "false"}, "0"),
+        ((), {"DRY_RUN": "no"}, "0"),
+        ((), {"DRY_RUN": ""}, "0"),
+        ((), {}, "0"),
+    ],
+)
+def test_parse_arguments_dry_run_is_the_option_or_dry_run_set_to_anything_but_0_false_no(args, env, expected):
+    assert parse(*args, "c", "w", env=env)["dry_run"] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--count",), "--count needs a value"),
+        (("--name",), "--name needs a value"),
+        (("--colour=red", "c", "w"), "unknown option '--colour=red' (main.py flags go after CONFIG WORKDIR)"),
+        (("c", "--counts", "w"), "unknown option '--counts' (main.py flags go after CONFIG WORKDIR)"),
+    ],
+)
+def test_parse_arguments_usage_errors_exit_2_with_the_message_and_usage(args, message):
+    result = parse(*args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"launcher: error: {message}",
+        "usage: launcher [--count N] [--name NAME]... CONFIG WORKDIR",
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_the_scripts_header_comment(repo, script):
+    text = (LAUNCH / script).read_text()
+    header = text[text.index("\n") + 1 : text.index("\nset -euo pipefail")].splitlines()
+    expected = [line.removeprefix("#").removeprefix(" ") for line in header]
+    for option in ("-h", "--help"):
+        assert launch(repo, script, option, "configs/tiny.py", "wd").stdout.splitlines() == expected
