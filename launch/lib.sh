@@ -184,6 +184,17 @@ run_export() {
   fi
 }
 
+# Once the processes were told to stop ($stopping = 1) and the stop's $deadline ($SECONDS) has passed,
+# unless that was done already ($killed): prints message $1, sets $killed and runs the rest of the
+# arguments, the script's way of sending SIGKILL.
+kill_after_deadline() {
+  if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
+    echo "$prog: $1" >&2
+    killed=1
+    "${@:2}"
+  fi
+}
+
 # The line a failing process prints first (prmim_jax.preemption.FAILURE_LINE):
 # "process I of N failed: Type: message", then its traceback.
 FAILURE_PATTERN='^process [0-9]+ of [0-9]+ failed: '

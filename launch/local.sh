@@ -226,11 +226,8 @@ while [ "$ended" -lt "$processes" ]; do
     stop_processes "$failure_grace"
   done
   if [ "$ended" -lt "$processes" ]; then
-    if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
-      echo "$prog: processes still running at the end of the grace period; killing them (SIGKILL)" >&2
-      killed=1
+    kill_after_deadline "processes still running at the end of the grace period; killing them (SIGKILL)" \
       signal_processes KILL
-    fi
     sleep 0.1
   fi
 done

@@ -111,11 +111,8 @@ training=$!
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
 while kill -0 "$training" 2>/dev/null; do
-  if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
-    echo "$prog: the workers still run after the ${grace}s grace period; killing them (SIGKILL)" >&2
-    killed=1
+  kill_after_deadline "the workers still run after the ${grace}s grace period; killing them (SIGKILL)" \
     signal_workers KILL
-  fi
   sleep 0.5
 done
 status=0
