@@ -138,6 +138,34 @@ take_config_and_workdir() {
   [ -f "$config_file" ] || die "config file not found: $config_file"
 }
 
+# Prints the path of Debian's tcmalloc (libtcmalloc_minimal.so.4, package libtcmalloc-minimal4) as the
+# dynamic linker finds it (ldconfig -p), or nothing.
+find_tcmalloc() {
+  { PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null || true; } \
+    | awk '$1 == "libtcmalloc_minimal.so.4" && !found { print $NF; found = 1 }'
+}
+
+# Whether $PRMIM_TCMALLOC turns the preload off (0, false or no).
+tcmalloc_off() {
+  case "${PRMIM_TCMALLOC:-}" in 0 | false | no) return 0 ;; esac
+  return 1
+}
+
+# Prints the tcmalloc library the launchers preload on cpu in place of glibc's malloc, or nothing when it
+# is off or not installed. PRMIM_TCMALLOC: 0 (or false, no) turns it off; a path names the library (dies
+# if no file is there); unset, empty or 1 finds Debian's (find_tcmalloc). With glibc's malloc, XLA:CPU
+# maps and unmaps its large per-step buffers every step and the kernel zeroes their fresh pages each
+# time: about a third of the main job's time (benchmarks/results/allocator_cpu.md, launch/README.md).
+tcmalloc_library() {
+  tcmalloc_off && return 0
+  case "${PRMIM_TCMALLOC:-}" in
+    */*)
+      [ -f "$PRMIM_TCMALLOC" ] || die "PRMIM_TCMALLOC names no file: $PRMIM_TCMALLOC"
+      printf '%s\n' "$PRMIM_TCMALLOC" ;;
+    *) find_tcmalloc ;;
+  esac
+}
+
 # Prints the XLA flags the launchers set on GPU (cuda), one line, space-separated; callers put
 # them before the user's own $XLA_FLAGS, so that a flag given there wins (XLA reads the last).
 # PRMIM_XLA_GPU_FLAGS, when set (even empty), replaces them. Each flag is measured by the device

@@ -11,7 +11,9 @@
 # each with --coordinator_address localhost:PORT --num_processes N --process_id I
 # (a free port unless --port) and its log in WORKDIR/logs/process_I.log; on cuda,
 # process I sees only GPU I. On cuda, XLA_FLAGS starts with launch/lib.sh's GPU
-# flags. The script waits for all of them. When one fails it prints that
+# flags. On cpu, LD_PRELOAD starts with tcmalloc where it is installed (Debian's
+# libtcmalloc-minimal4; PRMIM_TCMALLOC=0 turns that off, PRMIM_TCMALLOC=PATH names
+# the library; see launch/README.md). The script waits for all of them. When one fails it prints that
 # process's own error (from its log), stops the others and exits with the
 # failed process's status. SIGTERM or Ctrl-C is passed on to every process as
 # SIGTERM (they save a checkpoint and exit 0); the script waits up to --grace S
@@ -51,6 +53,7 @@ else
   platform="cpu"
 fi
 case "$platform" in cpu | cuda | tpu) ;; *) die "PRMIM_PLATFORM must be cpu, cuda or tpu, got '$platform'" ;; esac
+[ "$platform" != cpu ] || tcmalloc_library >/dev/null # a PRMIM_TCMALLOC that names no file fails before the set-up
 
 # With several processes on cuda, process I sees only the I-th visible GPU.
 gpus=()
@@ -76,6 +79,18 @@ if [ "$platform" = cuda ]; then
   xla_flags="$(xla_gpu_flags)"
   xla_flags="$xla_flags${XLA_FLAGS:+${xla_flags:+ }$XLA_FLAGS}"
   [ -z "$xla_flags" ] || run_export XLA_FLAGS "$xla_flags"
+fi
+
+# On cpu, tcmalloc in place of glibc's malloc, before any LD_PRELOAD of the user's (launch/lib.sh's
+# tcmalloc_library; PRMIM_TCMALLOC=0 turns it off). Looked up after setup_env.sh, which installs it.
+if [ "$platform" = cpu ]; then
+  tcmalloc="$(tcmalloc_library)"
+  if [ -n "$tcmalloc" ]; then
+    run_export LD_PRELOAD "$tcmalloc${LD_PRELOAD:+ $LD_PRELOAD}"
+  elif ! tcmalloc_off; then
+    echo "$prog: tcmalloc not found, so glibc's malloc, whose page faults cost about a third of a CPU run's" \
+      "time; install Debian's libtcmalloc-minimal4 (setup_env.sh does, as root), or set PRMIM_TCMALLOC=0" >&2
+  fi
 fi
 
 if [ "$processes" = 1 ]; then

@@ -30,7 +30,12 @@ CLEARED = (
     "TMPDIR",
     "XLA_FLAGS",
     "PRMIM_XLA_GPU_FLAGS",
+    "PRMIM_TCMALLOC",
+    "LD_PRELOAD",
 )
+# What the launchers see besides the test's own variables: tcmalloc off, so that what they print does not depend
+# on whether this machine has it (the tcmalloc tests turn it on).
+DEFAULTS = {"PRMIM_TCMALLOC": "0"}
 
 
 @pytest.fixture
@@ -46,7 +51,7 @@ def repo(tmp_path):
 
 
 def launch(repo, script, *args, env=None):
-    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED} | DEFAULTS
     environ.update(env or {})
     return subprocess.run(
         [BASH, f"launch/{script}", *args], cwd=repo, env=environ, capture_output=True, text=True, timeout=30
@@ -217,6 +222,99 @@ def test_prmim_xla_gpu_flags_replaces_the_launchers_gpu_flags(repo):
     assert export == ["export", "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]
 
 
+# An ldconfig -p that lists the libraries in $LIBRARIES (space-separated), as the dynamic linker's cache would.
+FAKE_LDCONFIG = """#!/bin/sh
+echo "2 libs found in cache /etc/ld.so.cache"
+for path in $LIBRARIES; do printf '\\t%s (libc6,x86-64) => %s\\n' "${path##*/}" "$path"; done
+exit "${LDCONFIG_STATUS:-0}"
+"""
+
+
+def tcmalloc_environment(tmp_path, *names, **env):
+    """Fake libraries named ``names`` in tmp_path/lib, listed by a fake ldconfig on $PATH; launcher variables ``env``."""
+    libraries = [tmp_path / "lib" / name for name in names]
+    for library in libraries:
+        library.parent.mkdir(exist_ok=True)
+        library.write_text("")
+    executable(tmp_path / "bin" / "ldconfig", FAKE_LDCONFIG)
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    return {"PATH": path, "LIBRARIES": " ".join(map(str, libraries)), "PRMIM_PLATFORM": "cpu", **env}
+
+
+def test_local_on_cpu_preloads_the_tcmalloc_ldconfig_lists_after_the_set_up_and_before_the_users_preload(
+    repo, tmp_path
+):
+    env = tcmalloc_environment(
+        tmp_path, "libtcmalloc_minimal_debug.so.4", "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC="", LD_PRELOAD="/my.so"
+    )
+    setup, export, main = printed(launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert setup == ["bash", f"{repo}/launch/setup_env.sh", "cpu"]  # which installs it: looked up after
+    assert export == ["export", f"LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4 /my.so"]
+    assert main == main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")
+
+
+@pytest.mark.parametrize("setting", ["", "1"])
+def test_local_with_several_processes_preloads_tcmalloc_for_all_of_them(repo, tmp_path, setting):
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC=setting)
+    args = ["--skip_setup", "--processes=2", "--dry_run", "configs/tiny.py", "wd"]
+    commands = printed(launch(repo, "local.sh", *args, env=env))
+    assert commands[0] == ["export", f"LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4"]
+    assert len(commands) == 5  # the export, mkdir, two processes, wait
+
+
+def test_prmim_tcmalloc_names_the_library_to_preload(repo, tmp_path):
+    library = tmp_path / "my" / "libtcmalloc.so.4"
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC=str(library))
+    library.parent.mkdir()
+    library.write_text("")
+    export, _ = printed(launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert export == ["export", f"LD_PRELOAD={library}"]
+
+
+@pytest.mark.parametrize("setting", ["0", "false", "no"])
+def test_prmim_tcmalloc_0_turns_the_preload_off_quietly(repo, tmp_path, setting):
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC=setting)
+    result = launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)
+    assert printed(result) == [main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")]
+    assert "tcmalloc" not in result.stderr
+
+
+@pytest.mark.parametrize(("listed", "status"), [((), "0"), (("libtcmalloc_minimal_debug.so.4",), "0"), ((), "1")])
+def test_local_without_tcmalloc_runs_with_glibc_malloc_and_says_so(repo, tmp_path, listed, status):
+    env = tcmalloc_environment(tmp_path, *listed, PRMIM_TCMALLOC="", LDCONFIG_STATUS=status)
+    result = launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)
+    assert printed(result) == [main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")]
+    assert "tcmalloc not found" in result.stderr
+    assert "PRMIM_TCMALLOC=0" in result.stderr
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_local_preloads_tcmalloc_on_cpu_only(repo, tmp_path, platform):
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC="", PRMIM_PLATFORM=platform)
+    env["PRMIM_XLA_GPU_FLAGS"] = ""
+    result = launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)
+    assert printed(result) == [main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")]
+    assert "tcmalloc" not in result.stderr
+
+
+def test_local_runs_main_with_tcmalloc_preloaded(repo, tmp_path):
+    executable(repo / ".venv" / "bin" / "python", '#!/bin/sh\necho "LD_PRELOAD=$LD_PRELOAD"\n')
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC="")
+    result = launch(repo, "local.sh", "--skip_setup", "configs/tiny.py", "wd", env=env)
+    assert result.returncode == 0, result.stderr
+    # The fake library is no shared object: the dynamic linker says so on stderr and goes on without it.
+    assert result.stdout.strip() == f"LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4"
+    assert f"+ export LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4" in result.stderr
+
+
+def test_prmim_tcmalloc_naming_no_file_is_a_usage_error_before_the_set_up(repo, tmp_path):
+    env = {"PRMIM_PLATFORM": "cpu", "PRMIM_TCMALLOC": str(tmp_path / "none.so")}
+    result = launch(repo, "local.sh", "configs/tiny.py", "wd", env=env)
+    assert result.returncode == 2
+    assert f"PRMIM_TCMALLOC names no file: {tmp_path}/none.so" in result.stderr
+    assert "setup_env" not in result.stderr
+
+
 # The failing process waits until every process has written its log line, so that none is stopped unstarted.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$@"
@@ -283,7 +381,7 @@ esac
 def start_local(repo, *args, env=None):
     """``launch/local.sh --skip_setup --processes 2`` in the background, with ``STAGED_PYTHON`` as python."""
     executable(repo / ".venv" / "bin" / "python", STAGED_PYTHON)
-    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED} | DEFAULTS
     environ.update(env or {})
     # A shell started in the background (pytest run with '&' without job control) inherits SIGINT ignored, and
     # bash cannot trap a signal ignored on entry: coreutils' env hands the launcher SIGINT as a terminal would.
