@@ -352,7 +352,7 @@ def test_local_processes_all_run_and_one_failure_fails_the_launch(repo, fail_id,
 #   abort: aborts with a C++ stack when its peer's failure reaches it (the launcher's SIGTERM here, JAX's
 #          coordination service in a real run), so it always ends after the peer that took it down
 #   save:  saves for $SAVE_SECONDS (1 by default) on SIGTERM, then exits 0
-#   stuck: ignores SIGTERM forever
+#   stuck: notes each SIGTERM in its log ("got SIGTERM") and runs on, for 60 s at most
 STAGED_PYTHON = """#!/usr/bin/env bash
 for arg in "$@"; do [ "${previous:-}" = --process_id ] && id="$arg"; previous="$arg"; done
 behaviour="BEHAVIOUR_$id"
@@ -361,9 +361,9 @@ case "${!behaviour}" in
     trap 'echo "F0000 coordination_service_agent.cc] Terminating process: a peer died"
           echo "Fatal Python error: Aborted"; exit 134' TERM ;;
   save) trap 'sleep "${SAVE_SECONDS:-1}"; echo saved; exit 0' TERM ;;
-  stuck) trap '' TERM ;;
+  stuck) trap 'echo "got SIGTERM"' TERM ;;
 esac
-echo started
+echo "started $$"
 case "${!behaviour}" in
   fail)
     for i in 0 1; do until grep -qs started "wd/logs/process_$i.log"; do sleep 0.02; done; done
@@ -372,7 +372,7 @@ case "${!behaviour}" in
     echo "  File \"prmim_jax/data/transforms.py\", line 259, in map"
     echo "OSError: image file is truncated: /data/train/bad.jpg"
     exit 1 ;;
-  stuck) exec sleep 60 ;;  # SIGTERM stays ignored across exec
+  stuck) end=$((SECONDS + 60)); while [ "$SECONDS" -lt "$end" ]; do sleep 0.05; done ;;
   *) while :; do sleep 0.05; done ;;
 esac
 """
@@ -390,12 +390,17 @@ def start_local(repo, *args, env=None):
     return subprocess.Popen(command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_until_started(repo, launcher):
+def wait_for_logs(repo, launcher, text):
+    """Waits until both processes of a ``start_local`` run have logged ``text``; fails if the launcher ends first."""
     logs = [repo / "wd" / "logs" / f"process_{i}.log" for i in (0, 1)]
     deadline = time.monotonic() + 20
-    while not all(log.exists() and "started" in log.read_text() for log in logs):
+    while not all(log.exists() and text in log.read_text() for log in logs):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
         time.sleep(0.02)
+
+
+def wait_until_started(repo, launcher):
+    wait_for_logs(repo, launcher, "started")
 
 
 def test_local_shows_the_first_failing_process_own_error_not_the_abort_of_the_peer_it_took_down(repo):
@@ -447,24 +452,26 @@ def test_local_gives_the_others_10_seconds_not_the_grace_period_after_one_failed
     assert "process 0 exited with status 137, killed by SIGKILL after process 1 failed" in stderr
 
 
-def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid``, from /proc."""
-    found = []
-    for stat_file in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = stat_file.read_text().rsplit(")", 1)[1].split()[1]  # the name may hold spaces and parentheses
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        if parent == str(pid):
-            found.append(int(stat_file.parent.name))
-    return found
+def parent_of(pid: int) -> int:
+    """The process id of ``pid``'s parent, from /proc."""
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces and parentheses
+
+
+def staged_pid(repo, process: int) -> int:
+    """The pid of process ``process`` of a ``start_local`` run, from its "started PID" line."""
+    log = (repo / "wd" / "logs" / f"process_{process}.log").read_text()
+    return int(re.search(r"^started (\d+)$", log, flags=re.M)[1])
 
 
 def test_local_does_not_hang_when_a_watcher_of_its_processes_is_killed(repo):
     launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "stuck"})
     wait_until_started(repo, launcher)
-    # The launcher's children are the watcher subshells; each records its process's end.
-    os.kill(children_of(launcher.pid)[0], signal.SIGKILL)
+    # Process 0's parent is its watcher, a subshell of the launcher that records the process's end. (Not just any
+    # child of the launcher: its wait loop's `sleep 0.1` is one too, and pids wrap, so which comes first is luck.)
+    watcher = parent_of(staged_pid(repo, 0))
+    assert parent_of(watcher) == launcher.pid
+    os.kill(watcher, signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=60)
     assert launcher.returncode == 137, stderr  # the lost process counts as killed, and stops the others
     assert "failed first (status 137, killed by SIGKILL)" in stderr
@@ -475,7 +482,9 @@ def test_local_second_ctrl_c_kills_the_processes_at_once(repo):
     wait_until_started(repo, launcher)
     sent = time.monotonic()
     launcher.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    # The second Ctrl-C once the first has been handled (its SIGTERM reached both processes), not after a fixed
+    # pause: bash runs a trap only when its foreground `sleep` ends, and two signals pending at once run it once.
+    wait_for_logs(repo, launcher, "got SIGTERM")
     launcher.send_signal(signal.SIGINT)
     _, stderr = launcher.communicate(timeout=30)
     assert time.monotonic() - sent < 10  # not the 120 s grace period
@@ -593,6 +602,12 @@ while :; do sleep 0.05; done
 """
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (a bash trap set), from /proc/PID/status's SigCgt."""
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, flags=re.M)[1], 16) >> (signum - 1) & 1)
+
+
 def test_tpu_sigterm_reaches_the_training_process_on_every_worker_which_saves_before_the_script_exits(repo, tmp_path):
     executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
     workers = [tmp_path / "workers" / f"w{i}" for i in (0, 1)]
@@ -609,7 +624,11 @@ def test_tpu_sigterm_reaches_the_training_process_on_every_worker_which_saves_be
         command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 20
-    while not all((worker / "prmim_jax" / "started").exists() for worker in workers):
+    # The workers may start before the launcher has set its SIGTERM trap (right after starting them in the
+    # background): wait for both.
+    while not (
+        all((worker / "prmim_jax" / "started").exists() for worker in workers) and catches(launcher.pid, signal.SIGTERM)
+    ):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
         time.sleep(0.02)
     launcher.send_signal(signal.SIGTERM)
