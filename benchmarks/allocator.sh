@@ -48,7 +48,7 @@ mkdir -p "$logs"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
-# One run: WAY ROUND. Appends "WAY ROUND WALL USER SYS FAULTS RATE_MIDDLE RATE_LAST" to $scratch/rows.
+# One run: WAY ROUND. Appends "WAY ROUND WALL USER SYS FAULTS RATE_MIDDLE RATE_LAST CPU" to $scratch/rows.
 measure() {
   local way="$1" round="$2" log="$logs/$1_$2.log" timing="$logs/$1_$2.time"
   local environment=(PRMIM_TCMALLOC=0 GLIBC_TUNABLES=)
@@ -61,14 +61,15 @@ measure() {
     bash launch/local.sh --skip_setup "$config" "$scratch/${way}_$round" --config.log_every="$middle") >"$log" 2>&1 \
     || { echo "$prog: the $way run of round $round failed; its log: $log" >&2; exit 1; }
   # GNU time writes "\tName (unit): value" lines; the wall clock as h:mm:ss or m:ss.ss.
-  local wall user sys faults rate_middle rate_last
+  local wall user sys faults rate_middle rate_last cpu
   wall="$(sed -n 's/^.*Elapsed (wall clock) time.*: //p' "$timing" | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print s }')"
   user="$(sed -n 's/^.*User time (seconds): //p' "$timing")"
   sys="$(sed -n 's/^.*System time (seconds): //p' "$timing")"
   faults="$(sed -n 's/^.*Minor (reclaiming a frame) page faults: //p' "$timing")"
+  cpu="$(sed -n 's/^.*Percent of CPU this job got: //p' "$timing")"
   rate_middle="$(sed -n "s#^step $middle/$steps | .* | \([0-9,]*\) img/s | .*#\1#p" "$log" | tr -d ,)"
   rate_last="$(sed -n "s#^step $steps/$steps | .* | \([0-9,]*\) img/s | .*#\1#p" "$log" | tr -d ,)"
-  echo "$way $round $wall $user $sys $faults $rate_middle $rate_last" >>"$scratch/rows"
+  echo "$way $round $wall $user $sys $faults $rate_middle $rate_last $cpu" >>"$scratch/rows"
 }
 
 for ((round = 1; round <= rounds; round++)); do
@@ -97,10 +98,12 @@ done | sort -u >"$scratch/results"
   echo "Machine: $(nproc) cores of $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1),"
   echo "$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(. /etc/os-release && echo "$PRETTY_NAME"),"
   echo "glibc $(ldd --version | sed -n '1s/.* //p'), jax $("$venv/bin/python" -c 'import jax; print(jax.__version__)'),"
-  echo "commit $(git -C "$repo" describe --always --dirty), $(date -u +%Y-%m-%d). The machine is shared with other work,"
-  echo "so wall time and images/s move with its load from run to run; the page faults and the system time"
-  echo "are what the allocator changes. Images/s at step $middle include the first step's compilation; at"
-  echo "step $steps they are steps $((middle + 1)) to $steps alone."
+  echo "commit $(git -C "$repo" describe --always --dirty), $(date -u +%Y-%m-%d)."
+  echo
+  echo "The machine is shared with other work, so wall time and images/s move with its load from run to"
+  echo "run (CPU % is GNU time's, 100% being one core fully used); the page faults and the system time"
+  echo "are what the allocator changes. Images/s at step $middle include the first step's compilation;"
+  echo "at step $steps they are steps $((middle + 1)) to $steps alone."
   echo
   python3 - "$scratch/rows" "$middle" "$steps" <<'PY'
 import statistics
@@ -108,10 +111,13 @@ import sys
 
 rows = [line.split() for line in open(sys.argv[1])]
 middle, steps = sys.argv[2:]
-print(f"| allocator | round | wall s | user s | sys s | minor page faults | img/s step {middle} | img/s step {steps} |")
-print("|---|---|---|---|---|---|---|---|")
-for way, round_, wall, user, system, faults, rate_middle, rate_last in rows:
-    cells = [way, round_, f"{float(wall):.1f}", user, system, f"{int(faults):,}", rate_middle, rate_last]
+print(
+    f"| allocator | round | wall s | user s | sys s | CPU % | minor page faults | img/s step {middle} "
+    f"| img/s step {steps} |"
+)
+print("|---|---|---|---|---|---|---|---|---|")
+for way, round_, wall, user, system, faults, rate_middle, rate_last, cpu in rows:
+    cells = [way, round_, f"{float(wall):.1f}", user, system, cpu, f"{int(faults):,}", rate_middle, rate_last]
     print("| " + " | ".join(cells) + " |")
 print()
 print("Medians over the rounds, and in brackets each one's ratio to glibc's:")
