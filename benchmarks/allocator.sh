@@ -13,8 +13,8 @@
 #             (mmap_max=0) and keeps what is freed (a 16 GiB trim threshold), the strongest setting
 #             glibc's tunables offer, to see whether they would do without a new package
 # each under /usr/bin/time -v. Writes OUT (default benchmarks/results/allocator_cpu.md): the
-# command, the machine, one row a run (wall, user and sys seconds, minor page faults, images/s at
-# the middle and the last step), each way's medians and their ratios to glibc's, and whether all
+# command, the machine, one row a run (wall, user and sys seconds, the share of the cores it got,
+# minor page faults, images/s at the middle and the last step), each way's medians and their ratios to glibc's, and whether all
 # runs printed the same losses and kNN accuracy; the runs' logs go beside it (OUT less .md, .logs/).
 # The python is $PRMIM_VENV's (default .venv), as the launcher's.
 set -euo pipefail
@@ -31,7 +31,8 @@ parse_arguments "$@"
 require_positive --rounds "$rounds"
 require_positive --steps "$steps"
 [ "$steps" -ge 2 ] || die "--steps must be at least 2 (a middle and a last step)"
-[ ${#positional[@]} -le 1 ] || die "one OUT at most"
+[ ${#positional[@]} -le 1 ] && [ ${#extra[@]} = 0 ] || die "one OUT at most"
+[ "$dry_run" = 0 ] && [ "$skip_setup" = 0 ] || die "no --dry_run or --skip_setup here: it runs the set-up never and the jobs always"
 out="${positional[0]:-$repo/benchmarks/results/allocator_cpu.md}"
 [ -x /usr/bin/time ] || die "needs GNU time (/usr/bin/time, Debian's package time)"
 tcmalloc="$(find_tcmalloc)"
@@ -101,9 +102,10 @@ done | sort -u >"$scratch/results"
   echo "commit $(git -C "$repo" describe --always --dirty), $(date -u +%Y-%m-%d)."
   echo
   echo "The machine is shared with other work, so wall time and images/s move with its load from run to"
-  echo "run (CPU % is GNU time's, 100% being one core fully used); the page faults and the system time"
-  echo "are what the allocator changes. Images/s at step $middle include the first step's compilation;"
-  echo "at step $steps they are steps $((middle + 1)) to $steps alone."
+  echo "run (CPU % is GNU time's, 100% being one core fully used, so $((100 * $(nproc)))% a machine to itself); the"
+  echo "page faults, the system time and the CPU time (user + sys) are what the allocator changes, and what"
+  echo "compares across runs. Images/s at step $middle include the first step's compilation; at step $steps"
+  echo "they are steps $((middle + 1)) to $steps alone."
   echo
   python3 - "$scratch/rows" "$middle" "$steps" <<'PY'
 import statistics
@@ -112,21 +114,29 @@ import sys
 rows = [line.split() for line in open(sys.argv[1])]
 middle, steps = sys.argv[2:]
 print(
-    f"| allocator | round | wall s | user s | sys s | CPU % | minor page faults | img/s step {middle} "
+    f"| allocator | round | wall s | user s | sys s | user + sys s | CPU % | minor page faults | img/s step {middle} "
     f"| img/s step {steps} |"
 )
-print("|---|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for way, round_, wall, user, system, faults, rate_middle, rate_last, cpu in rows:
-    cells = [way, round_, f"{float(wall):.1f}", user, system, cpu, f"{int(faults):,}", rate_middle, rate_last]
+    total = f"{float(user) + float(system):.1f}"
+    cells = [way, round_, f"{float(wall):.1f}", user, system, total, cpu, f"{int(faults):,}", rate_middle, rate_last]
     print("| " + " | ".join(cells) + " |")
 print()
 print("Medians over the rounds, and in brackets each one's ratio to glibc's:")
 print()
-print(f"| allocator | wall s | user s | sys s | minor page faults | img/s step {steps} |")
-print("|---|---|---|---|---|---|")
-columns = {"wall": 2, "user": 3, "sys": 4, "faults": 5, "rate": 7}
+print(f"| allocator | wall s | user s | sys s | user + sys s | minor page faults | img/s step {steps} |")
+print("|---|---|---|---|---|---|---|")
+columns = {
+    "wall": lambda row: float(row[2]),
+    "user": lambda row: float(row[3]),
+    "sys": lambda row: float(row[4]),
+    "cpu": lambda row: float(row[3]) + float(row[4]),
+    "faults": lambda row: float(row[5]),
+    "rate": lambda row: float(row[7]),
+}
 medians = {
-    way: {name: statistics.median(float(row[i]) for row in rows if row[0] == way) for name, i in columns.items()}
+    way: {name: statistics.median(value(row) for row in rows if row[0] == way) for name, value in columns.items()}
     for way in ("glibc", "tcmalloc", "tunables")
 }
 for way, median in medians.items():
