@@ -13,9 +13,9 @@
 # process I sees only GPU I. On cuda, XLA_FLAGS starts with launch/lib.sh's GPU
 # flags. On cpu, LD_PRELOAD starts with tcmalloc where it is installed (Debian's
 # libtcmalloc-minimal4; PRMIM_TCMALLOC=0 turns that off, PRMIM_TCMALLOC=PATH names
-# the library; see launch/README.md). The script waits for all of them. When one fails it prints that
-# process's own error (from its log), stops the others and exits with the
-# failed process's status. SIGTERM or Ctrl-C is passed on to every process as
+# the library; see launch/README.md). The script waits for all of them. When
+# one fails it prints that process's own error (from its log), stops the others
+# and exits with the failed process's status. SIGTERM or Ctrl-C is passed on to every process as
 # SIGTERM (they save a checkpoint and exit 0); the script waits up to --grace S
 # seconds (default 120) for them, then kills them (SIGKILL), and exits 0 if all
 # stopped cleanly (after a failure, the others get 10 s at most: they can save
