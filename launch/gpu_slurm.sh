@@ -45,8 +45,6 @@ absolute() {
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 
-dry_run=0
-case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
 nodes=""
 gpus=""
 per="gpu"
@@ -56,46 +54,20 @@ cpus_per_task=""
 job_name="prmim_jax"
 grace=120
 sbatch_args=()
-skip_setup=0
-positional=()
-extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h | --help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
-    --dry_run | --dry-run) dry_run=1 ;;
-    --skip_setup) skip_setup=1 ;;
-    --nodes | --gpus_per_node | --per | --partition | --time | --cpus_per_task | --job_name | --grace | --sbatch_arg)
-      [ $# -ge 2 ] || die "$1 needs a value"
-      set -- "$1=$2" "${@:3}"
-      continue ;;
-    --nodes=*) nodes="${1#*=}" ;;
-    --gpus_per_node=*) gpus="${1#*=}" ;;
-    --per=*) per="${1#*=}" ;;
-    --partition=*) partition="${1#*=}" ;;
-    --time=*) time_limit="${1#*=}" ;;
-    --cpus_per_task=*) cpus_per_task="${1#*=}" ;;
-    --job_name=*) job_name="${1#*=}" ;;
-    --grace=*) grace="${1#*=}" ;;
-    --sbatch_arg=*) sbatch_args+=("${1#*=}") ;;
-    --)
-      shift
-      for arg in "$@"; do add_argument "$arg" after_dashes; done
-      break ;;
-    *) add_argument "$1" ;;
-  esac
-  shift
-done
+value_options=(
+  --nodes=nodes --gpus_per_node=gpus --per=per --partition=partition --time=time_limit
+  --cpus_per_task=cpus_per_task --job_name=job_name --grace=grace "--sbatch_arg=sbatch_args[]"
+)
+parse_arguments "$@"
 
-positive() { case "$1" in "" | *[!0-9]* | 0*) return 1 ;; esac; }
-[ -n "$nodes" ] || die "missing --nodes N"
-positive "$nodes" || die "--nodes must be a positive integer, got '$nodes'"
-[ -n "$gpus" ] || die "missing --gpus_per_node G"
-positive "$gpus" || die "--gpus_per_node must be a positive integer, got '$gpus'"
+require_option "--nodes N" "$nodes"
+require_positive --nodes "$nodes"
+require_option "--gpus_per_node G" "$gpus"
+require_positive --gpus_per_node "$gpus"
 case "$per" in gpu | node) ;; *) die "--per must be gpu or node, got '$per'" ;; esac
-[ -z "$cpus_per_task" ] || positive "$cpus_per_task" \
-  || die "--cpus_per_task must be a positive integer, got '$cpus_per_task'"
+[ -z "$cpus_per_task" ] || require_positive --cpus_per_task "$cpus_per_task"
 case "$job_name" in "" | *[!A-Za-z0-9_.-]*) die "--job_name must be letters, digits, '_', '.' or '-', got '$job_name'" ;; esac
-seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
+require_seconds --grace "$grace"
 take_config_and_workdir
 config="$(absolute "$config")"
 workdir="$(absolute "$workdir")"

@@ -11,9 +11,11 @@
 # each with --coordinator_address localhost:PORT --num_processes N --process_id I
 # (a free port unless --port) and its log in WORKDIR/logs/process_I.log; on cuda,
 # process I sees only GPU I. On cuda, XLA_FLAGS starts with launch/lib.sh's GPU
-# flags. The script waits for all of them. When one fails it prints that
-# process's own error (from its log), stops the others and exits with the
-# failed process's status. SIGTERM or Ctrl-C is passed on to every process as
+# flags. On cpu, LD_PRELOAD starts with tcmalloc where it is installed (Debian's
+# libtcmalloc-minimal4; PRMIM_TCMALLOC=0 turns that off, PRMIM_TCMALLOC=PATH names
+# the library; see launch/README.md). The script waits for all of them. When
+# one fails it prints that process's own error (from its log), stops the others
+# and exits with the failed process's status. SIGTERM or Ctrl-C is passed on to every process as
 # SIGTERM (they save a checkpoint and exit 0); the script waits up to --grace S
 # seconds (default 120) for them, then kills them (SIGKILL), and exits 0 if all
 # stopped cleanly (after a failure, the others get 10 s at most: they can save
@@ -30,38 +32,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 
-dry_run=0
-case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
 processes=1
 port=""
 grace=120
-skip_setup=0
-positional=()
-extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h | --help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
-    --dry_run | --dry-run) dry_run=1 ;;
-    --skip_setup) skip_setup=1 ;;
-    --processes) [ $# -ge 2 ] || die "$1 needs a value"; processes="$2"; shift ;;
-    --port) [ $# -ge 2 ] || die "$1 needs a value"; port="$2"; shift ;;
-    --grace) [ $# -ge 2 ] || die "$1 needs a value"; grace="$2"; shift ;;
-    --processes=*) processes="${1#*=}" ;;
-    --port=*) port="${1#*=}" ;;
-    --grace=*) grace="${1#*=}" ;;
-    --)
-      shift
-      for arg in "$@"; do add_argument "$arg" after_dashes; done
-      break ;;
-    *) add_argument "$1" ;;
-  esac
-  shift
-done
+value_options=(--processes=processes --port=port --grace=grace)
+parse_arguments "$@"
 
 take_config_and_workdir
-case "$processes" in "" | *[!0-9]* | 0*) die "--processes must be a positive integer, got '$processes'" ;; esac
+require_positive --processes "$processes"
 case "$port" in *[!0-9]* | 0*) die "--port must be a port number, got '$port'" ;; esac
-seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
+require_seconds --grace "$grace"
 [ "$processes" = 1 ] || [[ "$workdir" != *://* ]] \
   || die "--processes writes its logs under WORKDIR, which must be a local path"
 
@@ -73,6 +53,7 @@ else
   platform="cpu"
 fi
 case "$platform" in cpu | cuda | tpu) ;; *) die "PRMIM_PLATFORM must be cpu, cuda or tpu, got '$platform'" ;; esac
+[ "$platform" != cpu ] || tcmalloc_library >/dev/null # a PRMIM_TCMALLOC that names no file fails before the set-up
 
 # With several processes on cuda, process I sees only the I-th visible GPU.
 gpus=()
@@ -91,30 +72,24 @@ venv="${PRMIM_VENV:-.venv}"
 [[ "$venv" == /* ]] || venv="$repo/$venv"
 main=("$venv/bin/python" -m prmim_jax.main --config "$config" --workdir "$workdir")
 
-# Prints the command (--dry_run), or echoes it to stderr and runs it.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    join "$@"
-  else
-    echo "+ $(join "$@")" >&2
-    "$@"
-  fi
-}
-
 [ "$skip_setup" = 1 ] || run bash "$repo/launch/setup_env.sh" "$platform"
 
 # On cuda, XLA's GPU flags (launch/lib.sh) go before the user's own XLA_FLAGS, which win.
 if [ "$platform" = cuda ]; then
   xla_flags="$(xla_gpu_flags)"
   xla_flags="$xla_flags${XLA_FLAGS:+${xla_flags:+ }$XLA_FLAGS}"
-  if [ -n "$xla_flags" ]; then
-    line="export $(quote "XLA_FLAGS=$xla_flags")"
-    if [ "$dry_run" = 1 ]; then
-      echo "$line"
-    else
-      echo "+ $line" >&2
-      export XLA_FLAGS="$xla_flags"
-    fi
+  [ -z "$xla_flags" ] || run_export XLA_FLAGS "$xla_flags"
+fi
+
+# On cpu, tcmalloc in place of glibc's malloc, before any LD_PRELOAD of the user's (launch/lib.sh's
+# tcmalloc_library; PRMIM_TCMALLOC=0 turns it off). Looked up after setup_env.sh, which installs it.
+if [ "$platform" = cpu ]; then
+  tcmalloc="$(tcmalloc_library)"
+  if [ -n "$tcmalloc" ]; then
+    run_export LD_PRELOAD "$tcmalloc${LD_PRELOAD:+ $LD_PRELOAD}"
+  elif ! tcmalloc_off; then
+    echo "$prog: tcmalloc not found, so glibc's malloc, whose page faults cost about a third of a CPU run's" \
+      "time; install Debian's libtcmalloc-minimal4 (setup_env.sh does, as root), or set PRMIM_TCMALLOC=0" >&2
   fi
 fi
 
@@ -266,11 +241,8 @@ while [ "$ended" -lt "$processes" ]; do
     stop_processes "$failure_grace"
   done
   if [ "$ended" -lt "$processes" ]; then
-    if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
-      echo "$prog: processes still running at the end of the grace period; killing them (SIGKILL)" >&2
-      killed=1
+    kill_after_deadline "processes still running at the end of the grace period; killing them (SIGKILL)" \
       signal_processes KILL
-    fi
     sleep 0.1
   fi
 done

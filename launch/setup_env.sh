@@ -7,9 +7,13 @@
 # pins with jax's accelerator build (jax[cuda12] / jax[tpu]) instead. --test adds
 # requirements-test.txt (PyTorch CPU reference, pytest, ruff). The environment lives
 # in $PRMIM_VENV (default: .venv in the repository root). As root on Debian it also installs
-# the default dataset (dataset-fashion-mnist) when missing. Safe to rerun.
+# the default dataset (dataset-fashion-mnist) and, for cpu, tcmalloc (libtcmalloc-minimal4, which
+# launch/local.sh preloads in place of glibc's malloc) when missing. Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+prog="setup_env"
+usage="usage: bash launch/setup_env.sh [cpu|cuda|tpu] [--test]"
+source launch/lib.sh
 
 platform="cpu"
 with_tests=0
@@ -17,19 +21,27 @@ for arg in "$@"; do
   case "$arg" in
     cpu|cuda|tpu) platform="$arg" ;;
     --test) with_tests=1 ;;
-    *) echo "usage: bash launch/setup_env.sh [cpu|cuda|tpu] [--test]" >&2; exit 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
 
-# The default dataset, Fashion-MNIST, comes from Debian's dataset-fashion-mnist package.
-fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then
+# Installs Debian's package $1 as root; as another user, says that $2 is missing and how to install it;
+# without apt-get (not Debian), does nothing.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 0
   if [ "$(id -u)" = 0 ]; then
-    echo "setup_env: installing dataset-fashion-mnist" >&2
-    apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    echo "setup_env: installing $1" >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq "$1" >/dev/null
   else
-    echo "setup_env: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2
+    echo "setup_env: $2 missing; run: sudo apt-get install $1" >&2
   fi
+}
+
+# The default dataset, Fashion-MNIST, comes from Debian's dataset-fashion-mnist package.
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_install dataset-fashion-mnist Fashion-MNIST
+# tcmalloc, which launch/local.sh preloads on cpu (launch/README.md); training runs without it, only slower.
+if [ "$platform" = cpu ] && [ -z "$(find_tcmalloc)" ]; then
+  apt_install libtcmalloc-minimal4 tcmalloc || echo "setup_env: could not install libtcmalloc-minimal4; glibc's malloc it is" >&2
 fi
 
 venv="${PRMIM_VENV:-.venv}"

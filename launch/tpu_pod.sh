@@ -34,40 +34,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 
-dry_run=0
-case "${DRY_RUN:-0}" in "" | 0 | false | no) ;; *) dry_run=1 ;; esac
 tpu=""
 zone=""
 project=""
 grace=120
-skip_setup=0
-positional=()
-extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h | --help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
-    --dry_run | --dry-run) dry_run=1 ;;
-    --skip_setup) skip_setup=1 ;;
-    --tpu) [ $# -ge 2 ] || die "$1 needs a value"; tpu="$2"; shift ;;
-    --zone) [ $# -ge 2 ] || die "$1 needs a value"; zone="$2"; shift ;;
-    --project) [ $# -ge 2 ] || die "$1 needs a value"; project="$2"; shift ;;
-    --grace) [ $# -ge 2 ] || die "$1 needs a value"; grace="$2"; shift ;;
-    --tpu=*) tpu="${1#*=}" ;;
-    --zone=*) zone="${1#*=}" ;;
-    --project=*) project="${1#*=}" ;;
-    --grace=*) grace="${1#*=}" ;;
-    --)
-      shift
-      for arg in "$@"; do add_argument "$arg" after_dashes; done
-      break ;;
-    *) add_argument "$1" ;;
-  esac
-  shift
-done
+value_options=(--tpu=tpu --zone=zone --project=project --grace=grace)
+parse_arguments "$@"
 
-[ -n "$tpu" ] || die "missing --tpu NAME"
-[ -n "$zone" ] || die "missing --zone ZONE"
-seconds "$grace" || die "--grace must be a positive number of seconds, got '$grace'"
+require_option "--tpu NAME" "$tpu"
+require_option "--zone ZONE" "$zone"
+require_seconds --grace "$grace"
 take_config_and_workdir
 config_abs="$(cd "$(dirname "$config_file")" && pwd -P)/$(basename "$config_file")"
 case "$config_abs" in
@@ -78,16 +54,6 @@ case "$workdir" in
   gs://*) ;;
   *) echo "$prog: warning: WORKDIR '$workdir' is not a gs:// path; each worker writes to its own disk" >&2 ;;
 esac
-
-# Prints the command (--dry_run), or echoes it to stderr and runs it.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    join "$@"
-  else
-    echo "+ $(join "$@")" >&2
-    "$@"
-  fi
-}
 
 where=(--zone="$zone" --worker=all)
 [ -z "$project" ] || where+=(--project="$project")
@@ -145,11 +111,8 @@ training=$!
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
 while kill -0 "$training" 2>/dev/null; do
-  if [ "$stopping" = 1 ] && [ "$killed" = 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
-    echo "$prog: the workers still run after the ${grace}s grace period; killing them (SIGKILL)" >&2
-    killed=1
+  kill_after_deadline "the workers still run after the ${grace}s grace period; killing them (SIGKILL)" \
     signal_workers KILL
-  fi
   sleep 0.5
 done
 status=0

@@ -351,7 +351,7 @@ def test_all_processes_fall_back_to_the_same_step_and_one_moves_the_damaged_asid
 # --- kills and failed saves -----------------------------------------------------------------------
 
 SAVING_WORKER = """
-import resource, signal, sys, time
+import itertools, resource, signal, sys, time
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from prmim_jax import checkpoint
@@ -364,9 +364,15 @@ for step in range(1, 7):
         resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, resource.RLIM_INFINITY))
     print("saving", step, flush=True)
     checkpointer.save(step, {{"w": jax.numpy.asarray(state["w"] + step)}}, {{"next_index": step}})
-    for _ in range(20):  # train steps
+    # Train steps, 20 and then as many as the save still needs (on a loaded machine it may outlast 20), so that
+    # the check after a step, not the next save, is what finds a failed save: once the save has ended,
+    # check_save raises its error.
+    for train_step in itertools.count(1):
         time.sleep(0.01)
+        ended = train_step >= 20 and not checkpointer.manager.is_saving_in_progress()
         checkpointer.check_save()
+        if ended:
+            break
 """
 
 
@@ -440,8 +446,12 @@ def test_disk_full_message_says_what_the_checkpoint_needs_and_what_was_free(tmp_
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(checkpoint.CheckpointSaveError) as raised:
         checkpointer.save(2, state, {"next_index": 2})
-        for _ in range(100):
+        # Train steps until the save has ended (however long that takes on a loaded machine); check_save after
+        # the one that sees it ended raises its error.
+        ended = False
+        while not ended:
             time.sleep(0.01)
+            ended = not checkpointer.manager.is_saving_in_progress()
             checkpointer.check_save()
     error = raised.value
     assert (error.step, error.directory, error.errno) == (2, str(tmp_path / "checkpoints/2"), errno.ENOSPC)

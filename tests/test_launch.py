@@ -30,7 +30,12 @@ CLEARED = (
     "TMPDIR",
     "XLA_FLAGS",
     "PRMIM_XLA_GPU_FLAGS",
+    "PRMIM_TCMALLOC",
+    "LD_PRELOAD",
 )
+# What the launchers see besides the test's own variables: tcmalloc off, so that what they print does not depend
+# on whether this machine has it (the tcmalloc tests turn it on).
+DEFAULTS = {"PRMIM_TCMALLOC": "0"}
 
 
 @pytest.fixture
@@ -46,7 +51,7 @@ def repo(tmp_path):
 
 
 def launch(repo, script, *args, env=None):
-    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED} | DEFAULTS
     environ.update(env or {})
     return subprocess.run(
         [BASH, f"launch/{script}", *args], cwd=repo, env=environ, capture_output=True, text=True, timeout=30
@@ -217,6 +222,99 @@ def test_prmim_xla_gpu_flags_replaces_the_launchers_gpu_flags(repo):
     assert export == ["export", "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]
 
 
+# An ldconfig -p that lists the libraries in $LIBRARIES (space-separated), as the dynamic linker's cache would.
+FAKE_LDCONFIG = """#!/bin/sh
+echo "2 libs found in cache /etc/ld.so.cache"
+for path in $LIBRARIES; do printf '\\t%s (libc6,x86-64) => %s\\n' "${path##*/}" "$path"; done
+exit "${LDCONFIG_STATUS:-0}"
+"""
+
+
+def tcmalloc_environment(tmp_path, *names, **env):
+    """Fake libraries named ``names`` in tmp_path/lib, listed by a fake ldconfig on $PATH; launcher variables ``env``."""
+    libraries = [tmp_path / "lib" / name for name in names]
+    for library in libraries:
+        library.parent.mkdir(exist_ok=True)
+        library.write_text("")
+    executable(tmp_path / "bin" / "ldconfig", FAKE_LDCONFIG)
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    return {"PATH": path, "LIBRARIES": " ".join(map(str, libraries)), "PRMIM_PLATFORM": "cpu", **env}
+
+
+def test_local_on_cpu_preloads_the_tcmalloc_ldconfig_lists_after_the_set_up_and_before_the_users_preload(
+    repo, tmp_path
+):
+    env = tcmalloc_environment(
+        tmp_path, "libtcmalloc_minimal_debug.so.4", "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC="", LD_PRELOAD="/my.so"
+    )
+    setup, export, main = printed(launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert setup == ["bash", f"{repo}/launch/setup_env.sh", "cpu"]  # which installs it: looked up after
+    assert export == ["export", f"LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4 /my.so"]
+    assert main == main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")
+
+
+@pytest.mark.parametrize("setting", ["", "1"])
+def test_local_with_several_processes_preloads_tcmalloc_for_all_of_them(repo, tmp_path, setting):
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC=setting)
+    args = ["--skip_setup", "--processes=2", "--dry_run", "configs/tiny.py", "wd"]
+    commands = printed(launch(repo, "local.sh", *args, env=env))
+    assert commands[0] == ["export", f"LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4"]
+    assert len(commands) == 5  # the export, mkdir, two processes, wait
+
+
+def test_prmim_tcmalloc_names_the_library_to_preload(repo, tmp_path):
+    library = tmp_path / "my" / "libtcmalloc.so.4"
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC=str(library))
+    library.parent.mkdir()
+    library.write_text("")
+    export, _ = printed(launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env))
+    assert export == ["export", f"LD_PRELOAD={library}"]
+
+
+@pytest.mark.parametrize("setting", ["0", "false", "no"])
+def test_prmim_tcmalloc_0_turns_the_preload_off_quietly(repo, tmp_path, setting):
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC=setting)
+    result = launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)
+    assert printed(result) == [main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")]
+    assert "tcmalloc" not in result.stderr
+
+
+@pytest.mark.parametrize(("listed", "status"), [((), "0"), (("libtcmalloc_minimal_debug.so.4",), "0"), ((), "1")])
+def test_local_without_tcmalloc_runs_with_glibc_malloc_and_says_so(repo, tmp_path, listed, status):
+    env = tcmalloc_environment(tmp_path, *listed, PRMIM_TCMALLOC="", LDCONFIG_STATUS=status)
+    result = launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)
+    assert printed(result) == [main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")]
+    assert "tcmalloc not found" in result.stderr
+    assert "PRMIM_TCMALLOC=0" in result.stderr
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_local_preloads_tcmalloc_on_cpu_only(repo, tmp_path, platform):
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC="", PRMIM_PLATFORM=platform)
+    env["PRMIM_XLA_GPU_FLAGS"] = ""
+    result = launch(repo, "local.sh", "--skip_setup", "--dry_run", "configs/tiny.py", "wd", env=env)
+    assert printed(result) == [main_command(f"{repo}/.venv/bin/python", "configs/tiny.py", "wd")]
+    assert "tcmalloc" not in result.stderr
+
+
+def test_local_runs_main_with_tcmalloc_preloaded(repo, tmp_path):
+    executable(repo / ".venv" / "bin" / "python", '#!/bin/sh\necho "LD_PRELOAD=$LD_PRELOAD"\n')
+    env = tcmalloc_environment(tmp_path, "libtcmalloc_minimal.so.4", PRMIM_TCMALLOC="")
+    result = launch(repo, "local.sh", "--skip_setup", "configs/tiny.py", "wd", env=env)
+    assert result.returncode == 0, result.stderr
+    # The fake library is no shared object: the dynamic linker says so on stderr and goes on without it.
+    assert result.stdout.strip() == f"LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4"
+    assert f"+ export LD_PRELOAD={tmp_path}/lib/libtcmalloc_minimal.so.4" in result.stderr
+
+
+def test_prmim_tcmalloc_naming_no_file_is_a_usage_error_before_the_set_up(repo, tmp_path):
+    env = {"PRMIM_PLATFORM": "cpu", "PRMIM_TCMALLOC": str(tmp_path / "none.so")}
+    result = launch(repo, "local.sh", "configs/tiny.py", "wd", env=env)
+    assert result.returncode == 2
+    assert f"PRMIM_TCMALLOC names no file: {tmp_path}/none.so" in result.stderr
+    assert "setup_env" not in result.stderr
+
+
 # The failing process waits until every process has written its log line, so that none is stopped unstarted.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$@"
@@ -254,7 +352,7 @@ def test_local_processes_all_run_and_one_failure_fails_the_launch(repo, fail_id,
 #   abort: aborts with a C++ stack when its peer's failure reaches it (the launcher's SIGTERM here, JAX's
 #          coordination service in a real run), so it always ends after the peer that took it down
 #   save:  saves for $SAVE_SECONDS (1 by default) on SIGTERM, then exits 0
-#   stuck: ignores SIGTERM forever
+#   stuck: notes each SIGTERM in its log ("got SIGTERM") and runs on, for 60 s at most
 STAGED_PYTHON = """#!/usr/bin/env bash
 for arg in "$@"; do [ "${previous:-}" = --process_id ] && id="$arg"; previous="$arg"; done
 behaviour="BEHAVIOUR_$id"
@@ -263,9 +361,9 @@ case "${!behaviour}" in
     trap 'echo "F0000 coordination_service_agent.cc] Terminating process: a peer died"
           echo "Fatal Python error: Aborted"; exit 134' TERM ;;
   save) trap 'sleep "${SAVE_SECONDS:-1}"; echo saved; exit 0' TERM ;;
-  stuck) trap '' TERM ;;
+  stuck) trap 'echo "got SIGTERM"' TERM ;;
 esac
-echo started
+echo "started $$"
 case "${!behaviour}" in
   fail)
     for i in 0 1; do until grep -qs started "wd/logs/process_$i.log"; do sleep 0.02; done; done
@@ -274,7 +372,7 @@ case "${!behaviour}" in
     echo "  File \"prmim_jax/data/transforms.py\", line 259, in map"
     echo "OSError: image file is truncated: /data/train/bad.jpg"
     exit 1 ;;
-  stuck) exec sleep 60 ;;  # SIGTERM stays ignored across exec
+  stuck) end=$((SECONDS + 60)); while [ "$SECONDS" -lt "$end" ]; do sleep 0.05; done ;;
   *) while :; do sleep 0.05; done ;;
 esac
 """
@@ -283,7 +381,7 @@ esac
 def start_local(repo, *args, env=None):
     """``launch/local.sh --skip_setup --processes 2`` in the background, with ``STAGED_PYTHON`` as python."""
     executable(repo / ".venv" / "bin" / "python", STAGED_PYTHON)
-    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED} | DEFAULTS
     environ.update(env or {})
     # A shell started in the background (pytest run with '&' without job control) inherits SIGINT ignored, and
     # bash cannot trap a signal ignored on entry: coreutils' env hands the launcher SIGINT as a terminal would.
@@ -292,12 +390,17 @@ def start_local(repo, *args, env=None):
     return subprocess.Popen(command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_until_started(repo, launcher):
+def wait_for_logs(repo, launcher, text):
+    """Waits until both processes of a ``start_local`` run have logged ``text``; fails if the launcher ends first."""
     logs = [repo / "wd" / "logs" / f"process_{i}.log" for i in (0, 1)]
     deadline = time.monotonic() + 20
-    while not all(log.exists() and "started" in log.read_text() for log in logs):
+    while not all(log.exists() and text in log.read_text() for log in logs):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
         time.sleep(0.02)
+
+
+def wait_until_started(repo, launcher):
+    wait_for_logs(repo, launcher, "started")
 
 
 def test_local_shows_the_first_failing_process_own_error_not_the_abort_of_the_peer_it_took_down(repo):
@@ -349,24 +452,26 @@ def test_local_gives_the_others_10_seconds_not_the_grace_period_after_one_failed
     assert "process 0 exited with status 137, killed by SIGKILL after process 1 failed" in stderr
 
 
-def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid``, from /proc."""
-    found = []
-    for stat_file in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = stat_file.read_text().rsplit(")", 1)[1].split()[1]  # the name may hold spaces and parentheses
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        if parent == str(pid):
-            found.append(int(stat_file.parent.name))
-    return found
+def parent_of(pid: int) -> int:
+    """The process id of ``pid``'s parent, from /proc."""
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces and parentheses
+
+
+def staged_pid(repo, process: int) -> int:
+    """The pid of process ``process`` of a ``start_local`` run, from its "started PID" line."""
+    log = (repo / "wd" / "logs" / f"process_{process}.log").read_text()
+    return int(re.search(r"^started (\d+)$", log, flags=re.M)[1])
 
 
 def test_local_does_not_hang_when_a_watcher_of_its_processes_is_killed(repo):
     launcher = start_local(repo, env={"BEHAVIOUR_0": "stuck", "BEHAVIOUR_1": "stuck"})
     wait_until_started(repo, launcher)
-    # The launcher's children are the watcher subshells; each records its process's end.
-    os.kill(children_of(launcher.pid)[0], signal.SIGKILL)
+    # Process 0's parent is its watcher, a subshell of the launcher that records the process's end. (Not just any
+    # child of the launcher: its wait loop's `sleep 0.1` is one too, and pids wrap, so which comes first is luck.)
+    watcher = parent_of(staged_pid(repo, 0))
+    assert parent_of(watcher) == launcher.pid
+    os.kill(watcher, signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=60)
     assert launcher.returncode == 137, stderr  # the lost process counts as killed, and stops the others
     assert "failed first (status 137, killed by SIGKILL)" in stderr
@@ -377,7 +482,9 @@ def test_local_second_ctrl_c_kills_the_processes_at_once(repo):
     wait_until_started(repo, launcher)
     sent = time.monotonic()
     launcher.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    # The second Ctrl-C once the first has been handled (its SIGTERM reached both processes), not after a fixed
+    # pause: bash runs a trap only when its foreground `sleep` ends, and two signals pending at once run it once.
+    wait_for_logs(repo, launcher, "got SIGTERM")
     launcher.send_signal(signal.SIGINT)
     _, stderr = launcher.communicate(timeout=30)
     assert time.monotonic() - sent < 10  # not the 120 s grace period
@@ -495,6 +602,12 @@ while :; do sleep 0.05; done
 """
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (a bash trap set), from /proc/PID/status's SigCgt."""
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, flags=re.M)[1], 16) >> (signum - 1) & 1)
+
+
 def test_tpu_sigterm_reaches_the_training_process_on_every_worker_which_saves_before_the_script_exits(repo, tmp_path):
     executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
     workers = [tmp_path / "workers" / f"w{i}" for i in (0, 1)]
@@ -511,7 +624,11 @@ def test_tpu_sigterm_reaches_the_training_process_on_every_worker_which_saves_be
         command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 20
-    while not all((worker / "prmim_jax" / "started").exists() for worker in workers):
+    # The workers may start before the launcher has set its SIGTERM trap (right after starting them in the
+    # background): wait for both.
+    while not (
+        all((worker / "prmim_jax" / "started").exists() for worker in workers) and catches(launcher.pid, signal.SIGTERM)
+    ):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
         time.sleep(0.02)
     launcher.send_signal(signal.SIGTERM)
@@ -675,6 +792,13 @@ def test_slurm_writes_the_script_and_submits_it(repo, tmp_path):
     assert script == dry_script
 
 
+def test_slurm_sbatch_arg_may_be_given_again_each_one_a_directive_in_order(repo):
+    args = ["--nodes", "1", "--gpus_per_node", "1", "--sbatch_arg", "--account=a", "--sbatch_arg=--qos=q"]
+    _, script, _ = sbatch_dry_run(launch(repo, "gpu_slurm.sh", *args, "--dry_run", "configs/tiny.py", "wd"))
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH --")]
+    assert directives[-2:] == ["#SBATCH --account=a", "#SBATCH --qos=q"]
+
+
 # All scripts
 
 
@@ -746,3 +870,102 @@ def test_bad_platform_is_a_usage_error(repo):
     result = launch(repo, "local.sh", "--dry_run", "configs/tiny.py", "wd", env={"PRMIM_PLATFORM": "rocm"})
     assert result.returncode == 2
     assert "PRMIM_PLATFORM must be cpu, cuda or tpu" in result.stderr
+
+
+# launch/lib.sh's parse_arguments, for a launcher with one option that takes a value (--count) and one that
+# may be given again (--name).
+PARSE = """set -euo pipefail
+prog=launcher
+usage="usage: launcher [--count N] [--name NAME]... CONFIG WORKDIR"
+source "$LIB"
+count=1
+names=()
+value_options=(--count=count "--name=names[]")
+parse_arguments "$@"
+for variable in dry_run skip_setup count; do join "$variable" "${!variable}"; done
+join names ${names[@]+"${names[@]}"}
+join positional ${positional[@]+"${positional[@]}"}
+join extra ${extra[@]+"${extra[@]}"}
+"""
+
+
+def parse(*args, env=None):
+    """``{variable: [values]}`` as parse_arguments sets them for ``args``, or the failed run."""
+    environ = {key: value for key, value in os.environ.items() if key not in CLEARED}
+    environ |= {"LIB": str(LAUNCH / "lib.sh"), **(env or {})}
+    result = subprocess.run([BASH, "-c", PARSE, "launcher", *args], env=environ, capture_output=True, text=True)
+    if result.returncode != 0:
+        return result
+    return {name: values for name, *values in map(shlex.split, result.stdout.splitlines())}
+
+
+def test_parse_arguments_takes_a_value_as_the_next_argument_or_after_an_equals_sign():
+    assert parse("--count", "3", "c", "w")["count"] == ["3"]
+    assert parse("--count=3", "c", "w")["count"] == ["3"]
+    assert parse("--count=a=b", "c", "w")["count"] == ["a=b"]
+    assert parse("--count=", "c", "w")["count"] == [""]  # the launcher's own check says what is wrong with it
+    assert parse("--count", "--dry_run", "c", "w")["count"] == ["--dry_run"]  # a value, whatever it looks like
+    assert parse("c", "w")["count"] == ["1"]  # the launcher's default
+
+
+def test_parse_arguments_appends_each_value_of_an_option_given_again():
+    assert parse("--name", "a b", "c", "--name=b", "w")["names"] == ["a b", "b"]
+    assert parse("c", "w")["names"] == []
+
+
+def test_parse_arguments_takes_launch_options_anywhere_before_dashes_and_passes_the_rest_to_main():
+    parsed = parse("c", "--count", "2", "w", "--flag=1", "x", "--skip_setup", "--", "--count=5", "--dry_run")
+    assert parsed == {
+        "dry_run": ["0"],
+        "skip_setup": ["1"],
+        "count": ["2"],
+        "names": [],
+        "positional": ["c", "w"],
+        "extra": ["--flag=1", "x", "--count=5", "--dry_run"],
+    }
+    assert parse("--", "--odd", "-w")["positional"] == ["--odd", "-w"]  # after `--`, CONFIG may start with -
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (("--dry_run",), {}, "1"),
+        (("--dry-run",), {}, "1"),
+        ((), {"DRY_RUN": "1"}, "1"),
+        ((), {"DRY_RUN": "yes"}, "1"),
+        ((), {"DRY_RUN": "0"}, "0"),
+        ((), {"DRY_RUN": "false"}, "0"),
+        ((), {"DRY_RUN": "no"}, "0"),
+        ((), {"DRY_RUN": ""}, "0"),
+        ((), {}, "0"),
+    ],
+)
+def test_parse_arguments_dry_run_is_the_option_or_dry_run_set_to_anything_but_0_false_no(args, env, expected):
+    assert parse(*args, "c", "w", env=env)["dry_run"] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--count",), "--count needs a value"),
+        (("--name",), "--name needs a value"),
+        (("--colour=red", "c", "w"), "unknown option '--colour=red' (main.py flags go after CONFIG WORKDIR)"),
+        (("c", "--counts", "w"), "unknown option '--counts' (main.py flags go after CONFIG WORKDIR)"),
+    ],
+)
+def test_parse_arguments_usage_errors_exit_2_with_the_message_and_usage(args, message):
+    result = parse(*args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"launcher: error: {message}",
+        "usage: launcher [--count N] [--name NAME]... CONFIG WORKDIR",
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_the_scripts_header_comment(repo, script):
+    text = (LAUNCH / script).read_text()
+    header = text[text.index("\n") + 1 : text.index("\nset -euo pipefail")].splitlines()
+    expected = [line.removeprefix("#").removeprefix(" ") for line in header]
+    for option in ("-h", "--help"):
+        assert launch(repo, script, option, "configs/tiny.py", "wd").stdout.splitlines() == expected
