@@ -960,3 +960,60 @@ RECIPES = (
         train_images=437_513,
     ),
 )
+
+
+# What issue 23 said of the official recipes that the official files do not bear out, or leave out, each with the
+# file that shows it (the issue asked for these to be named in the table).
+CORRECTIONS = (
+    (
+        "TEC keeps --mlp_token in fine-tuning only from its training checkpoint: the released weights are converted, "
+        "cls_token_mlp folded into cls_token and deleted, a flat state dict without 'model' (fine-tune those with "
+        "model.cls_token_mlp=False; init.checkpoint reads both); TEC's fine-tuning also freezes pos_embed and gives "
+        "the cls token lr scale 1",
+        f"{TEC} weight_convert.py L103-113, README.md L298, models/models_vit.py L38, util/lr_decay.py L68-77",
+    ),
+    (
+        "SimMIM's ViT pretraining does weight-decay the mask token and the shared relative position table (the skip "
+        "list holds pos_embed and cls_token only); it also uses drop path 0.1, clipping 5.0, 32-pixel mask units "
+        "(ceil(49 x 0.6) = 30) and crops of (0.67, 1)",
+        f"{SIMMIM} optimizer.py L56, models/vision_transformer.py L297-299, {SIMMIM_YAML}",
+    ),
+    (
+        "SimMIM has no 100-epoch ViT config: its 800-epoch yaml at EPOCHS 100 would never step down (milestone 700)",
+        f"{SIMMIM_YAML} L23-26",
+    ),
+    (
+        "GreenMIM fine-tunes at a global batch of 768; Swin-L's WARMUP_LR / MIN_LR are 2e-7 / 3.5e-7 per 512; its "
+        "pretraining shares one mask across the batch, on 32-pixel units; Swin-B's scripts disagree on the lr "
+        "(1.5e-4 in run_greenmim_swin_base.sh, 1.0e-4 in srun_greenmim_swin_base.sh); every script trains 800 "
+        "epochs (200 for run_greenmim_swin_base.sh), not Table 5's 100",
+        f"{GREENMIM} README.md L82, ft_configs/*.yaml, modeling/base_green_models.py L23, L160, scripts/*.sh",
+    ),
+    (
+        "MFF's pretraining batch is ambiguous: the config name, dataset and lr say 4096, metafile.yml says 2048; "
+        "its fusion weights (proj_weights) are weight-decayed",
+        f"{MMPRETRAIN} configs/mff/metafile.yml L19, mmpretrain/models/selfsup/mff.py L87-95",
+    ),
+    (
+        "AMT's README pretraining command runs with --mask_ratio 0.75 --throw_ratio 0 (the argparse defaults: nothing "
+        "thrown) and a model name that does not exist; AMT's own 0.45 / 0.4 must be passed. Its fine-tuning is blr "
+        "1e-3, layer decay 0.75",
+        f"{AMT_REPO} mae-AMT/main_pretrain.py L55-59, engine_pretrain.py L46, README.md L74, L84-93",
+    ),
+    (
+        "SimMIM-AMT throws from epoch 40 on the model side but from epoch 41 on the data side (an off-by-one); its "
+        "thrown share is 13 of 49 units, 26.5 %, not the paper's 24; it fine-tunes with the absolute table and the "
+        "cls token, not mean pooling",
+        f"{AMT_REPO} SimMIM-AMT/main_simmim.py L164-165, models/simmim.py L128, data/amtdatasets.py L85-86",
+    ),
+    (
+        "VideoMAE V2 has no image (ImageNet) recipe, and PR-MIM's tables have no running-cell row; its decoder reads "
+        "0.75 N tokens (visible plus half the grid), not N (1 - rho_d)",
+        "OpenGVLab/VideoMAEv2 models/modeling_pretrain.py L340-358, scripts/pretrain/",
+    ),
+    (
+        "LocalMIM's lr 4e-3 is an absolute --lr (1e-3 per 256 at batch 1024); its 100-epoch pretraining warms up 10 "
+        "epochs with min lr 1e-6; no 100-epoch checkpoint is released, and its checkpoints hold norm.0-3, no norm",
+        f"{LOCALMIM} ViT/README.md L26, L39-41, run_finetune.py L201-202, models_mim.py L159-184",
+    ),
+)

@@ -374,7 +374,7 @@ def _value_text(value) -> str:
     if isinstance(value, recipes.Epochs):
         return f"{value.epochs:g} epochs"
     if isinstance(value, tuple):
-        return "(" + ", ".join(_value_text(v) for v in value) + ")"
+        return "(" + ", ".join(_value_text(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return repr(value)
 
 
@@ -407,6 +407,10 @@ def markdown() -> str:
             "## Recipes",
             "",
             recipes_markdown(),
+            "## Where the issue's account of the official recipes was wrong or incomplete",
+            "",
+            *(f"- {text} ({source})." for text, source in recipes.CORRECTIONS),
+            "",
             "## Rows",
             "",
             "Each row runs as `python -m configs.rows <row>` prints it: the pretraining, then the fine-tuning",
