@@ -11,7 +11,7 @@ Table 13): batch 4096, AdamW (0.9, 0.95), base lr 1.5e-4 per 256 images, weight 
 every parameter of two or more dimensions (timm 0.3.2's ``add_weight_decay``: the cls and mask
 tokens are decayed), 40 warmup epochs then a cosine to 0, RandomResizedCrop (0.2, 1) and flips,
 mask ratio 0.75, the norm-pix loss, decoder 512 x 8 (16 heads), mixed precision (bfloat16).
-``docs/recipes.md`` has every value with its source; ``python -m prmim_jax.tools.rows`` the rows.
+``docs/recipes.md`` has every value with its source; ``python -m configs.rows`` the rows.
 
 Reads TFDS's ``imagenet2012`` (ArrayRecord form) through ``tfds.data_source``; point
 ``--config.data.data_dir`` at the prepared dataset. Argument: ``epochs=100|300|800`` (100),

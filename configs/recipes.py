@@ -2,7 +2,7 @@
 value was read from, the config key that holds it here, and every place we deviate, with the reason.
 
 ``tests/test_recipes.py`` builds every recipe's config and compares each keyed value with this table, so a
-config that drifts from its recipe fails; ``python -m configs.rows --recipes`` writes ``docs/recipes.md`` from
+config that drifts from its recipe fails; ``python -m configs.rows --markdown`` writes ``docs/recipes.md`` from
 it (a test keeps the two in step). Official files are cited at the snapshots named in ``REPOSITORIES``; lr
 values are ours, per 256 images (a recipe per 512 is halved; an absolute ``--lr`` divided by batch / 256).
 """

@@ -46,7 +46,7 @@ step whose checksums verify but which orbax cannot restore into this run's state
 of processes (each process's iterator position belongs to its share of the
 data). If every step is damaged the restore raises ``CheckpointDamagedError``
 naming each directory and moves nothing: a run never silently starts again from
-step 0 over its own checkpoints. Readers (``restore_on_local_device``: load_run,
+step 0 over its own checkpoints. Readers (``restore_on_local_device``: ``runs.load``,
 pictures, fine-tuning init, robustness) restore the state only, so they read a
 run saved by any number of processes; they skip damaged steps with a warning and
 move nothing.

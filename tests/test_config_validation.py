@@ -1,11 +1,12 @@
 """One validation pass refuses every malformed config before anything is created or compiled, in one line naming
-the key and the fix; every key the README shows can be overridden from the command line.
+the key and the fix; every key the documentation lists or shows can be overridden from the command line.
 
 The table holds one row per malformed config: which experiment it starts from (``pretrain``: a tiny MAE run on
 Fashion-MNIST; ``simmim``; ``finetune``; ``swin``: a Swin fine-tune), the edit, and what the message must say. ``train.validate`` is the whole
 check (no step is compiled), so the table runs in about a second.
 """
 
+import ast
 import importlib.util
 import math
 import pathlib
@@ -568,9 +569,12 @@ def parse_overrides(config_file: pathlib.Path, *overrides: str) -> ml_collection
     return values.config
 
 
-def readme_keys() -> list[str]:
-    """``section.key`` for every key of the README's key table (``| section | keys |``)."""
-    text = (ROOT / "README.md").read_text()
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+
+
+def documented_keys() -> list[str]:
+    """``section.key`` for every key of docs/pretraining.md's key table (``| section | keys |``)."""
+    text = (ROOT / "docs" / "pretraining.md").read_text()
     table = text[text.index("| section | keys |") :].split("\n\n", 1)[0]
     keys = []
     for row in table.splitlines()[2:]:
@@ -581,9 +585,10 @@ def readme_keys() -> list[str]:
     return keys
 
 
-def readme_examples() -> list[tuple[str, str]]:
-    """``(path, value)`` of every ``--config.PATH=VALUE`` the README shows (``KEY`` placeholders left out)."""
-    text = (ROOT / "README.md").read_text()
+def documented_examples() -> list[tuple[str, str]]:
+    """``(path, value)`` of every ``--config.PATH=VALUE`` the README and docs/ show (``KEY`` placeholders left
+    out)."""
+    text = "\n".join(path.read_text() for path in DOCUMENTS)
     found = re.findall(r"--config\.([A-Za-z_.0-9]+)=('[^']*'|[^\s`)\]]+)", text)
     return sorted({(path, value.strip("'")) for path, value in found if path.lower() == path})
 
@@ -609,7 +614,7 @@ def holder(config_files, path: str) -> pathlib.Path:
             return file
         except KeyError:
             continue
-    raise AssertionError(f"the README shows --config.{path}, which no config in configs/ has")
+    raise AssertionError(f"the documentation shows --config.{path}, which no config in configs/ has")
 
 
 def command_line_value(config, path: str) -> str:
@@ -624,8 +629,8 @@ def command_line_value(config, path: str) -> str:
     return repr(value) if isinstance(value, tuple) else str(value)
 
 
-def test_every_key_in_the_readme_table_is_overridden_from_the_command_line(config_files):
-    keys = readme_keys()
+def test_every_key_in_the_documented_table_is_overridden_from_the_command_line(config_files):
+    keys = documented_keys()
     assert len(keys) > 80 and "model.patch_size" in keys and "optimizer.grad_clip_norm" in keys
     for path in keys:
         file = holder(config_files, path)
@@ -634,12 +639,21 @@ def test_every_key_in_the_readme_table_is_overridden_from_the_command_line(confi
         assert str(overridden).lower() == value.lower() or repr(overridden) == value, (path, value, overridden)
 
 
-def test_every_command_line_example_in_the_readme_applies(config_files):
-    examples = readme_examples()
+def as_written(value: str):
+    """A command-line value as Python reads it (``'(0.5, 0.5, 0.5)'`` a tuple, ``512`` an int), else the string."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def test_every_command_line_example_in_the_documentation_applies(config_files):
+    examples = documented_examples()
     assert ("batch_size", "512") in examples and ("method.throw_ratio", "0.25") in examples
     for path, value in examples:
         file = holder(config_files, path)
-        assert str(lookup(parse_overrides(file, f"--config.{path}={value}"), path)) == value, path
+        overridden = lookup(parse_overrides(file, f"--config.{path}={value}"), path)
+        assert overridden == as_written(value) or str(overridden) == value, (path, value, overridden)
 
 
 def test_typed_placeholders_keep_their_type_through_sections():
