@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import finetune_experiment, load_run, mae_experiment
+from conftest import mae_experiment
 
-from prmim_jax import masking, methods, runs, train
+from prmim_jax import masking, methods
 from prmim_jax.data import schema
 from prmim_jax.methods import greenmim
 from prmim_jax.models import classifier, swin, vit
@@ -159,23 +159,3 @@ def test_a_kernel_larger_than_the_unit_grid_and_amt_without_a_cls_token_are_refu
         methods.build(tiny_experiment(reconstruction="progressive", kernel_size=9))
     with pytest.raises(ValueError, match=r"sampler='amt' reads a ViT's cls attention.*use 'furthest'"):
         methods.build(tiny_experiment(reconstruction="progressive", sampler="amt"))
-
-
-def test_greenmim_with_pr_mim_pretrains_evaluates_and_a_swin_fine_tune_starts_from_it(tmp_path):
-    from prmim_jax.methods import classify
-
-    config = tiny_experiment(reconstruction="progressive", kernel_size=3)
-    config.update(seed=0, batch_size=16, total_steps=2, log_every=1, checkpoint_every=2)
-    config.optimizer.update(base_lr=1e-3, warmup_steps=1)
-    config.evals.knn.update(every=0, k=5, train_examples=48, test_examples=16, batch_size=16)
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["step"] == 2 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
-
-    fine_tune = finetune_experiment()
-    fine_tune.model = classifier.swin_classifier_config("T", **SIZES, num_classes=10)
-    fine_tune.init.workdir = str(tmp_path)
-    method = methods.build(fine_tune)
-    loaded = classify.pretrained_encoder(method.config, method.model.encoder, runs.load)
-    _, _, pretrained, _ = load_run(tmp_path)
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(pretrained["encoder"]), strict=True):
-        np.testing.assert_array_equal(got, want)

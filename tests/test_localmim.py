@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_run, mae_experiment
 
-from prmim_jax import masking, methods, optim, train
+from prmim_jax import masking, methods, optim
 from prmim_jax.data import schema
 from prmim_jax.models import layers, localmim, vit
 from prmim_jax.targets import hog
@@ -467,33 +466,3 @@ def test_impossible_levels_fail_when_built_with_the_fix(overrides, message):
 
 
 # ---------------------------------------------------------------- end to end
-
-
-def test_localmim_with_pr_mim_trains_through_the_one_trainer(tmp_path):
-    config = mae_experiment()
-    config.seed = 0
-    config.batch_size = 16
-    config.total_steps = 3
-    config.model = localmim.model_config(
-        "Ti/4",
-        width=32,
-        depth=1,
-        num_heads=4,
-        image_size=28,
-        channels=1,
-        tap_blocks=(1,),
-        scales=(4.0,),  # one level, the largest head (7x7 tokens -> 28x28 cells of one pixel)
-        decoder_width=16,
-        decoder_num_heads=2,
-    )
-    config.method = methods.method_config("localmim", reconstruction="progressive", throw_ratio=0.3, kernel_size=3)
-    config.optimizer.update(base_lr=1e-3, warmup_steps=1)
-    config.data = schema.data_config(source="fashion_mnist")
-    config.evals.knn.update(every=0, k=5, train_examples=200, test_examples=100, batch_size=40)
-    config.log_every = 1
-    config.checkpoint_every = 3
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["step"] == 3 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
-    saved_config, method, params, step = load_run(tmp_path)
-    assert step == 3 and saved_config.method.name == "localmim" and method.layout.num_thrown == round(49 * 0.3)
-    assert "aggregation" in params["level_0"]

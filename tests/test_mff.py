@@ -17,11 +17,9 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-from conftest import load_run
-from test_train import tiny_config
 from test_transformers_equivalence import MASK_RATIO, Arch, hf_model, hf_to_official
 
-from prmim_jax import masking, methods, optim, train
+from prmim_jax import masking, methods, optim
 from prmim_jax.data import schema
 from prmim_jax.interop import mae_checkpoint
 from prmim_jax.methods import mff as mff_method
@@ -196,17 +194,3 @@ def test_fused_blocks_must_lie_below_the_last_block():
         mff(fused_blocks=(1, 4))
     with pytest.raises(ValueError, match="increasing"):
         mff(fused_blocks=(3, 1))
-
-
-def test_mff_with_pr_mim_trains_through_the_one_trainer(tmp_path):
-    config = tiny_config(total_steps=1, checkpoint_every=1)  # one step: what costs here is compiling
-    config.optimizer.warmup_steps = 0
-    config.model.depth = 2
-    config.method = mff_method.default_config(reconstruction="progressive", fused_blocks=(1,), throw_ratio=0.2)
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["step"] == 1 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
-    assert result["fusion_weight_1"] + result["fusion_weight_2"] == pytest.approx(1.0)
-    _, method, params, _ = load_run(tmp_path)
-    assert method.name == "mff" and method.throwing.progressive and "fusion" in params
-    module, encoder = method.encoder(params)
-    assert module.apply({"params": encoder}, np.zeros((1, 28, 28, 1), np.float32)).shape == (1, 50, 32)

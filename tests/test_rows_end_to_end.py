@@ -13,6 +13,7 @@ import pytest
 
 from configs import rows
 from prmim_jax import methods, runs, train
+from prmim_jax.methods import classify
 
 # One row per framework: its PR-MIM row, and AMT's on SimMIM (absolute table, cls readout in fine-tuning).
 ROWS = (
@@ -59,23 +60,36 @@ def test_row_pretrains_and_fine_tunes_end_to_end_with_its_recipe(row_id, tmp_pat
     results = []
     for command in rows.commands(row, workdirs=str(tmp_path), runlocal=True):
         spec, workdir, overrides = parsed(command)
-        config = config_of(spec, overrides)
-        results.append((config, train.train_and_evaluate(config_of(spec, overrides), workdir), workdir))
+        results.append(
+            (config_of(spec, overrides), train.train_and_evaluate(config_of(spec, overrides), workdir), workdir)
+        )
     (pretrain_config, pretrained, pretrain_dir), (finetune_config, finetuned, finetune_dir) = results[-2:]
     assert pretrained["step"] == pretrain_config.total_steps and np.isfinite(pretrained["loss"])
     assert 0.0 <= pretrained["knn_accuracy"] <= 1.0
     assert finetuned["step"] == finetune_config.total_steps and 0.0 <= finetuned["accuracy"] <= 1.0
-    # The fine-tuning started from the pretrained encoder: a block the classifier shares with it moved from the
-    # pretrained values by its few steps only, not from a fresh initialisation.
     _, method, pretrained_variables, _ = runs.load(pretrain_dir)
-    _, _, finetuned_variables, _ = runs.load(finetune_dir)
+    if pretrain_config.method.get("reconstruction") == "progressive":  # PR-MIM trained its aggregator
+        assert any("aggregat" in path for path in by_path(pretrained_variables.params)), row_id
+    if any(key.startswith("fusion_weight_") for key in pretrained):  # MFF: a softmax over the fused levels
+        assert sum(v for k, v in pretrained.items() if k.startswith("fusion_weight_")) == pytest.approx(1.0)
+    if row.teacher:  # TEC: two targets; the teacher is its run's encoder, untouched by the student's training
+        assert pretrained["loss"] == pytest.approx(pretrained["feature_loss"] + pretrained["attention_loss"], rel=1e-5)
+        teacher = by_path(runs.load(tmp_path / "teacher").variables.params["encoder"]["transformer"])
+        frozen = by_path(pretrained_variables.frozen["teacher"]["transformer"])
+        assert frozen.keys() == teacher.keys()
+        for path, leaf in teacher.items():
+            np.testing.assert_array_equal(frozen[path], leaf, err_msg=path)
+    # The fine-tuning starts from the pretrained encoder: every parameter the classifier's encoder shares with it
+    # is the pretrained one (SimMIM's per-block tables start from the shared one), and its steps moved them.
     _, encoder = method.encoder(pretrained_variables.params)
-    start, end = by_path(encoder), by_path(finetuned_variables.params["encoder"])
-    shared = [path for path in start if path in end and start[path].shape == end[path].shape]
-    moved = max(float(np.abs(start[path] - end[path]).max()) for path in shared)
-    assert len(shared) >= len(start) // 2 and moved < 0.5, (
-        f"{row_id}: the fine-tuning did not start from the pretraining"
-    )
+    pretrained_encoder = by_path(encoder)
+    finetune_method = methods.build(finetune_config)
+    start = by_path(classify.pretrained_encoder(finetune_method.config, finetune_method.model.encoder, runs.load))
+    end = by_path(runs.load(finetune_dir).variables.params["encoder"])
+    kept = [path for path in end if path in start]
+    assert len(kept) >= len(end) // 2 and any(not np.array_equal(start[path], end[path]) for path in kept), row_id
+    for path in set(kept) & set(pretrained_encoder):
+        np.testing.assert_array_equal(start[path], pretrained_encoder[path], err_msg=f"{row_id}: {path}")
     if row_id == ROWS[0]:  # a finished fine-tuning loads without the pretraining it started from
         shutil.rmtree(pretrain_dir)
         assert runs.load(finetune_dir).step == finetune_config.total_steps
@@ -85,5 +99,8 @@ def test_row_pretrains_and_fine_tunes_end_to_end_with_its_recipe(row_id, tmp_pat
             methods.build(wrong)
     if row.finetune.startswith("finetune_simmim_in1k.py") and "recipe=amt" not in row.finetune:
         # SimMIM's fine-tuning: a relative table per block, each started from the pretrained shared one.
-        blocks = finetuned_variables.params["encoder"]["transformer"]
-        assert all("relative_position_bias" in blocks[f"block_{i}"] for i in range(finetune_config.model.depth))
+        shared_table = pretrained_encoder["['relative_position_bias']"]
+        for i in range(finetune_config.model.depth):
+            np.testing.assert_array_equal(
+                start[f"['transformer']['block_{i}']['relative_position_bias']"], shared_table
+            )

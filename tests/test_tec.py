@@ -25,15 +25,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import load_run
-from test_train import tiny_config
 from test_transformers_equivalence import Arch, hf_model, hf_to_official
 
-from prmim_jax import masking, methods, optim, runs, train
+from prmim_jax import masking, methods, optim, runs
 from prmim_jax.data import schema
 from prmim_jax.interop import mae_checkpoint, vit_checkpoint, weight_files
 from prmim_jax.methods import mae, tec
-from prmim_jax.models import layers, vit
+from prmim_jax.models import layers
 from prmim_jax.models import tec as tec_lib
 
 ATOL = 2e-5
@@ -417,35 +415,3 @@ def test_a_run_without_a_teacher_says_what_to_set_and_what_to_pretrain_first(tmp
     weight_files.write(deit, tmp_path / "deit.safetensors")
     with pytest.raises(mae_checkpoint.CheckpointMismatchError, match="distilled DeiT"):
         vit_checkpoint.load(tmp_path / "deit.safetensors", tec_method().teacher, 1)
-
-
-def test_tec_with_pr_mim_trains_through_the_one_trainer_on_a_teacher_run(tmp_path):
-    teacher_config = tiny_config(total_steps=1, checkpoint_every=1)
-    teacher_config.optimizer.warmup_steps = 0
-    teacher_config.model.depth = 2
-    teacher_config.method = methods.method_config("mae")
-    teacher_config.evals = ml_collections.ConfigDict()
-    train.train_and_evaluate(teacher_config, str(tmp_path / "teacher"))
-
-    config = tiny_config(total_steps=1, checkpoint_every=1)  # one step: what costs here is compiling
-    config.optimizer.warmup_steps = 0
-    config.model = tec_lib.model_config(**teacher_config.model.to_dict())  # the student has the teacher's size
-    teacher = dict(workdir=str(tmp_path / "teacher"))
-    config.method = tec.default_config(
-        reconstruction="progressive", throw_ratio=0.2, attention_top_k=5, teacher=teacher
-    )
-    result = train.train_and_evaluate(config, str(tmp_path / "student"))
-    assert result["step"] == 1 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
-    assert result["loss"] == pytest.approx(result["feature_loss"] + result["attention_loss"], rel=1e-5)
-
-    _, method, variables, _ = runs.load(tmp_path / "student")
-    _, _, teacher_params, _ = load_run(tmp_path / "teacher")
-    # The teacher is the run's encoder, untouched by training (frozen: no gradient, no optimizer state).
-    loaded = variables.frozen["teacher"]
-    np.testing.assert_array_equal(loaded["pos_embedding"], vit.sincos_2d(32, (7, 7)))
-    for got, want in zip(
-        jax.tree.leaves(loaded["transformer"]), jax.tree.leaves(teacher_params["encoder"]["transformer"]), strict=True
-    ):
-        np.testing.assert_array_equal(got, want)
-    module, encoder = method.encoder(variables.params)
-    assert module.apply({"params": encoder}, np.zeros((1, 28, 28, 1), np.float32)).shape == (1, 50, 32)

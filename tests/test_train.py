@@ -308,18 +308,3 @@ def test_reconstruction_pictures_compare_checkpoints_on_the_same_visible_tokens(
 
 
 # --- other frameworks through the same trainer ---------------------------------------------------
-
-
-def test_simmim_with_pr_mim_trains_through_the_one_trainer(tmp_path):
-    from prmim_jax.methods import simmim
-    from prmim_jax.models import simmim as simmim_model
-
-    config = tiny_config(total_steps=4, checkpoint_every=2, picture_every=4)
-    config.model = simmim_model.model_config("Ti/4", width=32, depth=1, num_heads=4, image_size=28, channels=1)
-    config.method = simmim.default_config(reconstruction="progressive", mask_patch_size=4, throw_ratio=0.2)
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["step"] == 4 and np.isfinite(result["loss"]) and 0.0 <= result["knn_accuracy"] <= 1.0
-    assert (tmp_path / "reconstruction.png").stat().st_size > 0
-    saved_config, method, params, step = load_run(tmp_path)
-    assert step == 4 and saved_config.method.reconstruction == "progressive" and "aggregator" in params
-    assert method.layout.mask_unit == 1 and method.layout.num_thrown == round(49 * 0.2)
