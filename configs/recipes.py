@@ -265,6 +265,13 @@ LOCALMIM_PRETRAINING = (
         "model.decoder_width,model.decoder_depth,model.decoder_num_heads",
         (256, 1, 8),
     ),
+    S(
+        "init",
+        "as MAE's: xavier Linear and patch conv, cls token normal(0.02), fixed sin-cos table",
+        f"{LOCALMIM} models_mim.py L189-211",
+        NOT_IN_CONFIG,
+    ),
+    S("EMA", "none", f"{LOCALMIM} run_pretrain.py", NOT_IN_CONFIG),
 )
 
 MMPRETRAIN = "open-mmlab/mmpretrain"
@@ -374,6 +381,18 @@ TEC_PRETRAINING = (
         f"{TEC} models_tec_vit.py L481-486",
         "model.decoder_depth,model.decoder_width",
         (2, 512),
+    ),
+    S(
+        "init",
+        "xavier Linear and patch conv, cls and mask tokens normal(0.02), fixed sin-cos table",
+        f"{TEC} models_tec_vit.py L300-341",
+        NOT_IN_CONFIG,
+    ),
+    S(
+        "EMA",
+        "none: the teacher is fixed, not a moving average",
+        f"{TEC} models/pretrained_basemodels.py L20-67",
+        NOT_IN_CONFIG,
     ),
 )
 
