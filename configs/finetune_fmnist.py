@@ -17,13 +17,13 @@ steps (4.3 epochs) with a tenth of warm-up and cosine, whole images flipped at
 random, label smoothing 0.1, no drop path, and a BatchNorm without affine before
 the linear head. ``recipe=table14`` is the paper's (AdamW, layer decay 0.75, drop
 path 0.1, RandAug (9, 0.5), random erasing 0.25, mixup 0.8 / cutmix 1.0, crops
-down to 8% of the image): made for 100 epochs of ImageNet, it left a user at 54%
-after 500 steps here, since crops of 8% of a 28 x 28 image and mixed labels need
-far more steps than a CPU gives.
+down to 8% of the image): made for 100 epochs of ImageNet, it stays far below
+that after the steps a CPU gives, since crops of 8% of a 28 x 28 image and mixed
+labels need many more.
 
 Why the BatchNorm: after a short pretraining the mean-pooled tokens carry large
-per-dimension offsets common to all images (measured: mean |value| 3.7 against a
-spread of 0.18 across images), so ``fc_norm``'s output varies little between
+per-dimension offsets common to all images, large against their spread across
+images, so ``fc_norm``'s output varies little between
 images and a linear head from Table 14's 2e-5 init needs thousands of steps to
 separate classes. Standardising each feature over the batch, as MAE's linear
 probe does, lets the head learn from the first steps. ``short`` (no RandAug,

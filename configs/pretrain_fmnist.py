@@ -2,7 +2,7 @@
 
 28x28 images with patch 2 give the 14x14 token grid of ViT-B/16 at 224, so the
 samplers and the aggregation see the paper's geometry. Furthest sampling,
-rho_d = 0.5, a small ViT (width 128, depth 4) sized to finish in about 10 minutes on 2 CPU cores.
+rho_d = 0.5, a small ViT (width 128, depth 4) sized to finish in minutes on 2 CPU cores (``benchmarks/results/main_job_cpu.md``).
 
     python -m prmim_jax.main --config configs/pretrain_fmnist.py --workdir workdirs/fmnist
     python -m prmim_jax.main --config configs/pretrain_fmnist.py:runlocal --workdir /tmp/fmnist_smoke

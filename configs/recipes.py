@@ -106,7 +106,7 @@ MAE_PRETRAINING = (
         "data.crop,data.crop_scale,data.flip",
         ("random_resized", (0.2, 1.0), True),
         "the crop is resized by OpenCV's bicubic after an area pre-shrink (data.crop_resampler='opencv', "
-        "PSNR > 44 dB to Pillow's; 'pillow' gives Pillow's own)",
+        "close to Pillow's, benchmarks/results/data_pipeline_cpu.md; 'pillow' gives Pillow's own)",
     ),
     S("masking", "random 0.75 per image", f"{MAE} models_mae.py random_masking", "method.mask_ratio", 0.75),
     S(

@@ -84,10 +84,15 @@ signal_workers() {
   run gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command="$pid && kill -s $1 \$pid || true" || true
 }
 
+started=0  # 1 from just before the training command starts
 stopping=0 # 1 once the workers were sent SIGTERM
 deadline=0 # when they are killed if still running ($SECONDS)
 killed=0
 on_signal() { # NAME
+  if [ "$started" = 0 ]; then
+    echo "$prog: got SIG$1 before the training command started: not starting it" >&2
+    exit 1
+  fi
   if [ "$stopping" = 1 ]; then
     if [ "$1" = INT ] && [ "$killed" = 0 ]; then
       echo "$prog: SIGINT again: killing the training processes now" >&2
@@ -103,13 +108,15 @@ on_signal() { # NAME
   signal_workers TERM
 }
 
-# In the background (which also keeps a Ctrl-C on the terminal from reaching gcloud and cutting the workers'
+# The traps are set before the training command starts, so no signal falls between the two. The command runs
+# in the background (which also keeps a Ctrl-C on the terminal from reaching gcloud and cutting the workers'
 # output short), so that the traps run at once.
-echo "+ $(join "${train_command[@]}")" >&2
-"${train_command[@]}" &
-training=$!
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
+echo "+ $(join "${train_command[@]}")" >&2
+started=1
+"${train_command[@]}" &
+training=$!
 while kill -0 "$training" 2>/dev/null; do
   kill_after_deadline "the workers still run after the ${grace}s grace period; killing them (SIGKILL)" \
     signal_workers KILL

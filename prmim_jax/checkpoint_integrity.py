@@ -11,9 +11,10 @@ Two files at the top of a step are not covered: orbax rewrites
 ``_CHECKPOINT_METADATA`` and writes ``commit_success.txt`` after the checksums.
 A damaged step is renamed ``<step>.corrupt`` (``set_aside``), never deleted.
 
-Cost: sha256 runs at about 1.2 GB/s on one core, so a ViT-B state with Adam
-moments (~1.3 GB) costs about a second in the background thread at every save,
-and once more when a run resumes (process 0 reads every file; other processes
+Cost: sha256 runs at one to two GB/s on one core
+(``benchmarks/results/design_choices_cpu.md``, "sha256"), so a ViT-B state with
+Adam moments (~1.3 GB) costs about a second in the background thread at every
+save, and once more when a run resumes (process 0 reads every file; other processes
 wait). Files are read back from the file system, so on network storage the
 read-back costs what one restore costs.
 """

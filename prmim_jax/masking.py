@@ -142,27 +142,15 @@ grid, ``N_thr = round(N * throw_ratio)``) or unit by unit
 (``throw_granularity='unit'``: Alg. 1 on the unit grid's coordinates,
 ``round(U * throw_ratio)`` whole units thrown).
 
-Why tokens by default. Measured over 4096 images of the ViT-B/16 geometry
-(14x14 tokens, 7x7 units, mask ratio 0.6: 76 visible tokens), the fraction of
-thrown tokens with no visible or decoded token in their 3x3 / 5x5 / 7x7 box
-(``uncovered_fraction``):
-
-=============  ==========  ==========================  ==========================
-throw ratio    sampler     tokens (59 / 88 thrown)     units (60 / 88 thrown)
-=============  ==========  ==========================  ==========================
-0.3 (paper)    random      0.60% / 0 / 0               10.7% / 0.23% / 0.06%
-0.3 (paper)    furthest    0 / 0 / 0                   4.3% / 0 / 0
-0.45           random      4.9% / 0.07% / 0            18.3% / 1.1% / 0.28%
-0.45           furthest    0 / 0 / 0                   14.6% / 0.33% / 0.03%
-=============  ==========  ==========================  ==========================
-
-Throwing whole units leaves 2x2 holes that a small window cannot reach,
-while token throwing keeps a decoded token of the same unit next to most
-thrown tokens: those are mask tokens, so nothing leaks from the pixels of
-a masked unit, and the paper throws "a subset of masked tokens". Token
-furthest sampling is about a quarter as fast as on units (11k against 44k
-images/s at 0.3, one process on this project's shared 2-core machine), still
-far above the ~700 images/s a core decodes.
+Why tokens by default: throwing whole units leaves 2x2 holes that a small
+window cannot reach, while token throwing keeps a decoded token of the same
+unit next to most thrown tokens. Those are mask tokens, so nothing leaks from
+the pixels of a masked unit, and the paper throws "a subset of masked tokens".
+With furthest sampling at SimMIM's rho_d, no thrown token is left without a
+visible or decoded token in its 3x3 box when thrown as tokens, and a few
+percent are when thrown as units; token sampling is slower than unit
+sampling but far faster than a core decodes images. The counts and speeds:
+``benchmarks/results/samplers_cpu.md`` (``benchmarks/samplers.py``).
 """
 
 from __future__ import annotations

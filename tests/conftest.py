@@ -5,6 +5,7 @@ import fcntl
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 
 from compile_flags import xla_flags  # re-exported: subprocess tests take their flags from here
@@ -40,6 +41,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # keeps the cache its process already has (prmim_jax.compilation_cache), so the suite never fills the runs'
 # default cache under ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
+
+
+def free_port() -> int:
+    """A TCP port no process on this machine listens on now, for a multi-process test's coordinator."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def run_once_per_session(tmp_path_factory, name: str, produce) -> pathlib.Path:

@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import load_run, xla_flags
+from conftest import free_port, load_run, xla_flags
 from test_train import losses_by_step, read_metrics, tiny_config
 
 from prmim_jax import checkpoint, checkpoint_integrity, loop, train
@@ -310,12 +309,6 @@ step, state, data = checkpointer.restore_latest(abstract)
 checkpointer.close()
 print("RESULT", json.dumps({{"step": step, "w": float(state["w"].addressable_data(0)[0, 0]), "data": data}}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_all_processes_fall_back_to_the_same_step_and_one_moves_the_damaged_aside(tmp_path):

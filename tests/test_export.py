@@ -11,7 +11,9 @@ for shape against that release's layout.
 """
 
 import json
+import os
 import pathlib
+import stat
 
 import flax.linen as nn
 import jax
@@ -381,3 +383,15 @@ def test_pth_export_needs_no_torch_and_torch_reads_it_safely(tmp_path, monkeypat
     loaded = torch.load(path, weights_only=True)["model"]
     for key, value in weight_files.read(path).items():
         np.testing.assert_array_equal(loaded[key].numpy(), value)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_exported_files_get_the_permissions_of_any_new_file(tmp_path, suffix):
+    # A weight file is shared (a cluster's model folder, a colleague's job): owner-only would lock others out.
+    path = tmp_path / f"weights{suffix}"
+    mask = os.umask(0o027)
+    try:
+        weight_files.write({"w": np.zeros((2, 3), np.float32)}, path)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -99,6 +99,11 @@ def test_sampler_benchmark_reports_every_sampler_and_coverage(tmp_path):
     result = json.loads((tmp_path / "s.json").read_text())
     assert set(result["throughput"]) == {"random", "random_throw", "furthest", "furthest_seeded"}
     assert len(result["coverage"]) == 9 and all(0 <= r["uncovered_3x3"] <= 1 for r in result["coverage"])
+    granular = {(r["rho_d"], r["sampler"], r["granularity"]): r for r in result["granularity_coverage"]}
+    assert len(granular) == 8 and set(result["granularity_throughput"]) == {"token", "unit"}
+    # masking's reason for throwing tokens: furthest token throwing leaves no thrown token without a neighbour
+    assert granular[(0.3, "furthest", "token")]["uncovered_3x3"] == 0
+    assert granular[(0.3, "furthest", "unit")]["uncovered_3x3"] > 0
 
 
 def test_cpu_component_benchmark_times_every_part_of_both_frameworks(tmp_path):
@@ -124,3 +129,25 @@ def test_cpu_side_by_side_refuses_a_depth_below_one_before_building_anything(cap
     with pytest.raises(SystemExit):
         side_by_side.main(["--smoke", "--decoder_depth", "0"])
     assert "--decoder_depth 0: a transformer needs at least 1 block." in capsys.readouterr().err
+
+
+def test_design_choice_benchmark_measures_every_choice_the_docstrings_cite(tmp_path):
+    # A subprocess: the benchmark sets XLA's thread count for its whole process.
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "design_choices.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path / "d")], check=True, timeout=600)
+    result = json.loads((tmp_path / "d.json").read_text())["result"]
+    assert [r["step"].split(" (")[0] for r in result["precision"]] == [
+        "float32",
+        "bfloat16",
+        "bfloat16, bfloat16 residual stream",
+        "bfloat16, LayerNorm emits float32",
+    ]
+    kept = [r["kept_activation_bytes"] for r in result["remat"]]
+    assert kept[0] > kept[1] > kept[2] > 0  # none > dots_saveable > full
+    # Each faster form computes what it replaces.
+    assert result["gelu"]["max_abs_difference"] < 1e-5
+    assert result["depthwise"]["max_abs_difference"] < 1e-5
+    assert result["normalize"]["max_abs_difference"] < 1e-5
+    assert len(result["attention"]) == 2
+    assert all(r["max_abs_difference"] < 1e-5 for r in result["attention"])
+    assert result["sha256"]["gb_per_cpu_second"] > 0

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import load_run, mae_experiment, xla_flags
+from conftest import free_port, load_run, mae_experiment, xla_flags
 
 from prmim_jax import masking, methods, sharding, train
 from prmim_jax.data import schema
@@ -225,7 +225,7 @@ print("RESULT", json.dumps(result))
 
 
 def run_processes(workdir, processes, devices_per_process):
-    port = 20000 + os.getpid() % 20000
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices_per_process))
     procs = [
         subprocess.Popen(

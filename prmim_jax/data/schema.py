@@ -73,7 +73,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         and aspect-ratio range ``(3/4, 4/3)`` (MAE's).
       flip: random horizontal flip.
       crop_resampler: how the random crop is resized (antialiased bicubic):
-        ``'opencv'`` (tfds, image_folder; about 4x faster, PSNR > 44 dB to
+        ``'opencv'`` (tfds, image_folder; several times faster, close to
         Pillow's result) or ``'pillow'`` (fashion_mnist; Pillow's own, as MAE's
         torchvision transform); see ``transforms``' module docstring. Configs
         saved without the key read as ``'pillow'``.

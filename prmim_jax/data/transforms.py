@@ -41,14 +41,13 @@ Resampling of the training crop (``RandomResizedCropFlip``'s ``resampler``):
 - ``'pillow'``: Pillow's antialiased bicubic resize of the cut-out crop, as
   torchvision's ``RandomResizedCrop`` on a PIL image (MAE's recipe). The
   reference.
-- ``'opencv'``: the same filter built from two OpenCV calls, about four times
+- ``'opencv'``: the same filter built from two OpenCV calls, several times
   faster: the crop is low-passed with Pillow's own kernel (bicubic, a = -0.5,
   stretched by the downscale factor ``s`` of each axis, sampled at whole
   pixels), then sampled with OpenCV's cubic interpolation. Close to Pillow's
-  result, not equal: on photographs at 224 the PSNR to Pillow's crop is about
-  51 dB (median) and above 44 dB for every image we measured
-  (``benchmarks/results/data_pipeline_cpu.md``), under the error that JPEG
-  quality 90 itself leaves (about 40 dB). Falls back to Pillow, with a
+  result, not equal: on photographs at 224 its difference from Pillow's crop
+  is below the error that JPEG quality 90 itself leaves (the speeds and PSNRs:
+  ``benchmarks/results/data_pipeline_cpu.md``). Falls back to Pillow, with a
   warning, when OpenCV is not installed.
 """
 
@@ -554,7 +553,7 @@ class Normalize(grain.transforms.Map):
         image = element["image"]
         height, width, channels = image.shape
         # As [H, W * C] rows with the per-channel constants tiled along a row: numpy's
-        # inner loops then run W * C long instead of C (8x faster at C = 3).
+        # inner loops then run W * C long instead of C (timed: design_choices_cpu.md, "normalize").
         rows = image.reshape(height, width * channels).astype(np.float32)
         rows *= np.tile(self._scale, width)
         rows += np.tile(self._offset, width)

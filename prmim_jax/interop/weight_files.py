@@ -207,7 +207,15 @@ def write(state_dict: dict[str, np.ndarray], path: str | os.PathLike, key: str |
         save_file(arrays, partial, metadata={"format": "pt"})
     else:
         _write_torch_zip(arrays, partial, key)
+    # safetensors creates its file owner-only (0600); give it the mode any new file gets here, as torch.save's would.
+    os.chmod(partial, 0o666 & ~_umask())
     os.replace(partial, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 # numpy dtype -> the legacy storage class that ``torch.save`` pickles for it (``_STORAGE_DTYPES`` inverted).

@@ -14,11 +14,10 @@ a linear head (1x1 convolution + pixel shuffle), L1 loss on masked pixels
   same head predicts their pixels.
 
 Throwing works on tokens, not on 32-pixel units (``throw_granularity='token'``):
-measured in ``prmim_jax.masking``'s docstring, unit throwing leaves 2x2 holes
-that the 7x7 window covers less well (4.3% of thrown tokens with nothing
-present in their 3x3 window against 0 for tokens, furthest sampling, rho_d
-0.3), and the paper throws "a subset of masked tokens". ``'unit'`` is there
-to compare. A batch is ``images [B, H, W, C]`` and the token sets
+unit throwing leaves 2x2 holes that a small window covers less well
+(``prmim_jax.masking``'s "Why tokens by default", counted in
+``benchmarks/results/samplers_cpu.md``), and the paper throws "a subset of
+masked tokens". ``'unit'`` is there to compare. A batch is ``images [B, H, W, C]`` and the token sets
 ``ids_visible / ids_decoded / ids_thrown`` (for plain SimMIM every masked
 token is "decoded": it enters the encoder as the mask token).
 """

@@ -55,16 +55,18 @@ cost analysis.
 
 The depth-wise convolution's gradient is written by hand: XLA on CPU lowers
 the kernel gradient of a ``feature_group_count=C`` convolution to a dense
-``C x C`` convolution (about 3.9 GFLOPs per image at C = 512, seven percent of
-a whole MAE step), while ours costs, like the forward pass, ``O(N k^2 C)``
-per image: at ViT-B, 196 * 49 * 512 = 4.9e-3 GMACs, under 0.1% of the step.
+``C x C`` convolution (``C`` times the work), while ours costs, like the
+forward pass, ``O(N k^2 C)`` per image: at ViT-B, 196 * 49 * 512 = 4.9e-3
+GMACs, under 0.1% of the step. XLA's count of its own gradient and both
+timed: ``benchmarks/results/design_choices_cpu.md``, "depthwise".
 
 Why the whole grid rather than the thrown tokens alone (``N_thr k^2 C``, half
 the MACs at rho_d = 0.5): a per-tap gather formulation makes XLA on CPU keep
 all ``k * k`` gathered copies of the thrown tokens alive at once and repeat
-the tap sum inside every consumer fusion, which measured ten times the
-convolution's cost; the grid is small (N = 196 at ViT-B), so the convolution
-is both cheaper in practice and simpler.
+the tap sum inside every consumer fusion, which costs an order of magnitude
+more than the whole-grid convolution (timed in the same file); the grid is
+small (N = 196 at ViT-B), so the convolution is both cheaper in practice and
+simpler.
 """
 
 from __future__ import annotations

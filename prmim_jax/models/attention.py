@@ -160,9 +160,9 @@ def cpu_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.
     T, T]`` probabilities). Here the operands are transposed to ``[B, heads, T,
     kv]`` once, and the gradient is written out the way fused attention kernels
     compute it: ``ds = p * (dp - rowsum(do * o))``, where the row sum is over
-    ``kv`` rather than over ``T``. Measured side by side (one core, fwd + bwd,
-    batch 8): 127 -> 83 ms at MAE's decoder (197 tokens, 16 heads of 32),
-    5.6 -> 3.9 ms at the ViT-B encoder's 50 visible tokens (12 heads of 64).
+    ``kv`` rather than over ``T``. It is markedly faster at both of MAE's
+    shapes, timed side by side in ``benchmarks/results/design_choices_cpu.md``
+    ("attention").
     """
     return _cpu_attention_fwd(query, key, value, bias)[0]
 

@@ -28,8 +28,9 @@ computes. With ``dtype=bfloat16``:
 - LayerNorm computes its statistics, the normalisation and the affine map in
   float32 (flax promotes to float32) and emits bfloat16: every consumer is a
   bfloat16 matmul that would round its input to bfloat16 anyway, so the values
-  are identical either way, and XLA fuses the cast into the norm (measured on
-  XLA CPU, ViT-B/16: the same temporary memory and bytes accessed).
+  are identical either way, its consumers read half the bytes, and XLA fuses
+  the cast into the norm (XLA CPU's counts of both choices:
+  ``benchmarks/results/design_choices_cpu.md``, "precision").
 - The residual stream is float32 (``residual_dtype``): each block adds its
   bfloat16 branch outputs to a float32 sum, so 24 (ViT-B) to 64 (ViT-H)
   additions do not round at bfloat16's 8 bits. Its cost is the residual
@@ -98,12 +99,11 @@ def layer_norm(dtype, name: str | None = None, epsilon: float = LAYER_NORM_EPS) 
 def residual_dtype(dtype) -> jnp.dtype:
     """The residual stream's dtype for compute dtype ``dtype``: float32 under bfloat16 (the policy above).
 
-    Its cost, measured on XLA CPU's compiled ViT-B/16 MAE train step in
-    bfloat16 at batch 64: the same temporary memory as a bfloat16 stream
-    (10.8 GB either way) and 2.4% more bytes accessed (98.0 against 95.8 GB).
-    XLA CPU computes bfloat16 arithmetic in float32 (the float32 step needs
-    less temporary memory there, 9.9 GB), so the GPU check is the one that
-    sizes this choice on an accelerator.
+    Its cost on XLA CPU's compiled ViT-B/16 MAE train step: the same
+    temporary memory as a bfloat16 stream and a few percent more bytes
+    accessed (``benchmarks/results/design_choices_cpu.md``, "precision"). XLA
+    CPU computes bfloat16 arithmetic in float32, so the GPU check is the one
+    that sizes this choice on an accelerator.
     """
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -114,10 +114,10 @@ def flattens_tokens() -> bool:
     Why: XLA CPU lowers a weight gradient that contracts two or more axes
     (``[B, T, D]`` activations against ``[B, T, F]`` output gradients) as a
     transposed copy of an operand and a slower general contraction; a single
-    contracted axis reaches its fast matrix-product path. Measured (one core,
-    float32, fwd + bwd, ``benchmarks/results/cpu_components.md``): MAE's decoder
-    block 367 -> 321 ms, the whole ViT-B MAE step from 1.31x PyTorch's time
-    to 1.15x (``cpu_side_by_side.md``). The reshapes are free, and the
+    contracted axis reaches its fast matrix-product path, which brings the
+    whole ViT-B MAE step markedly closer to PyTorch's time on the same core
+    (``benchmarks/results/cpu_components.md`` times each part both ways,
+    ``cpu_side_by_side.md`` the step). The reshapes are free, and the
     parameters, their shapes and the values are the same either way. Off the
     CPU the layers are left as they are (GPU and TPU compilers batch such
     products natively, and sharded batch axes stay separate axes).
@@ -162,9 +162,10 @@ def gelu(x: jax.Array) -> jax.Array:
     ``jax.nn.gelu(approximate=False)`` computes the same function as
     ``x * erfc(-x / sqrt(2)) / 2``; XLA CPU's ``erfc`` costs more than its
     ``erf``, and its gradient divides by ``sqrt(2)``, which XLA CPU keeps as a
-    division it will not fuse twice. Measured at MAE's decoder MLP (one core,
-    fwd + bwd of fc1-GELU-fc2): 198 -> 178 ms. The two agree to float32
-    rounding; ``erf`` loses relative accuracy only where GELU's output is
+    division it will not fuse twice, so this form makes the forward +
+    backward pass of MAE's decoder MLP faster on the CPU
+    (``benchmarks/results/design_choices_cpu.md``, "gelu"). The two agree to
+    float32 rounding; ``erf`` loses relative accuracy only where GELU's output is
     below ``1e-7 |x|``.
     """
     return x * (0.5 + 0.5 * jax.lax.erf(x * (1.0 / math.sqrt(2.0))))

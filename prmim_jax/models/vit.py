@@ -7,11 +7,11 @@ Rematerialisation (``remat``): ``'none'`` keeps every activation for the
 backward pass; ``'dots_saveable'`` keeps only matmul outputs of each block and
 recomputes the rest (norms, GELU, softmax); ``'full'`` keeps only each block's
 input and recomputes the whole block. Gradients are unchanged (to float32
-rounding); the activations kept for the backward pass shrink (``full``: 6% of
-``none``'s at MAE's decoder shape) for a longer backward pass (large batches,
-ViT-L/H). XLA CPU's compiled temporary memory barely moves with it (measured:
-200 / 197 / 198 MiB, 8 blocks of width 128, 197 tokens, batch 8); it is for
-accelerators. See ``remat_block``.
+rounding); the activations kept for the backward pass shrink (``full`` keeps a
+small fraction of ``none``'s) for a longer backward pass (large batches,
+ViT-L/H). XLA CPU's compiled temporary memory does not move with it, so it is
+for accelerators. Both counts at MAE's decoder shape:
+``benchmarks/results/design_choices_cpu.md``, "remat". See ``remat_block``.
 """
 
 from __future__ import annotations

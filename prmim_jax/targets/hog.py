@@ -18,16 +18,13 @@ The result has ``C * bins`` values per cell, channel-major (channel 0's bins,
 then channel 1's, ...): 27 for RGB and 9 bins. ViT-B/16 at 224 reads cells of
 4 / 8 / 16 / 32 pixels, grids of 56 / 28 / 14 / 7 cells.
 
-Computed on the device, inside the loss, from the augmented image
-(measured with XLA CPU's counts, ``benchmarks/hog_targets.py``, results in
-``benchmarks/results/cost_localmim_cpu.md``): at ViT-B/16 and 224 the four
-scales cost 10.7 MFLOPs per image against the LocalMIM train step's 31.0
-GFLOPs (0.03%). Alone they need 6.3 MiB of temporary memory per image, but
-those buffers are dead before the step's peak: the step's peak grows by 21
-MiB (0.6%, batch 64) over the same step with constant targets. On the host
-they would cost 10 ms per image on one thread (the same XLA CPU program) and
-send 3.0x the uint8 image's bytes to the device (27 float32 values per cell,
-four scales).
+Computed on the device, inside the loss, from the augmented image: the four
+scales are a negligible share of the LocalMIM train step's FLOPs, and their
+buffers are dead before the step's peak, which barely grows. On the host they
+would cost milliseconds per image on one thread and send three times the uint8
+image's bytes to the device (27 float32 values per cell, four scales). XLA
+CPU's counts and the host timing: ``benchmarks/results/cost_localmim_cpu.md``
+(``benchmarks/hog_targets.py``).
 """
 
 from __future__ import annotations
