@@ -34,7 +34,6 @@ of that round's ratio, which machine noise moves much less than absolute times.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -43,6 +42,7 @@ import pathlib
 import platform
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -89,16 +89,6 @@ def blocking(fn, *args):
 # --- precision -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def precision(smoke: bool) -> list[dict]:
     variant, batch = ("Ti/16", 2) if smoke else ("B/16", 64)
     extra = dict(image_size=32, depth=1, decoder_width=32, decoder_depth=1, decoder_num_heads=2) if smoke else {}
@@ -125,9 +115,10 @@ def precision(smoke: bool) -> list[dict]:
     rows.append(
         {"step": "bfloat16 (float32 residual stream, LayerNorm emits bfloat16: shipped)", **step_counts("bfloat16")}
     )
-    with patched(layers, "residual_dtype", same_dtype), patched(vit, "residual_dtype", same_dtype):
+    # vit imported the name itself, so both modules' bindings change.
+    with mock.patch.object(layers, "residual_dtype", same_dtype), mock.patch.object(vit, "residual_dtype", same_dtype):
         rows.append({"step": "bfloat16, bfloat16 residual stream", **step_counts("bfloat16")})
-    with patched(vit, "layer_norm", float32_norm):
+    with mock.patch.object(vit, "layer_norm", float32_norm):
         rows.append({"step": "bfloat16, LayerNorm emits float32", **step_counts("bfloat16")})
     shipped = rows[1]
     for row in rows:
@@ -307,10 +298,7 @@ def normalize(smoke: bool, rounds: int) -> dict:
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     shipped = transforms.Normalize(mean, std)
-    scale, offset = (
-        np.float32(1 / 255) / np.asarray(std, np.float32),
-        -np.asarray(mean, np.float32) / np.asarray(std, np.float32),
-    )
+    scale, offset = transforms._normalization(mean, std)  # the constants Normalize multiplies by
 
     def broadcast():
         return image.astype(np.float32) * scale + offset

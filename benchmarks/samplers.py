@@ -47,16 +47,25 @@ def throughput(sampler: str, layout: masking.TokenLayout, batch: int, repeats: i
     return batch / best
 
 
+def image_noise(layout: masking.TokenLayout, images: int) -> np.ndarray:
+    """The noise of ``images`` images, image ``i`` from generator ``i``."""
+    return draw_batch_noise([np.random.default_rng(i) for i in range(images)], layout)
+
+
+def uncovered(ids: masking.TokenIds, layout: masking.TokenLayout) -> dict:
+    """``uncovered_kxk``: the fraction of thrown tokens with nothing in their k x k window, k = 3, 5, 7."""
+    return {f"uncovered_{k}x{k}": masking.uncovered_fraction(ids, layout, k) for k in (3, 5, 7)}
+
+
 def coverage(images: int = 4096) -> list[dict]:
     rows = []
     for throw_ratio in (0.25, 0.5, 0.65):
         layout = masking.TokenLayout((14, 14), 0.75, throw_ratio)
-        noise = draw_batch_noise([np.random.default_rng(i) for i in range(images)], layout)
+        noise = image_noise(layout, images)
         for sampler in THROWING:
-            ids = masking.sample(sampler, noise, layout)
-            row = {"sampler": sampler, "rho_d": throw_ratio}
-            row |= {f"uncovered_{k}x{k}": masking.uncovered_fraction(ids, layout, k) for k in (3, 5, 7)}
-            rows.append(row)
+            rows.append(
+                {"sampler": sampler, "rho_d": throw_ratio} | uncovered(masking.sample(sampler, noise, layout), layout)
+            )
     return rows
 
 
@@ -72,15 +81,13 @@ def granularity_coverage(images: int = 4096) -> list[dict]:
     """Coverage of thrown tokens at SimMIM's geometry, thrown as tokens or as whole units."""
     rows = []
     for throw_ratio in SIMMIM_THROW_RATIOS:
+        layouts = {g: simmim_layout(throw_ratio, g) for g in masking.THROW_GRANULARITIES}
+        noise = {g: image_noise(layout, images) for g, layout in layouts.items()}  # drawn once per layout
         for sampler in ("random_throw", "furthest"):
-            for granularity in masking.THROW_GRANULARITIES:
-                layout = simmim_layout(throw_ratio, granularity)
-                noise = draw_batch_noise([np.random.default_rng(i) for i in range(images)], layout)
-                ids = masking.sample(sampler, noise, layout)
+            for granularity, layout in layouts.items():
+                ids = masking.sample(sampler, noise[granularity], layout)
                 row = {"rho_d": throw_ratio, "sampler": sampler, "granularity": granularity}
-                row["thrown"] = int(ids.thrown.shape[1])
-                row |= {f"uncovered_{k}x{k}": masking.uncovered_fraction(ids, layout, k) for k in (3, 5, 7)}
-                rows.append(row)
+                rows.append(row | {"thrown": int(ids.thrown.shape[1])} | uncovered(ids, layout))
     return rows
 
 

@@ -752,8 +752,7 @@ def build_swin(config: ml_collections.ConfigDict, num_classes: int = 0) -> SwinT
     ``attention_impl`` / ``remat`` that cannot run here.
     """
     size = swin_size(config)
-    image_size = config.image_size
-    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    image_size = vit.as_pair(config.image_size)
     if config.window_size < 1 or config.patch_size < 1:
         raise ValueError(
             f"window_size={config.window_size} and patch_size={config.patch_size} must be positive integers."
